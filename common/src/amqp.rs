@@ -1,0 +1,488 @@
+//! RabbitMQ: names under the configurable prefix, idempotent declaration of
+//! the topology, and a publisher with confirms that reconnects by itself.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use tokio::sync::Mutex;
+
+/// Priority ceiling of the work queues (DESIGN.md: priorities 0-9).
+pub const MAX_PRIORITY: u8 = 9;
+
+/// Exchange and queue names under one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    prefix: String,
+}
+
+impl Names {
+    /// Names under `prefix`.
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+
+    /// The prefix itself.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The full name of a logical exchange (`work`, `events`, ...).
+    pub fn exchange(&self, logical: &str) -> String {
+        format!("{}.{}", self.prefix, logical)
+    }
+
+    /// `<p>.work`.
+    pub fn work(&self) -> String {
+        self.exchange("work")
+    }
+
+    /// The work queue of a routing key: `<p>.work.<key>`.
+    pub fn work_queue(&self, routing_key: &str) -> String {
+        format!("{}.work.{}", self.prefix, routing_key)
+    }
+
+    /// `<p>.dead`, exchange and queue.
+    pub fn dead(&self) -> String {
+        self.exchange("dead")
+    }
+
+    /// `<p>.submit`, exchange and queue.
+    pub fn submit(&self) -> String {
+        self.exchange("submit")
+    }
+
+    /// `<p>.events`.
+    pub fn events(&self) -> String {
+        self.exchange("events")
+    }
+
+    /// `<p>.control`.
+    pub fn control(&self) -> String {
+        self.exchange("control")
+    }
+
+    /// The control queue of one worker process.
+    pub fn control_queue(&self, node_id: uuid::Uuid) -> String {
+        format!("{}.control.node.{}", self.prefix, node_id)
+    }
+}
+
+/// Connects to the broker. Reconnection is the caller's loop (see
+/// [`Publisher`] and the worker's consumer supervisor), because lapin's own
+/// recovery is still settling.
+pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(url, props).await
+}
+
+fn durable() -> ExchangeDeclareOptions {
+    ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    }
+}
+
+fn durable_queue() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
+/// Declares every exchange and the fixed queues. Idempotent: declaring twice
+/// with the same arguments is a no-op on the broker.
+pub async fn declare_topology(ch: &Channel, names: &Names) -> lapin::Result<()> {
+    ch.exchange_declare(
+        names.work().into(),
+        ExchangeKind::Direct,
+        durable(),
+        FieldTable::default(),
+    )
+    .await?;
+    ch.exchange_declare(
+        names.dead().into(),
+        ExchangeKind::Fanout,
+        durable(),
+        FieldTable::default(),
+    )
+    .await?;
+    ch.exchange_declare(
+        names.submit().into(),
+        ExchangeKind::Direct,
+        durable(),
+        FieldTable::default(),
+    )
+    .await?;
+    ch.exchange_declare(
+        names.events().into(),
+        ExchangeKind::Topic,
+        durable(),
+        FieldTable::default(),
+    )
+    .await?;
+    ch.exchange_declare(
+        names.control().into(),
+        ExchangeKind::Topic,
+        durable(),
+        FieldTable::default(),
+    )
+    .await?;
+
+    ch.queue_declare(names.dead().into(), durable_queue(), FieldTable::default())
+        .await?;
+    ch.queue_bind(
+        names.dead().into(),
+        names.dead().into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+
+    // Messages the ingress consumer rejects without a reason header still
+    // end up in the dead queue.
+    let mut submit_args = FieldTable::default();
+    submit_args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from(names.dead())),
+    );
+    ch.queue_declare(names.submit().into(), durable_queue(), submit_args)
+        .await?;
+    ch.queue_bind(
+        names.submit().into(),
+        names.submit().into(),
+        "submit".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+
+    declare_work_queue(ch, names, "any").await
+}
+
+/// Declares the durable work queue of `routing_key` and binds it, so a job
+/// for a target with no live worker waits instead of vanishing.
+pub async fn declare_work_queue(
+    ch: &Channel,
+    names: &Names,
+    routing_key: &str,
+) -> lapin::Result<()> {
+    let queue = names.work_queue(routing_key);
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-max-priority".into(),
+        AMQPValue::ShortShortUInt(MAX_PRIORITY),
+    );
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from(names.dead())),
+    );
+    ch.queue_declare(queue.clone().into(), durable_queue(), args)
+        .await?;
+    ch.queue_bind(
+        queue.into(),
+        names.work().into(),
+        routing_key.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+}
+
+/// A message to publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// Logical exchange under the prefix: `work`, `events`, `dead`, `control`, `submit`.
+    pub exchange: String,
+    /// Routing key.
+    pub routing_key: String,
+    /// The AMQP `type` property, e.g. `job.run.v1`.
+    pub message_type: String,
+    /// The AMQP `message_id` property.
+    pub message_id: String,
+    /// 0..=9.
+    pub priority: u8,
+    /// JSON body.
+    pub payload: Vec<u8>,
+    /// Extra headers, e.g. `x-taskhost-reason` on dead letters.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Outgoing {
+    fn properties(&self) -> BasicProperties {
+        let mut props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_priority(self.priority.min(MAX_PRIORITY))
+            .with_type(ShortString::from(self.message_type.clone()))
+            .with_message_id(ShortString::from(self.message_id.clone()))
+            .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64);
+        if !self.headers.is_empty() {
+            let mut table = FieldTable::default();
+            for (k, v) in &self.headers {
+                table.insert(
+                    k.clone().into(),
+                    AMQPValue::LongString(LongString::from(v.clone())),
+                );
+            }
+            props = props.with_headers(table);
+        }
+        props
+    }
+}
+
+/// Why a publish failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The broker could not be reached or the channel failed.
+    #[error("broker unavailable: {0}")]
+    Broker(String),
+    /// The broker refused the message.
+    #[error("broker refused the message (nack)")]
+    Nacked,
+    /// Publishing took too long.
+    #[error("publish timed out")]
+    Timeout,
+}
+
+struct Live {
+    connection: Connection,
+    channel: Channel,
+    declared: Arc<Mutex<HashSet<String>>>,
+}
+
+/// A shared publisher with confirms. It connects on first use and again after
+/// any failure; callers keep the outbox row until a publish is confirmed, so a
+/// failure here only delays a message.
+pub struct Publisher {
+    url: String,
+    names: Names,
+    name: String,
+    live: Mutex<Option<Live>>,
+}
+
+impl Publisher {
+    /// A publisher that has not connected yet.
+    pub fn new(url: impl Into<String>, names: Names, connection_name: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            names,
+            name: connection_name.into(),
+            live: Mutex::new(None),
+        }
+    }
+
+    /// The names this publisher uses.
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
+    async fn channel(&self) -> Result<(Channel, Arc<Mutex<HashSet<String>>>), lapin::Error> {
+        let mut live = self.live.lock().await;
+        if let Some(l) = live.as_ref()
+            && l.connection.status().connected()
+            && l.channel.status().connected()
+        {
+            return Ok((l.channel.clone(), l.declared.clone()));
+        }
+        if let Some(old) = live.take() {
+            let _ = old.connection.close(200, "reconnecting".into()).await;
+        }
+        let connection = connect(&self.url, &self.name).await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        declare_topology(&channel, &self.names).await?;
+        let declared = Arc::new(Mutex::new(HashSet::from(["any".to_owned()])));
+        *live = Some(Live {
+            connection,
+            channel: channel.clone(),
+            declared: declared.clone(),
+        });
+        Ok((channel, declared))
+    }
+
+    async fn reset(&self) {
+        if let Some(old) = self.live.lock().await.take() {
+            let _ = old.connection.close(200, "publish failed".into()).await;
+        }
+    }
+
+    /// Connects if needed; used by readiness checks.
+    pub async fn ensure_connected(&self) -> Result<(), PublishError> {
+        match tokio::time::timeout(Duration::from_secs(3), self.channel()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(PublishError::Broker(e.to_string())),
+            Err(_) => Err(PublishError::Timeout),
+        }
+    }
+
+    /// Publishes every message with confirms in flight together and returns
+    /// one result per message, in order.
+    pub async fn publish_all(&self, messages: &[Outgoing]) -> Vec<Result<(), PublishError>> {
+        match tokio::time::timeout(Duration::from_secs(10), self.publish_all_inner(messages)).await
+        {
+            Ok(Ok(results)) => {
+                if results
+                    .iter()
+                    .any(|r| matches!(r, Err(PublishError::Broker(_))))
+                {
+                    self.reset().await;
+                }
+                results
+            }
+            Ok(Err(e)) => {
+                self.reset().await;
+                let text = e.to_string();
+                messages
+                    .iter()
+                    .map(|_| Err(PublishError::Broker(text.clone())))
+                    .collect()
+            }
+            Err(_) => {
+                self.reset().await;
+                messages
+                    .iter()
+                    .map(|_| Err(PublishError::Timeout))
+                    .collect()
+            }
+        }
+    }
+
+    /// Publishes one message and waits for its confirm.
+    pub async fn publish(&self, message: &Outgoing) -> Result<(), PublishError> {
+        self.publish_all(std::slice::from_ref(message))
+            .await
+            .pop()
+            .unwrap_or(Err(PublishError::Timeout))
+    }
+
+    async fn publish_all_inner(
+        &self,
+        messages: &[Outgoing],
+    ) -> Result<Vec<Result<(), PublishError>>, lapin::Error> {
+        let (channel, declared) = self.channel().await?;
+        for m in messages.iter().filter(|m| m.exchange == "work") {
+            let mut set = declared.lock().await;
+            if !set.contains(&m.routing_key) {
+                declare_work_queue(&channel, &self.names, &m.routing_key).await?;
+                set.insert(m.routing_key.clone());
+            }
+        }
+        let mut confirms = Vec::with_capacity(messages.len());
+        for m in messages {
+            let confirm = channel
+                .basic_publish(
+                    self.names.exchange(&m.exchange).into(),
+                    m.routing_key.clone().into(),
+                    BasicPublishOptions::default(),
+                    &m.payload,
+                    m.properties(),
+                )
+                .await?;
+            confirms.push(confirm);
+        }
+        let mut results = Vec::with_capacity(confirms.len());
+        for confirm in confirms {
+            results.push(match confirm.await {
+                Ok(Confirmation::Ack(_)) | Ok(Confirmation::NotRequested) => Ok(()),
+                Ok(Confirmation::Nack(_)) => Err(PublishError::Nacked),
+                Err(e) => Err(PublishError::Broker(e.to_string())),
+            });
+        }
+        Ok(results)
+    }
+
+    /// Publishes without waiting for the broker's confirms: for
+    /// notifications (events) whose loss is acceptable, so they add no
+    /// round trip to the caller's path.
+    pub async fn publish_unconfirmed(&self, messages: &[Outgoing]) -> Result<(), PublishError> {
+        let sent = async {
+            let (channel, _) = self.channel().await?;
+            for m in messages {
+                // Dropping the confirm future is how lapin skips the wait.
+                drop(
+                    channel
+                        .basic_publish(
+                            self.names.exchange(&m.exchange).into(),
+                            m.routing_key.clone().into(),
+                            BasicPublishOptions::default(),
+                            &m.payload,
+                            m.properties(),
+                        )
+                        .await?,
+                );
+            }
+            Ok::<(), lapin::Error>(())
+        };
+        match tokio::time::timeout(Duration::from_secs(5), sent).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                self.reset().await;
+                Err(PublishError::Broker(e.to_string()))
+            }
+            Err(_) => {
+                self.reset().await;
+                Err(PublishError::Timeout)
+            }
+        }
+    }
+
+    /// Closes the connection.
+    pub async fn close(&self) {
+        if let Some(old) = self.live.lock().await.take() {
+            let _ = old.connection.close(200, "shutdown".into()).await;
+        }
+    }
+}
+
+/// Sends a delivery to `<p>.dead` with the reason in the
+/// `x-taskhost-reason` header, keeping its body, type and id, then acks it.
+/// If that publish fails the delivery is rejected without requeue, so the
+/// queue's own dead-letter exchange takes it (without the reason).
+pub async fn dead_letter(publisher: &Publisher, delivery: &lapin::message::Delivery, reason: &str) {
+    use lapin::options::{BasicAckOptions, BasicNackOptions};
+    tracing::warn!(reason, routing_key = %delivery.routing_key, "message dead-lettered");
+    let props = &delivery.properties;
+    let msg = Outgoing {
+        exchange: "dead".into(),
+        routing_key: delivery.routing_key.to_string(),
+        message_type: props
+            .kind()
+            .as_ref()
+            .map_or_else(|| "unknown".to_owned(), |t| t.to_string()),
+        message_id: props
+            .message_id()
+            .as_ref()
+            .map_or_else(String::new, |m| m.to_string()),
+        priority: 0,
+        payload: delivery.data.clone(),
+        headers: vec![(crate::messages::REASON_HEADER.to_owned(), reason.to_owned())],
+    };
+    let settled = if publisher.publish(&msg).await.is_ok() {
+        delivery.acker.ack(BasicAckOptions::default()).await
+    } else {
+        let reject = BasicNackOptions {
+            requeue: false,
+            ..BasicNackOptions::default()
+        };
+        delivery.acker.nack(reject).await
+    };
+    if let Err(error) = settled {
+        // The channel is gone; the broker redelivers and the next consumer
+        // refuses the message again.
+        tracing::debug!(%error, "could not settle a dead-lettered delivery");
+    }
+}

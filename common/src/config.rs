@@ -1,0 +1,356 @@
+//! Typed settings, layered by the `config` crate: built-in defaults, then an
+//! optional TOML file, then `TASKHOST__SECTION__KEY` environment variables
+//! (the bare `DATABASE_URL` and `AMQP_URL` are honoured too).
+//!
+//! This is the one way in for configuration: nothing else reads the
+//! environment for settings.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Environment variable naming the optional TOML file.
+pub const CONFIG_FILE_ENV: &str = "TASKHOST_CONFIG";
+
+/// A configuration problem, reported as one line naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The `config` crate could not read or deserialize a source.
+    #[error("configuration error: {0}")]
+    Load(#[from] config::ConfigError),
+    /// A value was read but is not acceptable.
+    #[error("configuration error: `{key}` {message}")]
+    Invalid {
+        /// The dotted key, e.g. `worker.concurrency`.
+        key: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// All settings of every process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// PostgreSQL.
+    pub database: DatabaseSettings,
+    /// RabbitMQ.
+    pub amqp: AmqpSettings,
+    /// The HTTP API.
+    pub api: ApiSettings,
+    /// Worker nodes.
+    pub worker: WorkerSettings,
+    /// The scheduler.
+    pub scheduler: SchedulerSettings,
+    /// Pruning of old rows.
+    pub retention: RetentionSettings,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// How long finished work is kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// Days a succeeded job (and its history) is kept.
+    pub success_days: u32,
+    /// Days a job that did not succeed (and its history) is kept.
+    pub failure_days: u32,
+    /// Days a `data_change` row is kept.
+    pub change_days: u32,
+    /// Seconds between pruning passes.
+    pub interval_secs: u64,
+}
+
+/// PostgreSQL settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// Connection URL; the database name is the last path segment.
+    pub url: String,
+    /// Pool size of each process.
+    pub max_connections: u32,
+    /// How long a query waits for a pooled connection, in seconds.
+    pub acquire_timeout_secs: u64,
+}
+
+/// RabbitMQ settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpSettings {
+    /// Connection URL.
+    pub url: String,
+    /// Prefix of every exchange and queue name.
+    pub prefix: String,
+    /// Deliveries of one job message before it is dead-lettered.
+    pub delivery_limit: u32,
+}
+
+/// HTTP API settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSettings {
+    /// Address to listen on.
+    pub bind: String,
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: usize,
+}
+
+/// Worker node settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSettings {
+    /// The node's name; its id is kept per name.
+    pub node_name: String,
+    /// The node's group.
+    pub group: String,
+    /// The node's role.
+    pub role: String,
+    /// Slots for `pool` and `inline` jobs.
+    pub concurrency: usize,
+    /// Slots for `background` jobs, counted apart from `concurrency`.
+    pub background_slots: usize,
+    /// The shell a command is handed to, split on whitespace (`/bin/sh -c`).
+    pub shell: String,
+    /// Seconds between heartbeats.
+    pub heartbeat_secs: u64,
+    /// Seconds a claim on a running job lasts unless renewed.
+    pub claim_lease_secs: u64,
+    /// Largest captured stdout (and, apart, stderr) of one run, in bytes.
+    pub output_cap_bytes: usize,
+    /// Timeout of `pool` jobs that name none, in seconds.
+    pub default_timeout_secs: u64,
+    /// Seconds a SIGTERM waits for running jobs before they are killed.
+    pub drain_timeout_secs: u64,
+}
+
+/// Scheduler settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerSettings {
+    /// Milliseconds between passes of the outbox relay.
+    pub relay_interval_ms: u64,
+    /// Age in milliseconds an outbox row must reach before the relay takes
+    /// it, so the api's own fast-path publish goes first.
+    pub relay_grace_ms: u64,
+    /// Seconds between passes of the reaper (dead nodes, expired claims).
+    pub reaper_interval_secs: u64,
+    /// Missed heartbeats after which a node is marked dead.
+    pub dead_after_missed_heartbeats: u32,
+    /// Milliseconds between passes over due tasks.
+    pub tick_ms: u64,
+    /// A fire time older than this many seconds counts as missed (misfire).
+    pub misfire_grace_secs: u64,
+}
+
+/// Log output settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// `auto` (human on a terminal, JSON otherwise), `json` or `human`.
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `taskhost_worker=debug,info`.
+    pub level: String,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human on a terminal, JSON otherwise.
+    Auto,
+    /// One JSON object per line.
+    Json,
+    /// Human-readable.
+    Human,
+}
+
+impl Settings {
+    /// Loads settings from the process environment and the file named by
+    /// `file` or, failing that, by `TASKHOST_CONFIG`.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let env: HashMap<String, String> = std::env::vars().collect();
+        Self::load_from(file, &env)
+    }
+
+    /// Loads settings from an explicit environment map (tests use this).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: &HashMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        let file: Option<PathBuf> = file
+            .map(Path::to_path_buf)
+            .or_else(|| env.get(CONFIG_FILE_ENV).map(PathBuf::from));
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut builder = config::Config::builder()
+            .set_default(
+                "database.url",
+                "postgres://postgres@127.0.0.1:5432/taskhost",
+            )?
+            .set_default("database.max_connections", 10)?
+            .set_default("database.acquire_timeout_secs", 5)?
+            .set_default("amqp.url", "amqp://guest:guest@127.0.0.1:5672/%2f")?
+            .set_default("amqp.prefix", "taskhost")?
+            .set_default("amqp.delivery_limit", 5)?
+            .set_default("api.bind", "127.0.0.1:8080")?
+            .set_default("api.max_body_bytes", 256 * 1024)?
+            .set_default("worker.node_name", crate::hostname())?
+            .set_default("worker.group", "default")?
+            .set_default("worker.role", "worker")?
+            .set_default("worker.concurrency", cpus as u64)?
+            .set_default("worker.background_slots", 4)?
+            .set_default("worker.shell", "/bin/sh -c")?
+            .set_default("worker.heartbeat_secs", 5)?
+            .set_default("worker.claim_lease_secs", 30)?
+            .set_default("worker.output_cap_bytes", 1024 * 1024)?
+            .set_default("worker.default_timeout_secs", 3600)?
+            .set_default("worker.drain_timeout_secs", 30)?
+            .set_default("scheduler.relay_interval_ms", 500)?
+            .set_default("scheduler.relay_grace_ms", 2000)?
+            .set_default("scheduler.reaper_interval_secs", 5)?
+            .set_default("scheduler.dead_after_missed_heartbeats", 3)?
+            .set_default("scheduler.tick_ms", 1000)?
+            .set_default("scheduler.misfire_grace_secs", 60)?
+            .set_default("retention.success_days", 7)?
+            .set_default("retention.failure_days", 30)?
+            .set_default("retention.change_days", 30)?
+            .set_default("retention.interval_secs", 3600)?
+            .set_default("log.format", "auto")?
+            .set_default("log.level", "info,sqlx=warn,lapin=warn")?;
+        if let Some(path) = &file {
+            builder = builder.add_source(config::File::from(path.as_path()).required(true));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("TASKHOST")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(
+                    env.iter()
+                        .filter(|(k, _)| k.starts_with("TASKHOST__"))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                )),
+        );
+        // The bare names are honoured unless the specific one is set too.
+        for (bare, specific, key) in [
+            ("DATABASE_URL", "TASKHOST__DATABASE__URL", "database.url"),
+            ("AMQP_URL", "TASKHOST__AMQP__URL", "amqp.url"),
+        ] {
+            if !env.contains_key(specific) {
+                builder = builder.set_override_option(key, env.get(bare).cloned())?;
+            }
+        }
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks values the types alone do not; call again after overriding fields.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                key,
+                message: message.into(),
+            }
+        }
+        if !self.database.url.starts_with("postgres://")
+            && !self.database.url.starts_with("postgresql://")
+        {
+            return Err(invalid(
+                "database.url",
+                "must start with postgres:// or postgresql://",
+            ));
+        }
+        if !self.amqp.url.starts_with("amqp://") && !self.amqp.url.starts_with("amqps://") {
+            return Err(invalid("amqp.url", "must start with amqp:// or amqps://"));
+        }
+        if !crate::model::is_valid_name(&self.amqp.prefix) {
+            return Err(invalid(
+                "amqp.prefix",
+                "must match ^[a-z0-9][a-z0-9_-]{0,63}$",
+            ));
+        }
+        if self.api.bind.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "api.bind",
+                format!(
+                    "`{}` is not an address such as 127.0.0.1:8080",
+                    self.api.bind
+                ),
+            ));
+        }
+        for (key, value) in [
+            ("worker.group", &self.worker.group),
+            ("worker.role", &self.worker.role),
+        ] {
+            if !crate::model::is_valid_name(value) {
+                return Err(invalid(
+                    key,
+                    format!("`{value}` must match ^[a-z0-9][a-z0-9_-]{{0,63}}$"),
+                ));
+            }
+        }
+        if self.worker.node_name.trim().is_empty() {
+            return Err(invalid("worker.node_name", "must not be empty"));
+        }
+        for (key, value) in [
+            ("worker.concurrency", self.worker.concurrency as u64),
+            (
+                "worker.background_slots",
+                self.worker.background_slots as u64,
+            ),
+            ("worker.heartbeat_secs", self.worker.heartbeat_secs),
+            ("worker.claim_lease_secs", self.worker.claim_lease_secs),
+            (
+                "database.max_connections",
+                u64::from(self.database.max_connections),
+            ),
+            ("amqp.delivery_limit", u64::from(self.amqp.delivery_limit)),
+            ("scheduler.tick_ms", self.scheduler.tick_ms),
+            (
+                "retention.success_days",
+                u64::from(self.retention.success_days),
+            ),
+            (
+                "retention.failure_days",
+                u64::from(self.retention.failure_days),
+            ),
+            (
+                "retention.change_days",
+                u64::from(self.retention.change_days),
+            ),
+            ("retention.interval_secs", self.retention.interval_secs),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if self.worker.shell.split_whitespace().next().is_none() {
+            return Err(invalid(
+                "worker.shell",
+                "must name a program, e.g. `/bin/sh -c`",
+            ));
+        }
+        if self
+            .log
+            .level
+            .parse::<tracing_subscriber::EnvFilter>()
+            .is_err()
+        {
+            return Err(invalid(
+                "log.level",
+                format!("`{}` is not a tracing filter", self.log.level),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl WorkerSettings {
+    /// The shell program and its leading arguments, e.g. `["/bin/sh", "-c"]`.
+    pub fn shell_argv(&self) -> Vec<String> {
+        self.shell.split_whitespace().map(str::to_owned).collect()
+    }
+}

@@ -1,0 +1,135 @@
+//! The Postgres pool, the embedded migrations, and the check that a database
+//! is not behind them.
+
+use std::time::Duration;
+
+use sqlx::migrate::{MigrateDatabase, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres};
+
+use crate::config::DatabaseSettings;
+
+/// The schema, embedded from `migrations/`.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+
+/// A database problem at startup.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// Postgres could not be reached or answered with an error.
+    #[error("database error: {0}")]
+    Sqlx(#[from] sqlx::Error),
+    /// Applying migrations failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The schema is older than this binary.
+    #[error(
+        "the database schema is behind this binary ({applied} of {known} migrations applied); run `taskhost migrate`"
+    )]
+    Behind {
+        /// Migrations applied to the database.
+        applied: usize,
+        /// Migrations this binary knows.
+        known: usize,
+    },
+}
+
+/// Opens a pool. Connections are made on demand so a process can start while
+/// Postgres is still coming up; `/readyz` reports it.
+pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, DbError> {
+    let options: PgConnectOptions = settings.url.parse()?;
+    Ok(PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .acquire_timeout(Duration::from_secs(settings.acquire_timeout_secs))
+        .connect_lazy_with(options))
+}
+
+/// Creates the database when it does not exist, then applies pending
+/// migrations. Safe to run concurrently (sqlx takes an advisory lock).
+pub async fn migrate(settings: &DatabaseSettings) -> Result<MigrateReport, DbError> {
+    let created = if Postgres::database_exists(&settings.url).await? {
+        false
+    } else {
+        match Postgres::create_database(&settings.url).await {
+            Ok(()) => true,
+            // Another process created it in between.
+            Err(e)
+                if Postgres::database_exists(&settings.url)
+                    .await
+                    .unwrap_or(false) =>
+            {
+                tracing::debug!(error = %e, "database appeared concurrently");
+                false
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let pool = pool(settings)?;
+    let before = applied_versions(&pool).await?.len();
+    MIGRATOR.run(&pool).await?;
+    let after = applied_versions(&pool).await?.len();
+    pool.close().await;
+    Ok(MigrateReport {
+        created_database: created,
+        applied: after.saturating_sub(before),
+        total: after,
+    })
+}
+
+/// What `migrate` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MigrateReport {
+    /// The database did not exist and was created.
+    pub created_database: bool,
+    /// Migrations applied by this run.
+    pub applied: usize,
+    /// Migrations applied in all.
+    pub total: usize,
+}
+
+async fn applied_versions(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
+    let exists: bool =
+        sqlx::query_scalar("SELECT to_regclass('public._sqlx_migrations') IS NOT NULL")
+            .fetch_one(pool)
+            .await?;
+    if !exists {
+        return Ok(Vec::new());
+    }
+    sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+        .fetch_all(pool)
+        .await
+}
+
+/// Fails with [`DbError::Behind`] unless every migration this binary knows
+/// has been applied.
+pub async fn ensure_current(pool: &PgPool) -> Result<(), DbError> {
+    let applied = applied_versions(pool).await?;
+    let known = MIGRATOR
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .count();
+    let missing = MIGRATOR
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .any(|m| !applied.contains(&m.version));
+    if missing {
+        return Err(DbError::Behind {
+            applied: applied.len(),
+            known,
+        });
+    }
+    Ok(())
+}
+
+/// Lets the current transaction commit without waiting for its WAL to reach
+/// disk (`SET LOCAL synchronous_commit = off`). Only for transactions whose
+/// loss in a Postgres crash is harmless because what they record is
+/// recovered anyway: a claim (the message is not acked, so it is claimed
+/// again), marking an outbox row published (the relay publishes it again and
+/// the duplicate is absorbed), a heartbeat. Never for accepting a job or
+/// recording its end: those are answered (202) or acked right after.
+pub async fn no_fsync_wait(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(conn)
+        .await
+        .map(|_| ())
+}

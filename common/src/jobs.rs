@@ -1,0 +1,522 @@
+//! Accepting a job: the job row, its `data_change` INSERT and its outbox
+//! message are written in one transaction; the message is then published
+//! (fast path) or left for the scheduler's relay. Shared by the HTTP api and
+//! the queue ingress so both take exactly the same path.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+use crate::amqp::{Outgoing, Publisher};
+use crate::changelog::{self, Action, Change};
+use crate::messages::{JOB_EVENT_V1, JOB_RUN_V1, JobEvent, JobRun};
+use crate::model::{Fanout, JobSpec, JobStatus, TriggeredBy};
+
+/// Reason recorded when a target matches no active node.
+pub const NO_NODE_REASON: &str = "no active node matches the target";
+
+/// A job to accept.
+#[derive(Debug, Clone)]
+pub struct NewJob<'a> {
+    /// The job id (UUIDv7, or the ingress message id).
+    pub job_id: Uuid,
+    /// Owner.
+    pub user_id: &'a str,
+    /// The validated request.
+    pub spec: &'a JobSpec,
+    /// What caused it.
+    pub triggered_by: TriggeredBy,
+    /// `Idempotency-Key` header, if sent.
+    pub idempotency_key: Option<&'a str>,
+    /// Hash of the request body, to tell a repeat from a conflict.
+    pub request_hash: Option<&'a str>,
+    /// Recorded as `changed_by` in the change log.
+    pub changed_by: &'a str,
+    /// The task it runs, when a task fired it.
+    pub task: Option<TaskRun>,
+}
+
+/// The task side of a job fired by a recurring task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskRun {
+    /// The task.
+    pub task_id: Uuid,
+    /// The scheduled fire time (None for a manual run).
+    pub fire_at: Option<DateTime<Utc>>,
+    /// Retries after a failed or timed-out attempt.
+    pub max_retries: i32,
+    /// First retry delay; doubled for every further retry.
+    pub retry_delay_seconds: i32,
+    /// Whether the run is killed at its timeout.
+    pub kill_on_timeout: bool,
+}
+
+/// What happened to a submission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    /// New job rows, and the outbox messages to publish for them.
+    Created {
+        /// The first id is the one answered to the client; fanout adds more.
+        job_ids: Vec<Uuid>,
+        /// Outbox rows to publish now.
+        outbox: Vec<OutboxMessage>,
+        /// Status of the jobs (`pending`, or `dead` when no node matches).
+        status: JobStatus,
+    },
+    /// The same job was accepted before (same id, or same idempotency key
+    /// and body).
+    Duplicate {
+        /// The original job.
+        job_id: Uuid,
+    },
+    /// The idempotency key names a job with a different body.
+    Conflict,
+}
+
+/// A committed outbox row.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct OutboxMessage {
+    /// Row id.
+    pub outbox_id: i64,
+    /// Logical exchange.
+    pub exchange: String,
+    /// Routing key.
+    pub routing_key: String,
+    /// AMQP type.
+    pub message_type: String,
+    /// AMQP message id.
+    pub message_id: String,
+    /// Priority.
+    pub priority: i16,
+    /// Body.
+    pub payload: Value,
+    /// The job it carries, if any.
+    pub job_id: Option<Uuid>,
+}
+
+impl OutboxMessage {
+    /// The message as published.
+    pub fn to_outgoing(&self) -> Outgoing {
+        Outgoing {
+            exchange: self.exchange.clone(),
+            routing_key: self.routing_key.clone(),
+            message_type: self.message_type.clone(),
+            message_id: self.message_id.clone(),
+            priority: self.priority.clamp(0, 9) as u8,
+            payload: serde_json::to_vec(&self.payload).unwrap_or_default(),
+            headers: Vec::new(),
+        }
+    }
+}
+
+/// The `job.<status>` event of a state change, for `<p>.events`.
+pub fn job_event(
+    job_id: Uuid,
+    status: JobStatus,
+    attempt: i32,
+    node_id: Option<Uuid>,
+    exit_code: Option<i32>,
+) -> Outgoing {
+    let event = JobEvent {
+        job_id,
+        status,
+        attempt,
+        node_id,
+        exit_code,
+        at: Utc::now(),
+    };
+    Outgoing {
+        exchange: "events".into(),
+        routing_key: format!("job.{status}"),
+        message_type: JOB_EVENT_V1.into(),
+        message_id: format!("{job_id}:{attempt}:{status}"),
+        priority: 0,
+        payload: serde_json::to_vec(&event).unwrap_or_default(),
+        headers: Vec::new(),
+    }
+}
+
+/// Publishes events after the change they describe was committed. Events
+/// are notifications: they are not confirmed and a failure is logged, never
+/// retried (the durable record is `task_history` and `data_change`).
+pub async fn publish_events(publisher: &Publisher, events: &[Outgoing]) {
+    if events.is_empty() {
+        return;
+    }
+    if let Err(error) = publisher.publish_unconfirmed(events).await {
+        tracing::debug!(%error, count = events.len(), "events not published");
+    }
+}
+
+/// Inserts an outbox row on `conn`.
+pub async fn insert_outbox(
+    conn: &mut PgConnection,
+    routing_key: &str,
+    run: &JobRun,
+) -> Result<OutboxMessage, sqlx::Error> {
+    insert_outbox_delayed(conn, routing_key, run, 0.0).await
+}
+
+/// Inserts an outbox row that the relay publishes only after `delay_secs`.
+pub async fn insert_outbox_delayed(
+    conn: &mut PgConnection,
+    routing_key: &str,
+    run: &JobRun,
+    delay_secs: f64,
+) -> Result<OutboxMessage, sqlx::Error> {
+    let payload = serde_json::to_value(run).unwrap_or(Value::Null);
+    sqlx::query_as(
+        "INSERT INTO outbox (exchange, routing_key, message_type, message_id, priority, payload, job_id, available_at)
+         VALUES ('work', $1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7))
+         RETURNING outbox_id, exchange, routing_key, message_type, message_id, priority, payload, job_id",
+    )
+    .bind(routing_key)
+    .bind(JOB_RUN_V1)
+    .bind(format!("{}:{}", run.job_id, run.attempt))
+    .bind(run.priority)
+    .bind(payload)
+    .bind(run.job_id)
+    .bind(delay_secs)
+    .fetch_one(conn)
+    .await
+}
+
+async fn find_by_idempotency_key(
+    conn: &mut PgConnection,
+    user_id: &str,
+    key: &str,
+) -> Result<Option<(Uuid, Option<String>)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT job_id, request_hash FROM jobs WHERE user_id = $1 AND idempotency_key = $2",
+    )
+    .bind(user_id)
+    .bind(key)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Active nodes a target matches (what a fan-out expands to).
+pub async fn matching_active_nodes(
+    conn: &mut PgConnection,
+    target: &crate::model::Target,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT node_id FROM nodes
+         WHERE is_active
+           AND ($1::uuid IS NULL OR node_id = $1)
+           AND ($2::text IS NULL OR node_group = $2)
+           AND ($3::text IS NULL OR node_role = $3)
+         ORDER BY node_name",
+    )
+    .bind(target.node_id)
+    .bind(target.node_group.as_deref())
+    .bind(target.node_role.as_deref())
+    .fetch_all(conn)
+    .await
+}
+
+/// Accepts a job: one transaction for the row(s), change log and outbox.
+pub async fn accept(pool: &PgPool, new: NewJob<'_>) -> Result<Accepted, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let accepted = accept_in(&mut tx, &new).await?;
+    if matches!(accepted, Accepted::Created { .. }) {
+        tx.commit().await?;
+    }
+    Ok(accepted)
+}
+
+/// Accepts a job inside the caller's transaction (a scheduler tick fires
+/// many tasks in one). Nothing is written unless it returns `Created`.
+pub async fn accept_in(
+    tx: &mut Transaction<'_, Postgres>,
+    new: &NewJob<'_>,
+) -> Result<Accepted, sqlx::Error> {
+    if let Some(key) = new.idempotency_key
+        && let Some(found) = find_by_idempotency_key(tx, new.user_id, key).await?
+    {
+        return Ok(duplicate_or_conflict(found, new.request_hash));
+    }
+    // A fan-out to all nodes becomes one job per active matching node, each
+    // routed to its node; the first keeps the requested id.
+    let nodes: Vec<Option<Uuid>> = if new.spec.target.fanout == Fanout::All {
+        matching_active_nodes(tx, &new.spec.target)
+            .await?
+            .into_iter()
+            .map(Some)
+            .collect()
+    } else {
+        vec![None]
+    };
+    let no_node = nodes.is_empty();
+    let status = if no_node {
+        JobStatus::Dead
+    } else {
+        JobStatus::Pending
+    };
+    let targets = if no_node { vec![None] } else { nodes };
+
+    let mut job_ids = Vec::with_capacity(targets.len());
+    let mut outbox = Vec::with_capacity(targets.len());
+    for (i, node) in targets.iter().enumerate() {
+        let job_id = if i == 0 { new.job_id } else { Uuid::now_v7() };
+        let Some((row, submitted_at)) =
+            insert_job_row(tx, new, job_id, *node, status, i == 0).await?
+        else {
+            // A unique index said no: the same id (a repeated ingress
+            // message), the same idempotency key (a racing repeat), or the
+            // same task fire time (another scheduler fired it).
+            if let Some(key) = new.idempotency_key
+                && let Some(found) = find_by_idempotency_key(tx, new.user_id, key).await?
+            {
+                return Ok(duplicate_or_conflict(found, new.request_hash));
+            }
+            return Ok(Accepted::Duplicate { job_id });
+        };
+        changelog::record(
+            tx,
+            Change {
+                table: "jobs",
+                record_id: job_id.to_string(),
+                action: Action::Insert,
+                old: None,
+                new: Some(&row),
+                changed_by: new.changed_by,
+                node_id: None,
+                reason: Some(if no_node { NO_NODE_REASON } else { "submitted" }),
+            },
+        )
+        .await?;
+        if no_node {
+            sqlx::query(
+                "INSERT INTO task_history (task_id, job_id, attempt, state, is_final, triggered_by, start_time, duration_ms, error)
+                 VALUES ($1, $2, 0, 'dead', true, $3, NULL, 0, $4)",
+            )
+            .bind(new.task.map(|t| t.task_id))
+            .bind(job_id)
+            .bind(new.triggered_by.as_str())
+            .bind(changelog::gzip(NO_NODE_REASON.as_bytes()))
+            .execute(&mut **tx)
+            .await?;
+        } else {
+            let routing_key = match node {
+                Some(id) => format!("node.{id}"),
+                None => new.spec.target.routing_key(),
+            };
+            let run = JobRun {
+                job_id,
+                attempt: 0,
+                command: new.spec.command.clone(),
+                execution_mode: new.spec.execution_mode,
+                timeout_seconds: new.spec.timeout_seconds,
+                env: new.spec.env.clone(),
+                priority: new.spec.priority,
+                submitted_at,
+            };
+            outbox.push(insert_outbox(tx, &routing_key, &run).await?);
+        }
+        job_ids.push(job_id);
+    }
+    Ok(Accepted::Created {
+        job_ids,
+        outbox,
+        status,
+    })
+}
+
+fn duplicate_or_conflict(found: (Uuid, Option<String>), hash: Option<&str>) -> Accepted {
+    if found.1.as_deref() == hash {
+        Accepted::Duplicate { job_id: found.0 }
+    } else {
+        Accepted::Conflict
+    }
+}
+
+async fn insert_job_row(
+    tx: &mut Transaction<'_, Postgres>,
+    new: &NewJob<'_>,
+    job_id: Uuid,
+    node: Option<Uuid>,
+    status: JobStatus,
+    first: bool,
+) -> Result<Option<(Value, DateTime<Utc>)>, sqlx::Error> {
+    let spec = new.spec;
+    let dead = status == JobStatus::Dead;
+    sqlx::query_as(
+        "INSERT INTO jobs (job_id, user_id, job_name, command, description, execution_mode, status,
+                           status_reason, target_node_id, target_node_group, target_node_role, fanout,
+                           priority, timeout_seconds, env, triggered_by, idempotency_key, request_hash,
+                           completed_at, success, task_id, fire_at, max_retries, retry_delay_seconds,
+                           kill_on_timeout)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
+                 CASE WHEN $19 THEN now() END, CASE WHEN $19 THEN false END, $20, $21, $22, $23, $24)
+         ON CONFLICT DO NOTHING
+         RETURNING to_jsonb(jobs.*), submitted_at",
+    )
+    .bind(job_id)
+    .bind(new.user_id)
+    .bind(&spec.job_name)
+    .bind(&spec.command)
+    .bind(&spec.description)
+    .bind(spec.execution_mode.as_str())
+    .bind(status.as_str())
+    .bind(dead.then_some(NO_NODE_REASON))
+    .bind(node.or(spec.target.node_id))
+    .bind(spec.target.node_group.as_deref())
+    .bind(spec.target.node_role.as_deref())
+    .bind(spec.target.fanout.as_str())
+    .bind(spec.priority)
+    .bind(spec.timeout_seconds)
+    .bind(serde_json::to_value(&spec.env).unwrap_or(Value::Null))
+    .bind(new.triggered_by.as_str())
+    // A fan-out answers with its first job, so only that one carries the
+    // key (the key names one job per user).
+    .bind(new.idempotency_key.filter(|_| first))
+    .bind(new.request_hash.filter(|_| first))
+    .bind(dead)
+    .bind(new.task.map(|t| t.task_id))
+    .bind(new.task.and_then(|t| t.fire_at))
+    .bind(new.task.map_or(0, |t| t.max_retries))
+    .bind(new.task.map_or(0, |t| t.retry_delay_seconds))
+    .bind(new.task.is_none_or(|t| t.kill_on_timeout))
+    .fetch_optional(&mut **tx)
+    .await
+}
+
+/// Publishes committed outbox rows with confirms in flight together, then
+/// marks the confirmed ones (and their jobs `pending` → `queued`). Returns
+/// how many were confirmed; the rest stay for the relay.
+pub async fn publish_outbox(
+    pool: &PgPool,
+    publisher: &Publisher,
+    rows: &[OutboxMessage],
+    changed_by: &str,
+) -> Result<usize, sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let outgoing: Vec<Outgoing> = rows.iter().map(OutboxMessage::to_outgoing).collect();
+    let results = publisher.publish_all(&outgoing).await;
+    let confirmed: Vec<&OutboxMessage> = rows
+        .iter()
+        .zip(&results)
+        .filter_map(|(row, r)| match r {
+            Ok(()) => Some(row),
+            Err(error) => {
+                tracing::warn!(%error, outbox_id = row.outbox_id, "publish failed; the relay will retry");
+                None
+            }
+        })
+        .collect();
+    let mut tx = pool.begin().await?;
+    // Losing this commit in a Postgres crash is harmless (see
+    // crate::db::no_fsync_wait), so it does not wait for the disk.
+    crate::db::no_fsync_wait(&mut tx).await?;
+    let queued = mark_published(&mut tx, &confirmed, changed_by).await?;
+    tx.commit().await?;
+    publish_events(publisher, &queued).await;
+    Ok(confirmed.len())
+}
+
+/// Marks outbox rows published and moves their jobs from `pending` to
+/// `queued`, with change-log rows, on `conn`. Returns the `job.queued`
+/// events to publish once the transaction is committed.
+pub async fn mark_published(
+    conn: &mut PgConnection,
+    rows: &[&OutboxMessage],
+    changed_by: &str,
+) -> Result<Vec<Outgoing>, sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<i64> = rows.iter().map(|r| r.outbox_id).collect();
+    sqlx::query(
+        "UPDATE outbox SET published_at = now(), attempts = attempts + 1 WHERE outbox_id = ANY($1)",
+    )
+    .bind(&ids)
+    .execute(&mut *conn)
+    .await?;
+    let job_ids: Vec<Uuid> = rows.iter().filter_map(|r| r.job_id).collect();
+    let changed: Vec<(Uuid, i32, Value, Value)> = sqlx::query_as(
+        "WITH old AS (
+             SELECT job_id, to_jsonb(j.*) AS row FROM jobs j
+             WHERE job_id = ANY($1) AND status = 'pending' FOR UPDATE
+         )
+         UPDATE jobs SET status = 'queued' FROM old
+         WHERE jobs.job_id = old.job_id
+         RETURNING jobs.job_id, jobs.attempt, old.row, to_jsonb(jobs.*)",
+    )
+    .bind(&job_ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    for (job_id, _, old, new) in &changed {
+        changelog::record(
+            conn,
+            Change {
+                table: "jobs",
+                record_id: job_id.to_string(),
+                action: Action::Update,
+                old: Some(old),
+                new: Some(new),
+                changed_by,
+                node_id: None,
+                reason: Some("published"),
+            },
+        )
+        .await?;
+    }
+    Ok(changed
+        .iter()
+        .map(|(job_id, attempt, _, _)| job_event(*job_id, JobStatus::Queued, *attempt, None, None))
+        .collect())
+}
+
+/// One pass of the outbox relay: publishes unpublished rows older than
+/// `grace_ms`, locking them so several relays never publish the same row at
+/// once. Returns how many were confirmed.
+pub async fn relay_outbox(
+    pool: &PgPool,
+    publisher: &Publisher,
+    grace_ms: u64,
+    batch: i64,
+) -> Result<usize, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    // Losing this commit in a Postgres crash is harmless (see
+    // crate::db::no_fsync_wait), so it does not wait for the disk.
+    crate::db::no_fsync_wait(&mut tx).await?;
+    let rows: Vec<OutboxMessage> = sqlx::query_as(
+        "SELECT outbox_id, exchange, routing_key, message_type, message_id, priority, payload, job_id
+         FROM outbox
+         WHERE published_at IS NULL AND available_at <= now()
+           AND created_at < now() - make_interval(secs => $1::float8 / 1000.0)
+         ORDER BY outbox_id
+         LIMIT $2
+         FOR UPDATE SKIP LOCKED",
+    )
+    .bind(grace_ms as f64)
+    .bind(batch)
+    .fetch_all(&mut *tx)
+    .await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let outgoing: Vec<Outgoing> = rows.iter().map(OutboxMessage::to_outgoing).collect();
+    let results = publisher.publish_all(&outgoing).await;
+    let mut confirmed = Vec::new();
+    for (row, result) in rows.iter().zip(&results) {
+        match result {
+            Ok(()) => confirmed.push(row),
+            Err(e) => {
+                sqlx::query("UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE outbox_id = $1")
+                    .bind(row.outbox_id)
+                    .bind(e.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+    }
+    let queued = mark_published(&mut tx, &confirmed, "outbox-relay").await?;
+    tx.commit().await?;
+    publish_events(publisher, &queued).await;
+    Ok(confirmed.len())
+}

@@ -1,0 +1,37 @@
+//! What the taskhost processes share.
+//!
+//! - [`config`]: typed, layered settings (the one way in for configuration).
+//! - [`telemetry`]: structured logs.
+//! - [`db`]: the Postgres pool, embedded migrations, the schema check.
+//! - [`amqp`]: topology names and declaration, the confirming publisher.
+//! - [`messages`]: versioned wire messages.
+//! - [`model`]: job states, modes, roles, request validation.
+//! - [`changelog`]: the gzip-compressed `data_change` log.
+//! - [`keys`]: hashed API keys.
+//! - [`jobs`]: accepting a job (row + change + outbox in one transaction).
+//! - [`shutdown`]: SIGTERM/SIGINT as a cancellation token.
+
+pub mod amqp;
+pub mod changelog;
+pub mod config;
+pub mod db;
+pub mod jobs;
+pub mod keys;
+pub mod messages;
+pub mod model;
+pub mod schedule;
+pub mod shutdown;
+pub mod tasks;
+pub mod telemetry;
+
+pub use config::Settings;
+pub use tokio_util::sync::CancellationToken;
+
+/// This machine's host name, or `localhost` when it cannot be read.
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}

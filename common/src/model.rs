@@ -1,0 +1,489 @@
+//! Domain words shared by every process: job states, execution modes, roles,
+//! and the validated job request that HTTP and the ingress queue both produce.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// True when `name` matches `^[a-z0-9][a-z0-9_-]{0,63}$` (groups, roles,
+/// prefixes).
+pub fn is_valid_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 64
+        && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_' || *b == b'-')
+}
+
+macro_rules! string_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal $(| $alias:literal)*),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "&'static str")]
+        pub enum $name { #[default] $($(#[$vmeta])* $variant),+ }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The canonical name stored in Postgres and sent on the wire.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($text $(| $alias)* => Ok($name::$variant),)+
+                    other => Err(format!(
+                        "`{other}` is not one of {}",
+                        [$($text),+].join(", ")
+                    )),
+                }
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = String;
+            fn try_from(s: String) -> Result<Self, String> { s.parse() }
+        }
+
+        impl From<$name> for &'static str {
+            fn from(v: $name) -> &'static str { v.as_str() }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.write_str(self.as_str()) }
+        }
+    };
+}
+
+string_enum! {
+    /// Where a job is in its life; see docs/state_machine.md.
+    JobStatus {
+        /// Accepted and committed, not yet confirmed by the broker.
+        Pending = "pending",
+        /// Published to its work queue.
+        Queued = "queued",
+        /// Claimed by a worker.
+        Running = "running",
+        /// Exited with status 0.
+        Succeeded = "succeeded",
+        /// Exited non-zero, or could not be started.
+        Failed = "failed",
+        /// Killed at its timeout.
+        TimedOut = "timed_out",
+        /// Stopped on request.
+        Cancelled = "cancelled",
+        /// Undeliverable, or no node can take it.
+        Dead = "dead",
+    }
+}
+
+impl JobStatus {
+    /// True for the states a job never leaves.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Succeeded
+                | JobStatus::Failed
+                | JobStatus::TimedOut
+                | JobStatus::Cancelled
+                | JobStatus::Dead
+        )
+    }
+}
+
+string_enum! {
+    /// How a worker runs a job (DESIGN.md, "Execution modes").
+    ExecutionMode {
+        /// A child process in the worker's bounded pool.
+        Pool = "pool" | "Runspace",
+        /// A long-running child process with its own slot budget.
+        Background = "background" | "BackgroundJob",
+        /// A built-in command inside the worker process.
+        Inline = "inline" | "MainLoop",
+    }
+}
+
+impl ExecutionMode {
+    /// The roles that may submit a job in this mode.
+    pub fn allowed_roles(self) -> &'static [Role] {
+        match self {
+            ExecutionMode::Pool | ExecutionMode::Background => &[
+                Role::Debug,
+                Role::TaskManager,
+                Role::SystemAdmin,
+                Role::SiteAdmin,
+            ],
+            ExecutionMode::Inline => &[Role::Debug],
+        }
+    }
+}
+
+string_enum! {
+    /// A role carried by an API key.
+    Role {
+        /// May run inline commands, and everything a pool job may.
+        Debug = "debug",
+        /// Manages recurring tasks and runs jobs.
+        TaskManager = "task_manager",
+        /// Administers the system.
+        SystemAdmin = "system_admin",
+        /// Administers the site.
+        SiteAdmin = "site_admin",
+    }
+}
+
+impl Role {
+    /// True for the administrator roles.
+    pub fn is_admin(self) -> bool {
+        matches!(self, Role::SystemAdmin | Role::SiteAdmin)
+    }
+}
+
+string_enum! {
+    /// What caused a job.
+    TriggeredBy {
+        /// `POST /jobs/submit`.
+        Api = "api",
+        /// The ingress queue.
+        Queue = "queue",
+        /// A recurring task fired.
+        Schedule = "schedule",
+        /// A task run by hand.
+        Manual = "manual",
+    }
+}
+
+string_enum! {
+    /// Whether a target means one matching node or every one.
+    Fanout {
+        /// Any one matching node.
+        One = "one",
+        /// Every active matching node.
+        All = "all",
+    }
+}
+
+/// Limits of a job request.
+pub mod limits {
+    /// Longest job name, in characters.
+    pub const JOB_NAME_MAX: usize = 200;
+    /// Longest command, in bytes.
+    pub const COMMAND_MAX: usize = 64 * 1024;
+    /// Longest description, in characters.
+    pub const DESCRIPTION_MAX: usize = 2000;
+    /// Largest timeout, in seconds (7 days).
+    pub const TIMEOUT_MAX: i32 = 7 * 24 * 3600;
+    /// Most environment variables.
+    pub const ENV_MAX: usize = 100;
+}
+
+/// Where a job should run, as submitted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TargetRequest {
+    /// One node by id.
+    pub node_id: Option<Uuid>,
+    /// Nodes of a group.
+    pub node_group: Option<String>,
+    /// Nodes of a role.
+    pub node_role: Option<String>,
+    /// `one` (default) or `all`.
+    pub fanout: Option<String>,
+}
+
+/// The body of `POST /jobs/submit`, and of a `job.submit.v1` message less its
+/// `userId`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SubmitRequest {
+    /// A short name for people.
+    pub job_name: String,
+    /// The shell command, or the built-in name for `inline`.
+    pub command: String,
+    /// Free text.
+    pub description: Option<String>,
+    /// `pool` (default), `background`, `inline`, or a seed alias.
+    pub execution_mode: Option<String>,
+    /// Seconds before the run is killed.
+    pub timeout_seconds: Option<i64>,
+    /// 0 (lowest) to 9.
+    pub priority: Option<i64>,
+    /// Where it runs.
+    pub target: Option<TargetRequest>,
+    /// Extra environment variables.
+    pub env: Option<BTreeMap<String, String>>,
+}
+
+/// A validated target.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Target {
+    /// One node by id.
+    pub node_id: Option<Uuid>,
+    /// Nodes of a group.
+    pub node_group: Option<String>,
+    /// Nodes of a role.
+    pub node_role: Option<String>,
+    /// One matching node or all of them.
+    pub fanout: Fanout,
+}
+
+impl Target {
+    /// The routing key of the work queue this target maps to.
+    pub fn routing_key(&self) -> String {
+        match (&self.node_id, &self.node_group, &self.node_role) {
+            (Some(id), _, _) => format!("node.{id}"),
+            (None, Some(g), Some(r)) => format!("group.{g}.role.{r}"),
+            (None, Some(g), None) => format!("group.{g}"),
+            (None, None, Some(r)) => format!("role.{r}"),
+            (None, None, None) => "any".to_owned(),
+        }
+    }
+}
+
+/// A job request that passed validation: inner code trusts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobSpec {
+    /// A short name for people.
+    pub job_name: String,
+    /// The command.
+    pub command: String,
+    /// Free text.
+    pub description: String,
+    /// How it runs.
+    pub execution_mode: ExecutionMode,
+    /// Seconds before the run is killed, if any.
+    pub timeout_seconds: Option<i32>,
+    /// 0..=9.
+    pub priority: i16,
+    /// Where it runs.
+    pub target: Target,
+    /// Extra environment variables.
+    pub env: BTreeMap<String, String>,
+}
+
+/// A validation failure naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    /// The camelCase field name.
+    pub field: &'static str,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn field_error(field: &'static str, message: impl Into<String>) -> FieldError {
+    FieldError {
+        field,
+        message: message.into(),
+    }
+}
+
+/// The built-in commands of `inline` mode.
+pub const INLINE_COMMANDS: &[&str] = &["diagnostics", "noop"];
+
+impl SubmitRequest {
+    /// Checks every field and returns the trusted form.
+    pub fn validate(self) -> Result<JobSpec, FieldError> {
+        let job_name = self.job_name.trim().to_owned();
+        if job_name.is_empty() {
+            return Err(field_error("jobName", "must not be empty"));
+        }
+        if job_name.chars().count() > limits::JOB_NAME_MAX {
+            return Err(field_error(
+                "jobName",
+                format!("must be at most {} characters", limits::JOB_NAME_MAX),
+            ));
+        }
+        if self.command.trim().is_empty() {
+            return Err(field_error("command", "must not be empty"));
+        }
+        if self.command.len() > limits::COMMAND_MAX {
+            return Err(field_error(
+                "command",
+                format!("must be at most {} bytes", limits::COMMAND_MAX),
+            ));
+        }
+        if self.command.contains('\0') {
+            return Err(field_error("command", "must not contain NUL bytes"));
+        }
+        let description = self.description.unwrap_or_default();
+        if description.chars().count() > limits::DESCRIPTION_MAX {
+            return Err(field_error(
+                "description",
+                format!("must be at most {} characters", limits::DESCRIPTION_MAX),
+            ));
+        }
+        let execution_mode = match self.execution_mode.as_deref() {
+            None => ExecutionMode::Pool,
+            Some(m) => m.parse().map_err(|e| field_error("executionMode", e))?,
+        };
+        if execution_mode == ExecutionMode::Inline
+            && !INLINE_COMMANDS.contains(&self.command.trim())
+        {
+            return Err(field_error(
+                "command",
+                format!(
+                    "inline mode runs only built-in commands: {}",
+                    INLINE_COMMANDS.join(", ")
+                ),
+            ));
+        }
+        let timeout_seconds = match self.timeout_seconds {
+            None => None,
+            Some(t) if (1..=i64::from(limits::TIMEOUT_MAX)).contains(&t) => Some(t as i32),
+            Some(_) => {
+                return Err(field_error(
+                    "timeoutSeconds",
+                    format!("must be between 1 and {}", limits::TIMEOUT_MAX),
+                ));
+            }
+        };
+        let priority = match self.priority {
+            None => 5,
+            Some(p) if (0..=9).contains(&p) => p as i16,
+            Some(_) => return Err(field_error("priority", "must be between 0 and 9")),
+        };
+        let target = validate_target(self.target.unwrap_or_default())?;
+        let env = self.env.unwrap_or_default();
+        if env.len() > limits::ENV_MAX {
+            return Err(field_error(
+                "env",
+                format!("must have at most {} variables", limits::ENV_MAX),
+            ));
+        }
+        for name in env.keys() {
+            let ok = !name.is_empty()
+                && name.len() <= 128
+                && !name.as_bytes()[0].is_ascii_digit()
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !ok {
+                return Err(field_error(
+                    "env",
+                    format!("`{name}` is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"),
+                ));
+            }
+        }
+        Ok(JobSpec {
+            job_name,
+            command: self.command,
+            description,
+            execution_mode,
+            timeout_seconds,
+            priority,
+            target,
+            env,
+        })
+    }
+}
+
+fn validate_target(t: TargetRequest) -> Result<Target, FieldError> {
+    for (field, value) in [
+        ("target.nodeGroup", &t.node_group),
+        ("target.nodeRole", &t.node_role),
+    ] {
+        if let Some(v) = value
+            && !is_valid_name(v)
+        {
+            return Err(field_error(
+                field,
+                format!("`{v}` must match ^[a-z0-9][a-z0-9_-]{{0,63}}$"),
+            ));
+        }
+    }
+    let fanout = match t.fanout.as_deref() {
+        None => Fanout::One,
+        Some(f) => f.parse().map_err(|e| field_error("target.fanout", e))?,
+    };
+    if t.node_id.is_some() && (t.node_group.is_some() || t.node_role.is_some()) {
+        return Err(field_error(
+            "target",
+            "nodeId cannot be combined with nodeGroup or nodeRole",
+        ));
+    }
+    Ok(Target {
+        node_id: t.node_id,
+        node_group: t.node_group,
+        node_role: t.node_role,
+        fanout,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> SubmitRequest {
+        SubmitRequest {
+            job_name: "n".into(),
+            command: "echo hi".into(),
+            description: None,
+            execution_mode: None,
+            timeout_seconds: None,
+            priority: None,
+            target: None,
+            env: None,
+        }
+    }
+
+    #[test]
+    fn names_follow_the_target_pattern() {
+        assert!(is_valid_name("prod"));
+        assert!(is_valid_name("a1_b-c"));
+        assert!(!is_valid_name(""));
+        assert!(!is_valid_name("Prod"));
+        assert!(!is_valid_name("-x"));
+        assert!(!is_valid_name("a.b"));
+        assert!(!is_valid_name(&"a".repeat(65)));
+        assert!(is_valid_name(&"a".repeat(64)));
+    }
+
+    #[test]
+    fn seed_mode_names_are_aliases() {
+        assert_eq!("Runspace".parse(), Ok(ExecutionMode::Pool));
+        assert_eq!("BackgroundJob".parse(), Ok(ExecutionMode::Background));
+        assert_eq!("MainLoop".parse(), Ok(ExecutionMode::Inline));
+        assert!("bogus".parse::<ExecutionMode>().is_err());
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut r = req();
+        r.command = "  ".into();
+        assert_eq!(r.validate().unwrap_err().field, "command");
+        let mut r = req();
+        r.timeout_seconds = Some(0);
+        assert_eq!(r.validate().unwrap_err().field, "timeoutSeconds");
+        let mut r = req();
+        r.target = Some(TargetRequest {
+            node_group: Some("Bad Group".into()),
+            ..Default::default()
+        });
+        assert_eq!(r.validate().unwrap_err().field, "target.nodeGroup");
+        let mut r = req();
+        r.execution_mode = Some("inline".into());
+        assert_eq!(r.validate().unwrap_err().field, "command");
+    }
+
+    #[test]
+    fn routing_keys_follow_the_topology() {
+        let mut t = Target::default();
+        assert_eq!(t.routing_key(), "any");
+        t.node_group = Some("prod".into());
+        assert_eq!(t.routing_key(), "group.prod");
+        t.node_role = Some("gpu".into());
+        assert_eq!(t.routing_key(), "group.prod.role.gpu");
+        t.node_group = None;
+        assert_eq!(t.routing_key(), "role.gpu");
+    }
+}

@@ -1,0 +1,797 @@
+//! Recurring tasks: the request and its validation, the stored row, and
+//! create / update / delete with their change-log rows. Shared by the api
+//! (CRUD, run now) and the scheduler (firing).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::changelog::{self, Action, Change};
+use crate::model::{
+    ExecutionMode, Fanout, FieldError, JobSpec, SubmitRequest, Target, TargetRequest,
+};
+use crate::schedule::Schedule;
+
+/// Body of `POST /tasks` and `PUT /tasks/{id}`. For PUT every field is
+/// optional and only the named fields change.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TaskRequest {
+    pub task_name: Option<String>,
+    pub app_name: Option<String>,
+    pub command: Option<String>,
+    pub execution_mode: Option<String>,
+    pub schedule: Option<String>,
+    pub timezone: Option<String>,
+    pub enabled: Option<bool>,
+    #[serde(default, deserialize_with = "named")]
+    pub assigned_node_id: Option<Option<Uuid>>,
+    #[serde(default, deserialize_with = "named")]
+    pub assigned_node_group: Option<Option<String>>,
+    #[serde(default, deserialize_with = "named")]
+    pub assigned_node_role: Option<Option<String>>,
+    pub fanout: Option<String>,
+    pub priority: Option<i64>,
+    #[serde(default, deserialize_with = "named")]
+    pub timeout_seconds: Option<Option<i64>>,
+    pub max_retries: Option<i64>,
+    pub retry_delay_seconds: Option<i64>,
+    pub kill_on_timeout: Option<bool>,
+    pub misfire_policy: Option<String>,
+    pub overlap_policy: Option<String>,
+    pub no_node_policy: Option<String>,
+    pub description: Option<String>,
+    pub tags: Option<Vec<String>>,
+    pub parameters: Option<Value>,
+    pub environment: Option<BTreeMap<String, String>>,
+}
+
+/// For fields that may be cleared: absent is `None` (unchanged), `null` is
+/// `Some(None)` (cleared), a value is `Some(Some(v))`.
+fn named<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// A stored task, as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct Task {
+    pub task_id: Uuid,
+    pub task_name: String,
+    pub app_name: String,
+    pub command: String,
+    pub execution_mode: String,
+    pub schedule: String,
+    pub timezone: String,
+    pub enabled: bool,
+    pub assigned_node_id: Option<Uuid>,
+    pub assigned_node_group: Option<String>,
+    pub assigned_node_role: Option<String>,
+    pub fanout: String,
+    pub priority: i16,
+    pub timeout_seconds: Option<i32>,
+    pub max_retries: i32,
+    pub retry_delay_seconds: i32,
+    pub kill_on_timeout: bool,
+    pub misfire_policy: String,
+    pub overlap_policy: String,
+    pub no_node_policy: String,
+    pub description: String,
+    pub tags: Value,
+    pub parameters: Value,
+    pub environment: Value,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    pub modified_by: Option<String>,
+    pub modified_at: Option<DateTime<Utc>>,
+}
+
+/// Most retries of one run.
+pub const MAX_RETRIES: i64 = 20;
+/// Longest first retry delay, seconds (one day).
+pub const MAX_RETRY_DELAY: i64 = 86_400;
+
+fn err(field: &'static str, message: impl Into<String>) -> FieldError {
+    FieldError {
+        field,
+        message: message.into(),
+    }
+}
+
+fn one_of(field: &'static str, value: &str, allowed: &[&str]) -> Result<(), FieldError> {
+    if allowed.contains(&value) {
+        Ok(())
+    } else {
+        Err(err(
+            field,
+            format!("`{value}` is not one of {}", allowed.join(", ")),
+        ))
+    }
+}
+
+impl Task {
+    fn blank(user: &str) -> Self {
+        Task {
+            task_id: Uuid::now_v7(),
+            task_name: String::new(),
+            app_name: "default".into(),
+            command: String::new(),
+            execution_mode: "pool".into(),
+            schedule: String::new(),
+            timezone: "UTC".into(),
+            enabled: true,
+            assigned_node_id: None,
+            assigned_node_group: None,
+            assigned_node_role: None,
+            fanout: "one".into(),
+            priority: 5,
+            timeout_seconds: None,
+            max_retries: 0,
+            retry_delay_seconds: 60,
+            kill_on_timeout: true,
+            misfire_policy: "catch_up".into(),
+            overlap_policy: "skip".into(),
+            no_node_policy: "fail".into(),
+            description: String::new(),
+            tags: Value::Array(Vec::new()),
+            parameters: Value::Object(Default::default()),
+            environment: Value::Object(Default::default()),
+            created_by: user.to_owned(),
+            created_at: Utc::now(),
+            modified_by: None,
+            modified_at: None,
+        }
+    }
+
+    /// Applies the fields a request names, validating each.
+    fn apply(&mut self, r: TaskRequest) -> Result<(), FieldError> {
+        if let Some(v) = r.task_name {
+            self.task_name = v.trim().to_owned();
+        }
+        if let Some(v) = r.app_name {
+            self.app_name = v.trim().to_owned();
+        }
+        if let Some(v) = r.command {
+            self.command = v;
+        }
+        if let Some(v) = r.execution_mode {
+            let mode: ExecutionMode = v.parse().map_err(|e| err("executionMode", e))?;
+            self.execution_mode = mode.as_str().to_owned();
+        }
+        if let Some(v) = r.schedule {
+            self.schedule = v.trim().to_owned();
+        }
+        if let Some(v) = r.timezone {
+            self.timezone = v.trim().to_owned();
+        }
+        if let Some(v) = r.enabled {
+            self.enabled = v;
+        }
+        if r.assigned_node_id.is_some()
+            || r.assigned_node_group.is_some()
+            || r.assigned_node_role.is_some()
+        {
+            // A new assignment replaces the old one as a whole; `null`
+            // everywhere means any node.
+            self.assigned_node_id = r.assigned_node_id.flatten();
+            self.assigned_node_group = r.assigned_node_group.flatten();
+            self.assigned_node_role = r.assigned_node_role.flatten();
+        }
+        if let Some(v) = r.fanout {
+            self.fanout = v;
+        }
+        if let Some(v) = r.priority {
+            self.priority = i16::try_from(v)
+                .ok()
+                .filter(|p| (0..=9).contains(p))
+                .ok_or_else(|| err("priority", "must be between 0 and 9"))?;
+        }
+        if r.timeout_seconds == Some(None) {
+            self.timeout_seconds = None;
+        }
+        if let Some(Some(v)) = r.timeout_seconds {
+            self.timeout_seconds = Some(
+                i32::try_from(v)
+                    .ok()
+                    .filter(|t| (1..=crate::model::limits::TIMEOUT_MAX).contains(t))
+                    .ok_or_else(|| {
+                        err(
+                            "timeoutSeconds",
+                            format!(
+                                "must be between 1 and {}",
+                                crate::model::limits::TIMEOUT_MAX
+                            ),
+                        )
+                    })?,
+            );
+        }
+        if let Some(v) = r.max_retries {
+            if !(0..=MAX_RETRIES).contains(&v) {
+                return Err(err(
+                    "maxRetries",
+                    format!("must be between 0 and {MAX_RETRIES}"),
+                ));
+            }
+            self.max_retries = v as i32;
+        }
+        if let Some(v) = r.retry_delay_seconds {
+            if !(0..=MAX_RETRY_DELAY).contains(&v) {
+                return Err(err(
+                    "retryDelaySeconds",
+                    format!("must be between 0 and {MAX_RETRY_DELAY}"),
+                ));
+            }
+            self.retry_delay_seconds = v as i32;
+        }
+        if let Some(v) = r.kill_on_timeout {
+            self.kill_on_timeout = v;
+        }
+        if let Some(v) = r.misfire_policy {
+            one_of("misfirePolicy", &v, &["catch_up", "skip"])?;
+            self.misfire_policy = v;
+        }
+        if let Some(v) = r.overlap_policy {
+            one_of("overlapPolicy", &v, &["skip", "allow"])?;
+            self.overlap_policy = v;
+        }
+        if let Some(v) = r.no_node_policy {
+            one_of("noNodePolicy", &v, &["fail", "hold"])?;
+            self.no_node_policy = v;
+        }
+        if let Some(v) = r.description {
+            self.description = v;
+        }
+        if let Some(v) = r.tags {
+            self.tags = serde_json::to_value(v).unwrap_or(Value::Null);
+        }
+        if let Some(v) = r.parameters {
+            if !v.is_object() {
+                return Err(err("parameters", "must be a JSON object"));
+            }
+            self.parameters = v;
+        }
+        if let Some(v) = r.environment {
+            self.environment = serde_json::to_value(v).unwrap_or(Value::Null);
+        }
+        self.validate()
+    }
+
+    /// Checks the whole task.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if self.task_name.is_empty() || self.task_name.chars().count() > 200 {
+            return Err(err("taskName", "must be 1 to 200 characters"));
+        }
+        if self.app_name.is_empty() || self.app_name.chars().count() > 200 {
+            return Err(err("appName", "must be 1 to 200 characters"));
+        }
+        Schedule::parse(&self.schedule, &self.timezone)
+            .map_err(|e| err(e.field(), e.to_string()))?;
+        // The command, mode, target and environment follow the job rules.
+        self.job_spec()?;
+        Ok(())
+    }
+
+    /// The job this task runs.
+    pub fn job_spec(&self) -> Result<JobSpec, FieldError> {
+        let env: BTreeMap<String, String> = serde_json::from_value(self.environment.clone())
+            .map_err(|e| err("environment", e.to_string()))?;
+        let request = SubmitRequest {
+            job_name: self.task_name.clone(),
+            command: self.command.clone(),
+            description: Some(self.description.clone()),
+            execution_mode: Some(self.execution_mode.clone()),
+            timeout_seconds: self.timeout_seconds.map(i64::from),
+            priority: Some(i64::from(self.priority)),
+            target: Some(TargetRequest {
+                node_id: self.assigned_node_id,
+                node_group: self.assigned_node_group.clone(),
+                node_role: self.assigned_node_role.clone(),
+                fanout: Some(self.fanout.clone()),
+            }),
+            env: Some(env),
+        };
+        request.validate().map_err(|e| FieldError {
+            field: match e.field {
+                "jobName" => "taskName",
+                "target" => "assignedNodeId",
+                "target.nodeGroup" => "assignedNodeGroup",
+                "target.nodeRole" => "assignedNodeRole",
+                "target.fanout" => "fanout",
+                "env" => "environment",
+                other => other,
+            },
+            message: e.message,
+        })
+    }
+
+    /// The target of this task.
+    pub fn target(&self) -> Target {
+        Target {
+            node_id: self.assigned_node_id,
+            node_group: self.assigned_node_group.clone(),
+            node_role: self.assigned_node_role.clone(),
+            fanout: self.fanout.parse().unwrap_or(Fanout::One),
+        }
+    }
+
+    /// The parsed schedule (valid for stored tasks).
+    pub fn parsed_schedule(&self) -> Option<Schedule> {
+        Schedule::parse(&self.schedule, &self.timezone).ok()
+    }
+}
+
+/// Scheduling state of a task, as the API shows it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleState {
+    pub task_id: Uuid,
+    pub next_run: Option<DateTime<Utc>>,
+    pub last_run: Option<DateTime<Utc>>,
+    pub last_state: Option<String>,
+    pub is_running: bool,
+    pub running_on_node: Option<Uuid>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub claim_expiry: Option<DateTime<Utc>>,
+    pub total_runs: i64,
+    pub success_count: i64,
+    pub failure_count: i64,
+}
+
+/// What can go wrong writing a task.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    /// A field is wrong.
+    #[error(transparent)]
+    Invalid(#[from] FieldError),
+    /// Another task has the same name in the app.
+    #[error("a task named `{0}` already exists in app `{1}`")]
+    Duplicate(String, String),
+    /// No such task.
+    #[error("task not found")]
+    NotFound,
+    /// Postgres failed.
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// The columns of a [`Task`], in its field order (the scheduler selects them
+/// too).
+pub const TASK_COLUMNS: &str = "task_id, task_name, app_name, command, execution_mode, schedule, timezone, enabled,
+    assigned_node_id, assigned_node_group, assigned_node_role, fanout, priority, timeout_seconds, max_retries,
+    retry_delay_seconds, kill_on_timeout, misfire_policy, overlap_policy, no_node_policy, description, tags,
+    parameters, environment, created_by, created_at, modified_by, modified_at";
+
+fn json_of<T: Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+fn change<'a>(
+    table: &'a str,
+    id: Uuid,
+    action: Action,
+    old: Option<&'a Value>,
+    new: Option<&'a Value>,
+    by: &'a str,
+    reason: &'a str,
+) -> Change<'a> {
+    Change {
+        table,
+        record_id: id.to_string(),
+        action,
+        old,
+        new,
+        changed_by: by,
+        node_id: None,
+        reason: Some(reason),
+    }
+}
+
+/// Row of a table as JSON, for the change log.
+pub(crate) async fn row_json(
+    conn: &mut PgConnection,
+    table: &'static str,
+    id: Uuid,
+) -> Result<Option<Value>, sqlx::Error> {
+    let sql = match table {
+        "tasks" => "SELECT to_jsonb(t.*) FROM tasks t WHERE task_id = $1",
+        _ => "SELECT to_jsonb(s.*) FROM task_schedule s WHERE task_id = $1",
+    };
+    sqlx::query_scalar(sql).bind(id).fetch_optional(conn).await
+}
+
+fn map_unique(e: sqlx::Error, t: &Task) -> TaskError {
+    match &e {
+        sqlx::Error::Database(d) if d.is_unique_violation() => {
+            TaskError::Duplicate(t.task_name.clone(), t.app_name.clone())
+        }
+        _ => TaskError::Db(e),
+    }
+}
+
+async fn write_task(conn: &mut PgConnection, t: &Task, insert: bool) -> Result<Value, sqlx::Error> {
+    let sql = if insert {
+        "INSERT INTO tasks (task_id, task_name, app_name, command, execution_mode, schedule, timezone, enabled,
+             assigned_node_id, assigned_node_group, assigned_node_role, fanout, priority, timeout_seconds, max_retries,
+             retry_delay_seconds, kill_on_timeout, misfire_policy, overlap_policy, no_node_policy, description, tags,
+             parameters, environment, created_by, created_at, modified_by, modified_at)
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22,$23,$24,$25,$26,$27,$28)
+         RETURNING to_jsonb(tasks.*)"
+    } else {
+        "UPDATE tasks SET task_name=$2, app_name=$3, command=$4, execution_mode=$5, schedule=$6, timezone=$7, enabled=$8,
+             assigned_node_id=$9, assigned_node_group=$10, assigned_node_role=$11, fanout=$12, priority=$13,
+             timeout_seconds=$14, max_retries=$15, retry_delay_seconds=$16, kill_on_timeout=$17, misfire_policy=$18,
+             overlap_policy=$19, no_node_policy=$20, description=$21, tags=$22, parameters=$23, environment=$24,
+             created_by=$25, created_at=$26, modified_by=$27, modified_at=$28
+         WHERE task_id = $1 RETURNING to_jsonb(tasks.*)"
+    };
+    sqlx::query_scalar(sql)
+        .bind(t.task_id)
+        .bind(&t.task_name)
+        .bind(&t.app_name)
+        .bind(&t.command)
+        .bind(&t.execution_mode)
+        .bind(&t.schedule)
+        .bind(&t.timezone)
+        .bind(t.enabled)
+        .bind(t.assigned_node_id)
+        .bind(&t.assigned_node_group)
+        .bind(&t.assigned_node_role)
+        .bind(&t.fanout)
+        .bind(t.priority)
+        .bind(t.timeout_seconds)
+        .bind(t.max_retries)
+        .bind(t.retry_delay_seconds)
+        .bind(t.kill_on_timeout)
+        .bind(&t.misfire_policy)
+        .bind(&t.overlap_policy)
+        .bind(&t.no_node_policy)
+        .bind(&t.description)
+        .bind(&t.tags)
+        .bind(&t.parameters)
+        .bind(&t.environment)
+        .bind(&t.created_by)
+        .bind(t.created_at)
+        .bind(&t.modified_by)
+        .bind(t.modified_at)
+        .fetch_one(conn)
+        .await
+}
+
+/// Sets `next_run` from the schedule (None when disabled), logging the change.
+async fn reschedule(
+    conn: &mut PgConnection,
+    t: &Task,
+    by: &str,
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    let next = if t.enabled {
+        t.parsed_schedule().and_then(|s| s.next_after(Utc::now()))
+    } else {
+        None
+    };
+    let old = row_json(conn, "task_schedule", t.task_id).await?;
+    let new: Value = sqlx::query_scalar(
+        "INSERT INTO task_schedule (task_id, next_run) VALUES ($1, $2)
+         ON CONFLICT (task_id) DO UPDATE SET next_run = EXCLUDED.next_run
+         RETURNING to_jsonb(task_schedule.*)",
+    )
+    .bind(t.task_id)
+    .bind(next)
+    .fetch_one(&mut *conn)
+    .await?;
+    let action = if old.is_some() {
+        Action::Update
+    } else {
+        Action::Insert
+    };
+    changelog::record(
+        conn,
+        change(
+            "task_schedule",
+            t.task_id,
+            action,
+            old.as_ref(),
+            Some(&new),
+            by,
+            reason,
+        ),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Creates a task and its schedule row.
+pub async fn create(pool: &PgPool, request: TaskRequest, user: &str) -> Result<Task, TaskError> {
+    for (field, present) in [
+        ("taskName", request.task_name.is_some()),
+        ("command", request.command.is_some()),
+        ("schedule", request.schedule.is_some()),
+    ] {
+        if !present {
+            return Err(err(field, "is required").into());
+        }
+    }
+    let mut task = Task::blank(user);
+    task.apply(request)?;
+    let mut tx = pool.begin().await?;
+    let new = write_task(&mut tx, &task, true)
+        .await
+        .map_err(|e| map_unique(e, &task))?;
+    changelog::record(
+        &mut tx,
+        change(
+            "tasks",
+            task.task_id,
+            Action::Insert,
+            None,
+            Some(&new),
+            user,
+            "created",
+        ),
+    )
+    .await?;
+    reschedule(&mut tx, &task, user, "created").await?;
+    tx.commit().await?;
+    Ok(task)
+}
+
+/// Changes the fields a request names.
+pub async fn update(
+    pool: &PgPool,
+    task_id: Uuid,
+    request: TaskRequest,
+    user: &str,
+) -> Result<Task, TaskError> {
+    let mut tx = pool.begin().await?;
+    let mut task: Task = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {TASK_COLUMNS} FROM tasks WHERE task_id = $1 FOR UPDATE"
+    )))
+    .bind(task_id)
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or(TaskError::NotFound)?;
+    let old = json_of(&task);
+    let old_row = row_json(&mut tx, "tasks", task_id).await?;
+    let schedule_changed =
+        request.schedule.is_some() || request.timezone.is_some() || request.enabled.is_some();
+    task.apply(request)?;
+    task.modified_by = Some(user.to_owned());
+    task.modified_at = Some(Utc::now());
+    let new = write_task(&mut tx, &task, false)
+        .await
+        .map_err(|e| map_unique(e, &task))?;
+    changelog::record(
+        &mut tx,
+        change(
+            "tasks",
+            task_id,
+            Action::Update,
+            old_row.as_ref().or(Some(&old)),
+            Some(&new),
+            user,
+            "updated",
+        ),
+    )
+    .await?;
+    if schedule_changed {
+        reschedule(&mut tx, &task, user, "schedule changed").await?;
+    }
+    tx.commit().await?;
+    Ok(task)
+}
+
+/// Deletes a task (its schedule row goes with it; its jobs stay).
+pub async fn delete(pool: &PgPool, task_id: Uuid, user: &str) -> Result<(), TaskError> {
+    let mut tx = pool.begin().await?;
+    let old_schedule = row_json(&mut tx, "task_schedule", task_id).await?;
+    let old: Option<Value> =
+        sqlx::query_scalar("DELETE FROM tasks WHERE task_id = $1 RETURNING to_jsonb(tasks.*)")
+            .bind(task_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some(old) = old else {
+        return Err(TaskError::NotFound);
+    };
+    changelog::record(
+        &mut tx,
+        change(
+            "tasks",
+            task_id,
+            Action::Delete,
+            Some(&old),
+            None,
+            user,
+            "deleted",
+        ),
+    )
+    .await?;
+    if let Some(s) = old_schedule {
+        changelog::record(
+            &mut tx,
+            change(
+                "task_schedule",
+                task_id,
+                Action::Delete,
+                Some(&s),
+                None,
+                user,
+                "task deleted",
+            ),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// One task.
+pub async fn get(pool: &PgPool, task_id: Uuid) -> Result<Option<Task>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {TASK_COLUMNS} FROM tasks WHERE task_id = $1"
+    )))
+    .bind(task_id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Every task, by app and name.
+pub async fn list(pool: &PgPool) -> Result<Vec<Task>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {TASK_COLUMNS} FROM tasks ORDER BY app_name, task_name"
+    )))
+    .fetch_all(pool)
+    .await
+}
+
+/// A task's scheduling state.
+pub async fn schedule_state(
+    pool: &PgPool,
+    task_id: Uuid,
+) -> Result<Option<ScheduleState>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT task_id, next_run, last_run, last_state, is_running, running_on_node, started_at, claim_expiry,
+                total_runs, success_count, failure_count
+         FROM task_schedule WHERE task_id = $1",
+    )
+    .bind(task_id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Writes the change-log row of an update to a task's `task_schedule` row,
+/// on `conn` (inside the transaction that made it).
+pub async fn log_schedule_update(
+    conn: &mut PgConnection,
+    task_id: Uuid,
+    old: &Value,
+    new: &Value,
+    by: &str,
+    node_id: Option<Uuid>,
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    let mut change = change(
+        "task_schedule",
+        task_id,
+        Action::Update,
+        Some(old),
+        Some(new),
+        by,
+        reason,
+    );
+    change.node_id = node_id;
+    changelog::record(conn, change).await.map(|_| ())
+}
+
+/// Records on `task_schedule` that a run of the task ended (called in the
+/// transaction that finishes the job).
+pub async fn record_run_end(
+    conn: &mut PgConnection,
+    task_id: Uuid,
+    state: &str,
+    succeeded: bool,
+    by: &str,
+    node_id: Option<Uuid>,
+) -> Result<(), sqlx::Error> {
+    let changed: Option<(Value, Value)> = sqlx::query_as(
+        "WITH old AS (SELECT task_id, to_jsonb(s.*) AS row FROM task_schedule s WHERE task_id = $1 FOR UPDATE)
+         UPDATE task_schedule SET is_running = false, running_on_node = NULL, claim_expiry = NULL, last_state = $2,
+                success_count = success_count + CASE WHEN $3 THEN 1 ELSE 0 END,
+                failure_count = failure_count + CASE WHEN $3 THEN 0 ELSE 1 END
+         FROM old WHERE task_schedule.task_id = old.task_id
+         RETURNING old.row, to_jsonb(task_schedule.*)",
+    )
+    .bind(task_id)
+    .bind(state)
+    .bind(succeeded)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some((old, new)) = changed {
+        log_schedule_update(conn, task_id, &old, &new, by, node_id, "run ended").await?;
+    }
+    Ok(())
+}
+
+/// Records on `task_schedule` that a run started on a node.
+pub async fn record_run_start(
+    conn: &mut PgConnection,
+    task_id: Uuid,
+    node_id: Uuid,
+    by: &str,
+) -> Result<(), sqlx::Error> {
+    let changed: Option<(Value, Value)> = sqlx::query_as(
+        "WITH old AS (SELECT task_id, to_jsonb(s.*) AS row FROM task_schedule s WHERE task_id = $1 FOR UPDATE)
+         UPDATE task_schedule SET is_running = true, running_on_node = $2, started_at = now(), last_state = 'running'
+         FROM old WHERE task_schedule.task_id = old.task_id
+         RETURNING old.row, to_jsonb(task_schedule.*)",
+    )
+    .bind(task_id)
+    .bind(node_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some((old, new)) = changed {
+        log_schedule_update(conn, task_id, &old, &new, by, Some(node_id), "run started").await?;
+    }
+    Ok(())
+}
+
+/// Runs a task now, outside its schedule (`POST /tasks/{id}/run`).
+pub async fn run_now(
+    pool: &PgPool,
+    task: &Task,
+    user: &str,
+) -> Result<crate::jobs::Accepted, sqlx::Error> {
+    let Ok(spec) = task.job_spec() else {
+        return Ok(crate::jobs::Accepted::Conflict);
+    };
+    let mut tx = pool.begin().await?;
+    let accepted = crate::jobs::accept_in(
+        &mut tx,
+        &crate::jobs::NewJob {
+            job_id: Uuid::now_v7(),
+            user_id: user,
+            spec: &spec,
+            triggered_by: crate::model::TriggeredBy::Manual,
+            idempotency_key: None,
+            request_hash: None,
+            changed_by: user,
+            task: Some(crate::jobs::TaskRun {
+                task_id: task.task_id,
+                fire_at: None,
+                max_retries: task.max_retries,
+                retry_delay_seconds: task.retry_delay_seconds,
+                kill_on_timeout: task.kill_on_timeout,
+            }),
+        },
+    )
+    .await?;
+    if let crate::jobs::Accepted::Created { status, .. } = &accepted {
+        let old: Option<Value> = sqlx::query_scalar(
+            "SELECT to_jsonb(s.*) FROM task_schedule s WHERE task_id = $1 FOR UPDATE",
+        )
+        .bind(task.task_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let new: Option<Value> = sqlx::query_scalar(
+            "UPDATE task_schedule SET last_run = now(), last_state = $2, total_runs = total_runs + 1,
+                    is_running = is_running OR $2 = 'queued'
+             WHERE task_id = $1 RETURNING to_jsonb(task_schedule.*)",
+        )
+        .bind(task.task_id)
+        .bind(if *status == crate::model::JobStatus::Dead { "dead" } else { "queued" })
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let (Some(old), Some(new)) = (old, new) {
+            log_schedule_update(&mut tx, task.task_id, &old, &new, user, None, "run now").await?;
+        }
+        tx.commit().await?;
+    }
+    Ok(accepted)
+}
