@@ -1,0 +1,484 @@
+//! `/api/v1/jobs`: submit, results, one job, delete, cancel.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use taskhost_common::amqp::Outgoing;
+use taskhost_common::changelog::{self, Action, Change};
+use taskhost_common::jobs::{self, Accepted, NewJob};
+use taskhost_common::messages::{CONTROL_V1, Control};
+use taskhost_common::model::{JobStatus, SubmitRequest, TriggeredBy};
+use taskhost_common::tasks;
+use uuid::Uuid;
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::state::AppState;
+
+/// Longest `Idempotency-Key` accepted.
+const IDEMPOTENCY_KEY_MAX: usize = 200;
+
+/// Parses a JSON body, telling 400 (not JSON) from 422 (wrong fields).
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    match T::deserialize(&mut de).and_then(|v| de.end().map(|()| v)) {
+        Ok(v) => Ok(v),
+        Err(e) if e.is_syntax() || e.is_eof() => {
+            Err(ApiError::BadRequest(format!("body is not valid JSON: {e}")))
+        }
+        Err(e) => Err(ApiError::Invalid(format!("invalid body: {e}"))),
+    }
+}
+
+pub(crate) async fn submit(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let result = submit_inner(&state, &caller, &headers, &body).await;
+    match &result {
+        Ok(_) => Metrics::add(&state.metrics.jobs_submitted, 1),
+        Err(_) => Metrics::add(&state.metrics.jobs_rejected, 1),
+    }
+    result
+}
+
+async fn submit_inner(
+    state: &AppState,
+    caller: &Caller,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let request: SubmitRequest = parse_json(body)?;
+    let spec = request
+        .validate()
+        .map_err(|e| ApiError::Invalid(e.to_string()))?;
+    caller.require_any(
+        spec.execution_mode.allowed_roles(),
+        &format!("execution mode `{}`", spec.execution_mode),
+    )?;
+    let idempotency_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => {
+            let v = v.to_str().map_err(|_| {
+                ApiError::BadRequest("Idempotency-Key must be visible ASCII".into())
+            })?;
+            if v.is_empty() || v.len() > IDEMPOTENCY_KEY_MAX {
+                return Err(ApiError::BadRequest(format!(
+                    "Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters"
+                )));
+            }
+            Some(v.to_owned())
+        }
+    };
+    // The hash is of the parsed request, so the same JSON with other
+    // whitespace or key order is the same request.
+    let request_hash = idempotency_key.as_ref().map(|_| {
+        let canonical =
+            serde_json::to_vec(&serde_json::from_slice::<Value>(body).unwrap_or(Value::Null))
+                .unwrap_or_default();
+        hex::encode(Sha256::digest(canonical))
+    });
+    let accepted = jobs::accept(
+        &state.pool,
+        NewJob {
+            job_id: Uuid::now_v7(),
+            user_id: caller.user(),
+            spec: &spec,
+            triggered_by: TriggeredBy::Api,
+            idempotency_key: idempotency_key.as_deref(),
+            request_hash: request_hash.as_deref(),
+            changed_by: caller.user(),
+            task: None,
+        },
+    )
+    .await?;
+    match accepted {
+        Accepted::Conflict => Err(ApiError::Conflict(
+            "Idempotency-Key was already used with a different request body".into(),
+        )),
+        Accepted::Duplicate { job_id } => {
+            let mode: String =
+                sqlx::query_scalar("SELECT execution_mode FROM jobs WHERE job_id = $1")
+                    .bind(job_id)
+                    .fetch_one(&state.pool)
+                    .await?;
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({
+                    "success": true,
+                    "jobId": job_id,
+                    "message": "job already accepted for this Idempotency-Key",
+                    "executionMode": mode,
+                })),
+            ))
+        }
+        Accepted::Created {
+            job_ids,
+            outbox,
+            status,
+        } => {
+            let message = dispatch(state, caller.user(), &job_ids, &outbox, status).await;
+            let mut body = json!({
+                "success": true,
+                "jobId": job_ids[0],
+                "message": message,
+                "executionMode": spec.execution_mode.as_str(),
+            });
+            if job_ids.len() > 1 {
+                body["jobIds"] = json!(job_ids);
+            }
+            Ok((StatusCode::ACCEPTED, Json(body)))
+        }
+    }
+}
+
+/// Publishes what an accepted submission committed (the fast path) and says
+/// in a few words where the job stands. A job the broker could not take now
+/// is still accepted: the outbox relay publishes it. A job recorded `dead`
+/// (no node matches) only gets its event.
+pub(crate) async fn dispatch(
+    state: &AppState,
+    user: &str,
+    job_ids: &[Uuid],
+    outbox: &[jobs::OutboxMessage],
+    status: JobStatus,
+) -> String {
+    if status == JobStatus::Dead {
+        let events: Vec<Outgoing> = job_ids
+            .iter()
+            .map(|id| jobs::job_event(*id, JobStatus::Dead, 0, None, None))
+            .collect();
+        jobs::publish_events(&state.publisher, &events).await;
+        return format!("job recorded as dead: {}", jobs::NO_NODE_REASON);
+    }
+    match jobs::publish_outbox(&state.pool, &state.publisher, outbox, user).await {
+        Ok(n) => {
+            Metrics::add(&state.metrics.jobs_published, n as u64);
+            Metrics::add(&state.metrics.publish_failures, (outbox.len() - n) as u64);
+            if n == outbox.len() {
+                "job queued".to_owned()
+            } else {
+                "job accepted; the broker is unavailable, it will be queued when it returns"
+                    .to_owned()
+            }
+        }
+        Err(error) => {
+            // The job and its outbox row are committed; the relay publishes
+            // it, so this is still an accepted job.
+            tracing::warn!(%error, "marking published jobs failed");
+            Metrics::add(&state.metrics.publish_failures, outbox.len() as u64);
+            "job accepted; it will be queued shortly".to_owned()
+        }
+    }
+}
+
+/// A job as users see it: a results entry, or `GET /jobs/{id}`.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct JobView {
+    job_id: Uuid,
+    job_name: String,
+    command: String,
+    description: String,
+    execution_mode: String,
+    status: String,
+    status_reason: Option<String>,
+    success: Option<bool>,
+    exit_code: Option<i32>,
+    #[sqlx(rename = "started_at")]
+    date_started: Option<DateTime<Utc>>,
+    #[sqlx(rename = "completed_at")]
+    date_completed: Option<DateTime<Utc>>,
+    submitted_at: DateTime<Utc>,
+    #[sqlx(skip)]
+    runtime: Option<f64>,
+    #[sqlx(skip)]
+    output: Option<String>,
+    #[sqlx(skip)]
+    error: Option<String>,
+    output_truncated: Option<bool>,
+    node_id: Option<Uuid>,
+    attempt: i32,
+    priority: i16,
+    target_node_id: Option<Uuid>,
+    target_node_group: Option<String>,
+    target_node_role: Option<String>,
+    timeout_seconds: Option<i32>,
+    #[serde(skip)]
+    raw_output: Option<Vec<u8>>,
+    #[serde(skip)]
+    raw_error: Option<Vec<u8>>,
+    #[serde(skip)]
+    duration_ms: Option<i64>,
+}
+
+const VIEW_SELECT: &str =
+    "SELECT j.job_id, j.job_name, j.command, j.description, j.execution_mode, j.status,
+            j.status_reason, j.success, j.exit_code, j.started_at, j.completed_at, j.submitted_at,
+            h.output_truncated, coalesce(h.node_id, j.claimed_by) AS node_id, j.attempt, j.priority,
+            j.target_node_id, j.target_node_group, j.target_node_role, j.timeout_seconds,
+            h.output AS raw_output, h.error AS raw_error, h.duration_ms
+     FROM jobs j LEFT JOIN task_history h ON h.job_id = j.job_id AND h.is_final";
+
+fn text_of(bytes: Option<&[u8]>) -> Option<String> {
+    bytes.map(|b| match changelog::gunzip(b) {
+        Ok(raw) => String::from_utf8_lossy(&raw).into_owned(),
+        Err(e) => format!("<output could not be decoded: {e}>"),
+    })
+}
+
+impl JobView {
+    fn finish(mut self) -> Self {
+        let out = text_of(self.raw_output.take().as_deref());
+        let err = text_of(self.raw_error.take().as_deref());
+        self.output = match (&out, &err) {
+            (Some(o), Some(e)) if !e.is_empty() => Some(format!("{o}{e}")),
+            (Some(o), _) => Some(o.clone()),
+            (None, Some(e)) => Some(e.clone()),
+            (None, None) => None,
+        };
+        self.error = err.filter(|e| !e.is_empty());
+        self.runtime = self.duration_ms.map(|ms| ms as f64 / 1000.0);
+        self
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct ResultsQuery {
+    max_results: Option<i64>,
+}
+
+pub(crate) async fn results(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<ResultsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
+    let limit = q.max_results.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::Invalid(
+            "maxResults must be between 1 and 1000".into(),
+        ));
+    }
+    let sql = format!(
+        "{VIEW_SELECT} WHERE j.user_id = $1 AND j.completed_at IS NOT NULL ORDER BY j.completed_at DESC, j.job_id DESC LIMIT $2"
+    );
+    let rows: Vec<JobView> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(caller.user())
+        .bind(limit)
+        .fetch_all(&state.pool)
+        .await?;
+    let results: Vec<JobView> = rows.into_iter().map(JobView::finish).collect();
+    Ok(Json(
+        json!({ "success": true, "count": results.len(), "results": results }),
+    ))
+}
+
+/// Loads a job the caller may see: its owner, or an admin when `admin_ok`.
+async fn load_visible(
+    state: &AppState,
+    caller: &Caller,
+    job_id: Uuid,
+    admin_ok: bool,
+) -> Result<JobView, ApiError> {
+    let sql = format!("{VIEW_SELECT} WHERE j.job_id = $1 AND (j.user_id = $2 OR $3)");
+    let row: Option<JobView> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(job_id)
+        .bind(caller.user())
+        .bind(admin_ok && caller.0.is_admin())
+        .fetch_optional(&state.pool)
+        .await?;
+    row.map(JobView::finish).ok_or(ApiError::NotFound("job"))
+}
+
+fn parse_job_id(raw: &str) -> Result<Uuid, ApiError> {
+    // A malformed id cannot name anyone's job: 404, like a missing one.
+    raw.parse().map_err(|_| ApiError::NotFound("job"))
+}
+
+pub(crate) async fn get_one(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(raw): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    let job_id = parse_job_id(&raw)?;
+    Ok(Json(load_visible(&state, &caller, job_id, false).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct DeleteQuery {
+    job_id: String,
+}
+
+pub(crate) async fn delete_by_query(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
+    delete_job(&state, &caller, parse_job_id(&q.job_id)?).await
+}
+
+pub(crate) async fn delete_by_path(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(raw): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    delete_job(&state, &caller, parse_job_id(&raw)?).await
+}
+
+async fn delete_job(
+    state: &AppState,
+    caller: &Caller,
+    job_id: Uuid,
+) -> Result<Json<Value>, ApiError> {
+    let mut tx = state.pool.begin().await?;
+    let old: Option<(Value, String)> = sqlx::query_as(
+        "SELECT to_jsonb(j.*), status FROM jobs j WHERE job_id = $1 AND user_id = $2 FOR UPDATE",
+    )
+    .bind(job_id)
+    .bind(caller.user())
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((old, status)) = old else {
+        return Err(ApiError::NotFound("job"));
+    };
+    let status: JobStatus = status.parse().map_err(ApiError::Internal)?;
+    if !status.is_terminal() {
+        return Err(ApiError::Conflict(format!(
+            "job is {status}; cancel it before deleting its result"
+        )));
+    }
+    sqlx::query("DELETE FROM jobs WHERE job_id = $1")
+        .bind(job_id)
+        .execute(&mut *tx)
+        .await?;
+    changelog::record(
+        &mut tx,
+        Change {
+            table: "jobs",
+            record_id: job_id.to_string(),
+            action: Action::Delete,
+            old: Some(&old),
+            new: None,
+            changed_by: caller.user(),
+            node_id: None,
+            reason: Some("result deleted"),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(
+        json!({ "success": true, "jobId": job_id, "message": "job result deleted" }),
+    ))
+}
+
+pub(crate) async fn cancel(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(raw): Path<String>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let job_id = parse_job_id(&raw)?;
+    // Visibility first, so another user's job answers 404.
+    load_visible(&state, &caller, job_id, true).await?;
+    let mut tx = state.pool.begin().await?;
+    let (old, status, claimed_by, attempt, task_id): (Value, String, Option<Uuid>, i32, Option<Uuid>) = sqlx::query_as(
+        "SELECT to_jsonb(j.*), status, claimed_by, attempt, task_id FROM jobs j WHERE job_id = $1 FOR UPDATE",
+    )
+    .bind(job_id)
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or(ApiError::NotFound("job"))?;
+    let status: JobStatus = status.parse().map_err(ApiError::Internal)?;
+    if status.is_terminal() {
+        return Err(ApiError::Conflict(format!(
+            "job already finished: {status}"
+        )));
+    }
+    let (new, message): (Value, &str) = if status == JobStatus::Running {
+        let new = sqlx::query_scalar(
+            "UPDATE jobs SET cancel_requested = true WHERE job_id = $1 RETURNING to_jsonb(jobs.*)",
+        )
+        .bind(job_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        (new, "cancel requested; the job is being stopped")
+    } else {
+        // Not started: it ends here; a worker that receives its message later
+        // sees a finished job and acks it without running.
+        let new = sqlx::query_scalar(
+            "UPDATE jobs SET cancel_requested = true, status = 'cancelled', completed_at = now(),
+                    success = false, status_reason = 'cancelled before it started'
+             WHERE job_id = $1 RETURNING to_jsonb(jobs.*)",
+        )
+        .bind(job_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO task_history (task_id, job_id, attempt, state, is_final, triggered_by, duration_ms)
+             SELECT task_id, job_id, attempt, 'cancelled', true, triggered_by, 0 FROM jobs WHERE job_id = $1
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(job_id)
+        .execute(&mut *tx)
+        .await?;
+        // A task run that ends here frees its task's schedule, as a run that
+        // ends on a worker does.
+        if let Some(task_id) = task_id {
+            tasks::record_run_end(&mut tx, task_id, "cancelled", false, caller.user(), None)
+                .await?;
+        }
+        (new, "job cancelled before it started")
+    };
+    changelog::record(
+        &mut tx,
+        Change {
+            table: "jobs",
+            record_id: job_id.to_string(),
+            action: Action::Update,
+            old: Some(&old),
+            new: Some(&new),
+            changed_by: caller.user(),
+            node_id: None,
+            reason: Some("cancel requested"),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    if status != JobStatus::Running {
+        let event = jobs::job_event(job_id, JobStatus::Cancelled, attempt, None, None);
+        jobs::publish_events(&state.publisher, &[event]).await;
+    }
+    if let (JobStatus::Running, Some(node)) = (status, claimed_by) {
+        // The worker also polls cancel_requested with its lease, so a lost
+        // control message only delays the kill by one lease renewal.
+        let payload = serde_json::to_vec(&Control::Cancel { job_id }).unwrap_or_default();
+        let msg = Outgoing {
+            exchange: "control".into(),
+            routing_key: format!("node.{node}"),
+            message_type: CONTROL_V1.into(),
+            message_id: format!("cancel:{job_id}:{attempt}"),
+            priority: 9,
+            payload,
+            headers: Vec::new(),
+        };
+        if let Err(error) = state.publisher.publish(&msg).await {
+            tracing::warn!(%error, %job_id, "cancel message not published; the worker will see the flag");
+        }
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "success": true, "jobId": job_id, "message": message })),
+    ))
+}

@@ -1,0 +1,165 @@
+//! The taskhost HTTP API (axum).
+//!
+//! - [`router`] builds the whole app for a state, so tests can drive it.
+//! - [`run`] serves it on the configured address until shutdown;
+//!   [`serve`] takes an already-bound listener.
+//! - Modules: `jobs` (submit, results, cancel), `nodes`, `changes`, `ops`
+//!   (`/livez`, `/readyz`), `metrics`, `auth` (Bearer keys), `error` (the
+//!   one error type that owns status codes).
+//!
+//! The api never executes commands and never consumes work queues.
+
+mod auth;
+mod changes;
+mod error;
+mod jobs;
+mod metrics;
+mod nodes;
+mod ops;
+mod state;
+mod tasks;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use taskhost_common::amqp::{Names, Publisher};
+use taskhost_common::{CancellationToken, Settings, db};
+use tokio::net::TcpListener;
+
+pub use error::ApiError;
+pub use metrics::Metrics;
+pub use state::AppState;
+
+/// Builds the state from settings (connections are opened lazily).
+pub fn state(settings: &Settings) -> anyhow::Result<AppState> {
+    let pool = db::pool(&settings.database).context("database.url")?;
+    let publisher = Publisher::new(
+        settings.amqp.url.clone(),
+        Names::new(settings.amqp.prefix.clone()),
+        format!("taskhost-api@{}", taskhost_common::hostname()),
+    );
+    Ok(AppState {
+        pool,
+        publisher: Arc::new(publisher),
+        settings: Arc::new(settings.clone()),
+        metrics: Arc::new(Metrics::default()),
+    })
+}
+
+/// The whole HTTP app.
+pub fn router(state: AppState) -> Router {
+    let max_body = state.settings.api.max_body_bytes;
+    let v1 = Router::new()
+        .route("/jobs/submit", post(jobs::submit))
+        .route(
+            "/jobs/results",
+            get(jobs::results).delete(jobs::delete_by_query),
+        )
+        .route(
+            "/jobs/{job_id}",
+            get(jobs::get_one).delete(jobs::delete_by_path),
+        )
+        .route("/jobs/{job_id}/cancel", post(jobs::cancel))
+        .route("/nodes", get(nodes::list))
+        .route("/nodes/{node_id}", get(nodes::get_one))
+        .route("/changes", get(changes::list))
+        .route("/tasks", get(tasks::list).post(tasks::create))
+        .route(
+            "/tasks/{task_id}",
+            get(tasks::get_one).put(tasks::update).delete(tasks::delete),
+        )
+        .route("/tasks/{task_id}/history", get(tasks::history))
+        .route("/tasks/{task_id}/schedule", get(tasks::schedule))
+        .route("/tasks/{task_id}/run", post(tasks::run_now));
+    Router::new()
+        .nest("/api/v1", v1)
+        .route("/livez", get(ops::livez))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(metrics::render))
+        .route("/openapi.json", get(ops::openapi))
+        .route("/docs", get(ops::docs))
+        .fallback(|| async { ApiError::NotFound("route") })
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Duration::from_secs(30),
+        ))
+        // Outermost, so it also sees what the layers above produce.
+        .layer(axum::middleware::map_response(move |r| async move {
+            json_errors(r, max_body)
+        }))
+        .with_state(state)
+}
+
+/// Errors axum or tower produce themselves (413 oversized body, 405 wrong
+/// method, 503 timeout) come as plain text or empty bodies; give them the
+/// same JSON shape as every other error.
+fn json_errors(response: axum::response::Response, max_body: usize) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (code, message) = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => return ApiError::TooLarge(max_body).into_response(),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "method_not_allowed",
+            "method not allowed on this path".to_owned(),
+        ),
+        StatusCode::SERVICE_UNAVAILABLE => ("unavailable", "the request timed out".to_owned()),
+        other => (
+            "error",
+            other.canonical_reason().unwrap_or("error").to_lowercase(),
+        ),
+    };
+    let mut out = (
+        status,
+        axum::Json(
+            serde_json::json!({ "success": false, "error": { "code": code, "message": message } }),
+        ),
+    )
+        .into_response();
+    if let Some(allow) = response.headers().get(axum::http::header::ALLOW) {
+        out.headers_mut()
+            .insert(axum::http::header::ALLOW, allow.clone());
+    }
+    out
+}
+
+/// Serves on the configured address until `shutdown`.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(&settings.api.bind)
+        .await
+        .with_context(|| format!("cannot listen on api.bind = {}", settings.api.bind))?;
+    let state = state(&settings)?;
+    db::ensure_current(&state.pool).await?;
+    serve(listener, state, shutdown).await
+}
+
+/// Serves on `listener` until `shutdown`, then drains in-flight requests.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "api listening");
+    let publisher = state.publisher.clone();
+    let app = router(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
+    publisher.close().await;
+    tracing::info!("api stopped");
+    Ok(())
+}

@@ -1,0 +1,257 @@
+//! `/api/v1/tasks`: recurring tasks. Any key reads; writes and "run now"
+//! need task_manager, system_admin or site_admin (and, for an `inline` task,
+//! the roles of that mode too).
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use taskhost_common::changelog;
+use taskhost_common::jobs::Accepted;
+use taskhost_common::model::{ExecutionMode, Role};
+use taskhost_common::tasks::{self, Task, TaskError, TaskRequest};
+use uuid::Uuid;
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::jobs::parse_json;
+use crate::state::AppState;
+
+const WRITERS: &[Role] = &[Role::TaskManager, Role::SystemAdmin, Role::SiteAdmin];
+
+impl From<TaskError> for ApiError {
+    fn from(e: TaskError) -> Self {
+        match e {
+            TaskError::Invalid(f) => ApiError::Invalid(f.to_string()),
+            TaskError::Duplicate(..) => ApiError::Conflict(e.to_string()),
+            TaskError::NotFound => ApiError::NotFound("task"),
+            TaskError::Db(db) => db.into(),
+        }
+    }
+}
+
+fn task_id(raw: &str) -> Result<Uuid, ApiError> {
+    raw.parse().map_err(|_| ApiError::NotFound("task"))
+}
+
+fn require_writer(caller: &Caller, mode: &str) -> Result<(), ApiError> {
+    caller.require_any(WRITERS, "changing tasks")?;
+    if let Ok(mode) = mode.parse::<ExecutionMode>() {
+        caller.require_any(
+            mode.allowed_roles(),
+            &format!("a task in execution mode `{mode}`"),
+        )?;
+    }
+    Ok(())
+}
+
+async fn with_schedule(state: &AppState, task: Task) -> Result<Value, ApiError> {
+    let mut v = serde_json::to_value(&task).map_err(|e| ApiError::Internal(e.to_string()))?;
+    if let Some(s) = tasks::schedule_state(&state.pool, task.task_id).await? {
+        v["nextRun"] = json!(s.next_run);
+        v["lastRun"] = json!(s.last_run);
+        v["lastState"] = json!(s.last_state);
+        v["isRunning"] = json!(s.is_running);
+    }
+    Ok(v)
+}
+
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    _caller: Caller,
+) -> Result<Json<Value>, ApiError> {
+    let mut out = Vec::new();
+    for t in tasks::list(&state.pool).await? {
+        out.push(with_schedule(&state, t).await?);
+    }
+    Ok(Json(
+        json!({ "success": true, "count": out.len(), "tasks": out }),
+    ))
+}
+
+pub(crate) async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let request: TaskRequest = parse_json(&body)?;
+    require_writer(&caller, request.execution_mode.as_deref().unwrap_or("pool"))?;
+    let task = tasks::create(&state.pool, request, caller.user()).await?;
+    let id = task.task_id;
+    let body = with_schedule(&state, task).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "success": true, "taskId": id, "task": body })),
+    ))
+}
+
+pub(crate) async fn get_one(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path(raw): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let task = tasks::get(&state.pool, task_id(&raw)?)
+        .await?
+        .ok_or(ApiError::NotFound("task"))?;
+    Ok(Json(with_schedule(&state, task).await?))
+}
+
+pub(crate) async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(raw): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let id = task_id(&raw)?;
+    let request: TaskRequest = parse_json(&body)?;
+    let current = tasks::get(&state.pool, id)
+        .await?
+        .ok_or(ApiError::NotFound("task"))?;
+    require_writer(
+        &caller,
+        request
+            .execution_mode
+            .as_deref()
+            .unwrap_or(&current.execution_mode),
+    )?;
+    let task = tasks::update(&state.pool, id, request, caller.user()).await?;
+    Ok(Json(with_schedule(&state, task).await?))
+}
+
+pub(crate) async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(raw): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = task_id(&raw)?;
+    caller.require_any(WRITERS, "deleting tasks")?;
+    tasks::delete(&state.pool, id, caller.user()).await?;
+    Ok(Json(
+        json!({ "success": true, "taskId": id, "message": "task deleted" }),
+    ))
+}
+
+pub(crate) async fn schedule(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path(raw): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let s = tasks::schedule_state(&state.pool, task_id(&raw)?)
+        .await?
+        .ok_or(ApiError::NotFound("task"))?;
+    Ok(Json(json!(s)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct HistoryQuery {
+    limit: Option<i64>,
+    /// Page cursor: only rows with a smaller historyId.
+    before: Option<i64>,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+struct HistoryEntry {
+    history_id: i64,
+    job_id: Uuid,
+    node_id: Option<Uuid>,
+    attempt: i32,
+    start_time: Option<DateTime<Utc>>,
+    end_time: DateTime<Utc>,
+    duration_ms: Option<i64>,
+    state: String,
+    is_final: bool,
+    exit_code: Option<i32>,
+    triggered_by: String,
+    output_truncated: bool,
+    #[sqlx(skip)]
+    output: Option<String>,
+    #[sqlx(skip)]
+    error: Option<String>,
+    #[serde(skip)]
+    raw_output: Option<Vec<u8>>,
+    #[serde(skip)]
+    raw_error: Option<Vec<u8>>,
+}
+
+fn text(b: Option<Vec<u8>>) -> Option<String> {
+    b.and_then(|b| changelog::gunzip(&b).ok())
+        .map(|raw| String::from_utf8_lossy(&raw).into_owned())
+}
+
+pub(crate) async fn history(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path(raw): Path<String>,
+    query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = task_id(&raw)?;
+    let Query(q) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::Invalid("limit must be between 1 and 1000".into()));
+    }
+    tasks::get(&state.pool, id)
+        .await?
+        .ok_or(ApiError::NotFound("task"))?;
+    let rows: Vec<HistoryEntry> = sqlx::query_as(
+        "SELECT history_id, job_id, node_id, attempt, start_time, end_time, duration_ms, state, is_final,
+                exit_code, triggered_by, output_truncated, output AS raw_output, error AS raw_error
+         FROM task_history
+         WHERE task_id = $1 AND ($2::bigint IS NULL OR history_id < $2)
+         ORDER BY history_id DESC
+         LIMIT $3",
+    )
+    .bind(id)
+    .bind(q.before)
+    .bind(limit)
+    .fetch_all(&state.pool)
+    .await?;
+    let entries: Vec<HistoryEntry> = rows
+        .into_iter()
+        .map(|mut h| {
+            h.output = text(h.raw_output.take());
+            h.error = text(h.raw_error.take()).filter(|e| !e.is_empty());
+            h
+        })
+        .collect();
+    let next = if entries.len() as i64 == limit {
+        entries.last().map(|h| h.history_id)
+    } else {
+        None
+    };
+    Ok(Json(
+        json!({ "success": true, "count": entries.len(), "nextBefore": next, "history": entries }),
+    ))
+}
+
+pub(crate) async fn run_now(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(raw): Path<String>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let task = tasks::get(&state.pool, task_id(&raw)?)
+        .await?
+        .ok_or(ApiError::NotFound("task"))?;
+    require_writer(&caller, &task.execution_mode)?;
+    match tasks::run_now(&state.pool, &task, caller.user()).await? {
+        Accepted::Created {
+            job_ids,
+            outbox,
+            status,
+        } => {
+            let message =
+                crate::jobs::dispatch(&state, caller.user(), &job_ids, &outbox, status).await;
+            let mut body = json!({ "success": true, "taskId": task.task_id, "jobId": job_ids[0], "message": message });
+            if job_ids.len() > 1 {
+                body["jobIds"] = json!(job_ids);
+            }
+            Ok((StatusCode::ACCEPTED, Json(body)))
+        }
+        _ => Err(ApiError::Conflict("the task cannot run as stored".into())),
+    }
+}
