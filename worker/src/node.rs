@@ -1,0 +1,168 @@
+//! The node registry side of a worker: register (same id per node name),
+//! heartbeat with process stats, and mark itself inactive on a clean stop.
+
+use serde_json::Value;
+use sqlx::PgPool;
+use taskhost_common::changelog::{self, Action, Change};
+use taskhost_common::config::WorkerSettings;
+use taskhost_common::db;
+use uuid::Uuid;
+
+fn change<'a>(
+    node_id: Uuid,
+    action: Action,
+    old: Option<&'a Value>,
+    new: &'a Value,
+    by: &'a str,
+    reason: &'a str,
+) -> Change<'a> {
+    Change {
+        table: "nodes",
+        record_id: node_id.to_string(),
+        action,
+        old,
+        new: Some(new),
+        changed_by: by,
+        node_id: Some(node_id),
+        reason: Some(reason),
+    }
+}
+
+/// Registers this node and returns its id, which is kept per node name.
+pub(crate) async fn register(pool: &PgPool, w: &WorkerSettings) -> Result<Uuid, sqlx::Error> {
+    let hostname = taskhost_common::hostname();
+    let slots = (w.concurrency + w.background_slots) as i32;
+    let mut tx = pool.begin().await?;
+    let inserted: Option<(Uuid, Value)> = sqlx::query_as(
+        "INSERT INTO nodes (node_id, node_name, hostname, node_group, node_role, max_concurrent_tasks, registered_by)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT (node_name) DO NOTHING
+         RETURNING node_id, to_jsonb(nodes.*)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(&w.node_name)
+    .bind(&hostname)
+    .bind(&w.group)
+    .bind(&w.role)
+    .bind(slots)
+    .bind(format!("worker@{hostname}"))
+    .fetch_optional(&mut *tx)
+    .await?;
+    let node_id = if let Some((node_id, new)) = inserted {
+        changelog::record(
+            &mut tx,
+            change(
+                node_id,
+                Action::Insert,
+                None,
+                &new,
+                &w.node_name,
+                "registered",
+            ),
+        )
+        .await?;
+        node_id
+    } else {
+        let (node_id, old, new): (Uuid, Value, Value) = sqlx::query_as(
+            "WITH old AS (SELECT node_id, to_jsonb(n.*) AS row FROM nodes n WHERE node_name = $1 FOR UPDATE)
+             UPDATE nodes SET hostname = $2, node_group = $3, node_role = $4, max_concurrent_tasks = $5,
+                    is_active = true, last_heartbeat = now()
+             FROM old WHERE nodes.node_id = old.node_id
+             RETURNING nodes.node_id, old.row, to_jsonb(nodes.*)",
+        )
+        .bind(&w.node_name)
+        .bind(&hostname)
+        .bind(&w.group)
+        .bind(&w.role)
+        .bind(slots)
+        .fetch_one(&mut *tx)
+        .await?;
+        changelog::record(
+            &mut tx,
+            change(
+                node_id,
+                Action::Update,
+                Some(&old),
+                &new,
+                &w.node_name,
+                "re-registered",
+            ),
+        )
+        .await?;
+        node_id
+    };
+    tx.commit().await?;
+    Ok(node_id)
+}
+
+/// Refreshes the heartbeat and stats. A heartbeat alone is not logged as a
+/// change (it would drown the log); a node coming back to life is.
+pub(crate) async fn heartbeat(
+    pool: &PgPool,
+    node_id: Uuid,
+    node_name: &str,
+    stats: &Value,
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    // Losing this commit in a Postgres crash is harmless (see
+    // db::no_fsync_wait), so it does not wait for the disk.
+    db::no_fsync_wait(&mut tx).await?;
+    let revived: Option<(Value, Value)> = sqlx::query_as(
+        "WITH old AS (SELECT node_id, is_active, to_jsonb(n.*) AS row FROM nodes n WHERE node_id = $1 FOR UPDATE)
+         UPDATE nodes SET last_heartbeat = now(), stats = $2, is_active = true
+         FROM old WHERE nodes.node_id = old.node_id
+         RETURNING CASE WHEN old.is_active THEN NULL ELSE old.row END, to_jsonb(nodes.*)",
+    )
+    .bind(node_id)
+    .bind(stats)
+    .fetch_optional(&mut *tx)
+    .await?
+    .and_then(|(old, new): (Option<Value>, Value)| old.map(|o| (o, new)));
+    if let Some((old, new)) = revived {
+        changelog::record(
+            &mut tx,
+            change(
+                node_id,
+                Action::Update,
+                Some(&old),
+                &new,
+                node_name,
+                "heartbeat resumed",
+            ),
+        )
+        .await?;
+    }
+    tx.commit().await
+}
+
+/// Marks the node inactive on a clean shutdown.
+pub(crate) async fn deactivate(
+    pool: &PgPool,
+    node_id: Uuid,
+    node_name: &str,
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let changed: Option<(Value, Value)> = sqlx::query_as(
+        "WITH old AS (SELECT node_id, to_jsonb(n.*) AS row FROM nodes n WHERE node_id = $1 FOR UPDATE)
+         UPDATE nodes SET is_active = false FROM old WHERE nodes.node_id = old.node_id
+         RETURNING old.row, to_jsonb(nodes.*)",
+    )
+    .bind(node_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some((old, new)) = changed {
+        changelog::record(
+            &mut tx,
+            change(
+                node_id,
+                Action::Update,
+                Some(&old),
+                &new,
+                node_name,
+                "stopped",
+            ),
+        )
+        .await?;
+    }
+    tx.commit().await
+}
