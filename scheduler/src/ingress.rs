@@ -1,0 +1,220 @@
+//! The ingress queue `<p>.submit`: other systems publish `job.submit.v1`
+//! messages; each takes the same path as `POST /jobs/submit`. A message that
+//! cannot be accepted is dead-lettered with the reason in a header, and the
+//! consumer keeps going.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use serde_json::Value;
+use sqlx::PgPool;
+use taskhost_common::amqp::{self, Names, Publisher};
+use taskhost_common::jobs::{self, Accepted, NewJob};
+use taskhost_common::keys;
+use taskhost_common::messages::JOB_SUBMIT_V1;
+use taskhost_common::model::{JobStatus, SubmitRequest, TriggeredBy};
+use taskhost_common::{CancellationToken, Settings};
+use uuid::Uuid;
+
+/// What to do with one ingress message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Accepted now, or already accepted before.
+    Accepted(Uuid),
+    /// Refused: dead-letter with this reason.
+    Refused(String),
+    /// Postgres is unavailable: requeue and try later.
+    Retry(String),
+}
+
+/// Checks and accepts one message (its body, `type` and `message_id`).
+pub async fn process(
+    pool: &PgPool,
+    publisher: &Publisher,
+    body: &[u8],
+    message_type: Option<&str>,
+    message_id: Option<&str>,
+) -> Verdict {
+    if let Some(t) = message_type
+        && t != JOB_SUBMIT_V1
+    {
+        return Verdict::Refused(format!(
+            "unknown message type `{t}` (expected {JOB_SUBMIT_V1})"
+        ));
+    }
+    let job_id = match message_id.map(str::parse::<Uuid>) {
+        Some(Ok(id)) if !id.is_nil() => id,
+        Some(_) => return Verdict::Refused("message_id must be a UUID (it is the job id)".into()),
+        None => {
+            return Verdict::Refused(
+                "message_id is required (it is the job id and idempotency key)".into(),
+            );
+        }
+    };
+    let mut object = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(o)) => o,
+        Ok(_) => return Verdict::Refused("body must be a JSON object".into()),
+        Err(e) => return Verdict::Refused(format!("body is not valid JSON: {e}")),
+    };
+    let user_id = match object.remove("userId") {
+        Some(Value::String(u)) if !u.trim().is_empty() => u,
+        Some(_) => return Verdict::Refused("userId must be a non-empty string".into()),
+        None => return Verdict::Refused("userId is required".into()),
+    };
+    let request: SubmitRequest = match serde_json::from_value(Value::Object(object)) {
+        Ok(r) => r,
+        Err(e) => return Verdict::Refused(format!("invalid body: {e}")),
+    };
+    let spec = match request.validate() {
+        Ok(s) => s,
+        Err(e) => return Verdict::Refused(format!("invalid body: {e}")),
+    };
+    let principal = match keys::principal_of_user(pool, &user_id).await {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            return Verdict::Refused(format!("unknown user `{user_id}` (no active API key)"));
+        }
+        Err(e) => return Verdict::Retry(e.to_string()),
+    };
+    if !principal.has_any(spec.execution_mode.allowed_roles()) {
+        return Verdict::Refused(format!(
+            "user `{user_id}` may not submit {} jobs",
+            spec.execution_mode
+        ));
+    }
+    let accepted = jobs::accept(
+        pool,
+        NewJob {
+            job_id,
+            user_id: &user_id,
+            spec: &spec,
+            triggered_by: TriggeredBy::Queue,
+            idempotency_key: None,
+            request_hash: None,
+            changed_by: &user_id,
+            task: None,
+        },
+    )
+    .await;
+    match accepted {
+        Ok(Accepted::Created {
+            job_ids,
+            outbox,
+            status,
+        }) => {
+            if status == JobStatus::Dead {
+                let events: Vec<_> = job_ids
+                    .iter()
+                    .map(|id| jobs::job_event(*id, JobStatus::Dead, 0, None, None))
+                    .collect();
+                jobs::publish_events(publisher, &events).await;
+            } else if let Err(error) =
+                jobs::publish_outbox(pool, publisher, &outbox, "ingress").await
+            {
+                tracing::warn!(%error, "fast-path publish failed; the relay will publish");
+            }
+            Verdict::Accepted(job_ids[0])
+        }
+        Ok(Accepted::Duplicate { job_id }) => Verdict::Accepted(job_id),
+        Ok(Accepted::Conflict) => Verdict::Refused("conflicting duplicate".into()),
+        Err(e) => Verdict::Retry(e.to_string()),
+    }
+}
+
+/// Consumes the ingress queue until shutdown, reconnecting after failures.
+pub async fn run(
+    pool: PgPool,
+    publisher: &Publisher,
+    settings: &Settings,
+    shutdown: CancellationToken,
+) {
+    let names = Names::new(settings.amqp.prefix.clone());
+    let mut backoff = Duration::from_millis(200);
+    while !shutdown.is_cancelled() {
+        let connected_at = std::time::Instant::now();
+        match consume(&pool, publisher, settings, &names, &shutdown).await {
+            Ok(()) => return,
+            Err(error) => {
+                // A connection that lived a while starts the backoff over.
+                if connected_at.elapsed() > Duration::from_secs(30) {
+                    backoff = Duration::from_millis(200);
+                }
+                tracing::warn!(%error, "ingress consumer lost its connection; reconnecting");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = shutdown.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn consume(
+    pool: &PgPool,
+    publisher: &Publisher,
+    settings: &Settings,
+    names: &Names,
+    shutdown: &CancellationToken,
+) -> Result<(), lapin::Error> {
+    let conn = amqp::connect(&settings.amqp.url, "taskhost-scheduler-ingress").await?;
+    let ch = conn.create_channel().await?;
+    amqp::declare_topology(&ch, names).await?;
+    ch.basic_qos(32, BasicQosOptions::default()).await?;
+    let mut consumer = ch
+        .basic_consume(
+            names.submit().into(),
+            "taskhost-ingress".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    tracing::info!(queue = %names.submit(), "ingress consuming");
+    loop {
+        let delivery = tokio::select! {
+            () = shutdown.cancelled() => {
+                let _ = conn.close(200, "scheduler stopping".into()).await;
+                return Ok(());
+            }
+            next = consumer.next() => match next {
+                Some(Ok(d)) => d,
+                Some(Err(e)) => return Err(e),
+                None => return Err(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed))),
+            },
+        };
+        let kind = delivery.properties.kind().as_ref().map(|k| k.to_string());
+        let id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.to_string());
+        match process(
+            pool,
+            publisher,
+            &delivery.data,
+            kind.as_deref(),
+            id.as_deref(),
+        )
+        .await
+        {
+            Verdict::Accepted(job_id) => {
+                tracing::info!(%job_id, "ingress job accepted");
+                let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            }
+            Verdict::Refused(reason) => amqp::dead_letter(publisher, &delivery, &reason).await,
+            Verdict::Retry(error) => {
+                tracing::warn!(%error, "ingress cannot reach Postgres; message requeued");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let _ = delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await;
+            }
+        }
+    }
+}
