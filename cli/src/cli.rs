@@ -1,0 +1,135 @@
+//! Command-line arguments and dispatch.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use taskhost_common::Settings;
+
+use crate::{client, serve};
+
+/// taskhost: a distributed job and task runner.
+#[derive(Debug, Parser)]
+#[command(name = "taskhost", version, about)]
+pub(crate) struct Args {
+    /// TOML settings file (also TASKHOST_CONFIG).
+    #[arg(long, global = true)]
+    pub(crate) config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Serve the HTTP API.
+    Api,
+    /// Run a worker node.
+    Worker(WorkerArgs),
+    /// Run the scheduler (outbox relay, queue ingress, reaper).
+    Scheduler,
+    /// Apply pending migrations, then run api, scheduler and a worker in one process.
+    Standalone(WorkerArgs),
+    /// Create the database if needed and apply pending migrations.
+    Migrate,
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Submit a job through the API.
+    Submit(Box<client::SubmitArgs>),
+    /// List your finished jobs, newest first.
+    Results(client::ResultsArgs),
+    /// Show, cancel or delete one job.
+    #[command(subcommand)]
+    Job(client::JobCommand),
+    /// List, create, run recurring tasks, or show their history.
+    #[command(subcommand)]
+    Tasks(client::TasksCommand),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct WorkerArgs {
+    /// Node name (default: hostname); the node id is kept per name.
+    #[arg(long)]
+    pub(crate) node_name: Option<String>,
+    /// Node group.
+    #[arg(long)]
+    pub(crate) group: Option<String>,
+    /// Node role.
+    #[arg(long)]
+    pub(crate) role: Option<String>,
+    /// Slots for pool and inline jobs.
+    #[arg(long)]
+    pub(crate) concurrency: Option<usize>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum KeysCommand {
+    /// Create a key; prints it once, alone on stdout.
+    Create {
+        /// The user the key acts for.
+        #[arg(long)]
+        user: String,
+        /// Comma-separated roles: debug, task_manager, system_admin, site_admin.
+        #[arg(long, default_value = "")]
+        roles: String,
+        /// A label.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// List keys (never their secrets).
+    List,
+    /// Revoke a key by id.
+    Revoke {
+        /// Key id.
+        id: uuid::Uuid,
+    },
+}
+
+fn settings(args: &Args) -> anyhow::Result<Settings> {
+    Ok(Settings::load(args.config.as_deref())?)
+}
+
+pub(crate) async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
+    match &args.command {
+        Command::Submit(a) => return client::submit(a).await,
+        Command::Results(a) => return client::results(a).await,
+        Command::Job(c) => return client::job(c).await,
+        Command::Tasks(c) => return client::tasks(c).await,
+        _ => {}
+    }
+    let settings = match settings(&args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("taskhost: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    match args.command {
+        Command::Api => serve::api(settings).await,
+        Command::Worker(w) => serve::worker(apply_worker_args(settings, &w)?).await,
+        Command::Scheduler => serve::scheduler(settings).await,
+        Command::Standalone(w) => serve::standalone(apply_worker_args(settings, &w)?).await,
+        Command::Migrate => serve::migrate(settings).await,
+        Command::Keys(k) => serve::keys(settings, k).await,
+        Command::Submit(_) | Command::Results(_) | Command::Job(_) | Command::Tasks(_) => {
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn apply_worker_args(mut s: Settings, w: &WorkerArgs) -> anyhow::Result<Settings> {
+    if let Some(v) = &w.node_name {
+        s.worker.node_name.clone_from(v);
+    }
+    if let Some(v) = &w.group {
+        s.worker.group.clone_from(v);
+    }
+    if let Some(v) = &w.role {
+        s.worker.role.clone_from(v);
+    }
+    if let Some(v) = w.concurrency {
+        s.worker.concurrency = v;
+    }
+    s.validate()?;
+    Ok(s)
+}

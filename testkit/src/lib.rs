@@ -1,0 +1,470 @@
+//! Test support: every test gets its own Postgres database and its own AMQP
+//! prefix on the real local services, and can start the api, scheduler and
+//! workers in-process (or the `taskhost` binary as a child process).
+//! Nothing here mocks Postgres or RabbitMQ.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sqlx::PgPool;
+use taskhost_common::amqp::{self, Names};
+use taskhost_common::model::Role;
+use taskhost_common::{CancellationToken, Settings, db, keys};
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+/// Base URL of the local Postgres server (no database).
+pub const PG_SERVER: &str = "postgres://postgres@127.0.0.1:5432";
+/// Id of the seeded `diagnostics` task (migrations/…_tasks_retries.sql).
+pub const BUILTIN_DIAGNOSTICS_TASK: Uuid = Uuid::from_u128(0x00000000_0000_7000_8000_000000000001);
+/// The local RabbitMQ.
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// One test's world: a fresh database, a unique prefix, settings for both.
+pub struct TestEnv {
+    /// Settings pointing at this test's database and prefix, tuned for
+    /// quick tests (short leases and heartbeats).
+    pub settings: Settings,
+    /// A pool on this test's database.
+    pub pool: PgPool,
+    /// The database name.
+    pub db_name: String,
+    /// The AMQP prefix.
+    pub prefix: String,
+    services: Vec<Service>,
+}
+
+/// An in-process service started by a test.
+pub struct Service {
+    /// Cancel to stop it gracefully.
+    pub shutdown: CancellationToken,
+    /// Its task.
+    pub handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Service {
+    /// Stops it and waits (bounded) for it to finish.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(20), self.handle).await;
+    }
+}
+
+/// A running api.
+pub struct Api {
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    /// HTTP client.
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    /// Full URL of an `/api/v1` path.
+    pub fn v1(&self, path: &str) -> String {
+        format!("{}/api/v1{path}", self.base)
+    }
+}
+
+/// The environment map of a test's settings, for `Settings::load_from` and
+/// for child processes.
+pub fn env_map(db_url: &str, prefix: &str) -> HashMap<String, String> {
+    HashMap::from([
+        ("DATABASE_URL".into(), db_url.to_owned()),
+        ("AMQP_URL".into(), AMQP_URL.to_owned()),
+        ("TASKHOST__AMQP__PREFIX".into(), prefix.to_owned()),
+        ("TASKHOST__API__BIND".into(), "127.0.0.1:0".into()),
+        ("TASKHOST__DATABASE__MAX_CONNECTIONS".into(), "5".into()),
+        ("TASKHOST__WORKER__HEARTBEAT_SECS".into(), "1".into()),
+        ("TASKHOST__WORKER__CLAIM_LEASE_SECS".into(), "3".into()),
+        ("TASKHOST__WORKER__CONCURRENCY".into(), "4".into()),
+        ("TASKHOST__WORKER__DRAIN_TIMEOUT_SECS".into(), "5".into()),
+        (
+            "TASKHOST__SCHEDULER__RELAY_INTERVAL_MS".into(),
+            "100".into(),
+        ),
+        ("TASKHOST__SCHEDULER__RELAY_GRACE_MS".into(), "300".into()),
+        (
+            "TASKHOST__SCHEDULER__REAPER_INTERVAL_SECS".into(),
+            "1".into(),
+        ),
+        ("TASKHOST__LOG__FORMAT".into(), "human".into()),
+        (
+            "TASKHOST__LOG__LEVEL".into(),
+            "info,sqlx=warn,lapin=warn".into(),
+        ),
+    ])
+}
+
+/// Installs a test log subscriber once (shown on failure by the test
+/// runner).
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("info,sqlx=warn,lapin=warn")
+        .with_test_writer()
+        .try_init();
+}
+
+impl TestEnv {
+    /// A fresh, migrated database and a unique prefix.
+    pub async fn new() -> Self {
+        init_logs();
+        let id = Uuid::new_v4().simple().to_string();
+        let db_name = format!("th_test_{}", &id[..16]);
+        let prefix = format!("t{}", &id[..12]);
+        let url = format!("{PG_SERVER}/{db_name}");
+        let settings = Settings::load_from(None, &env_map(&url, &prefix)).expect("test settings");
+        db::migrate(&settings.database)
+            .await
+            .expect("migrate test database");
+        let pool = db::pool(&settings.database).expect("pool");
+        // The seeded diagnostics task would fire on the half hour in the
+        // middle of unrelated tests; tests that want it enable it.
+        sqlx::query("UPDATE tasks SET enabled = false WHERE task_id = $1")
+            .bind(BUILTIN_DIAGNOSTICS_TASK)
+            .execute(&pool)
+            .await
+            .expect("disable the built-in task");
+        Self {
+            settings,
+            pool,
+            db_name,
+            prefix,
+            services: Vec::new(),
+        }
+    }
+
+    /// The database URL.
+    pub fn db_url(&self) -> String {
+        self.settings.database.url.clone()
+    }
+
+    /// Topology names of this test.
+    pub fn names(&self) -> Names {
+        Names::new(self.prefix.clone())
+    }
+
+    /// The environment a child `taskhost` process needs for this test.
+    pub fn env(&self) -> HashMap<String, String> {
+        env_map(&self.db_url(), &self.prefix)
+    }
+
+    /// Creates an API key and returns it.
+    pub async fn key(&self, user: &str, roles: &[Role]) -> String {
+        keys::create(&self.pool, user, roles, "test")
+            .await
+            .expect("create key")
+            .1
+    }
+
+    /// Starts the api on a free port.
+    pub async fn start_api(&mut self) -> Api {
+        self.start_api_with(self.settings.clone()).await
+    }
+
+    /// Starts the api with explicit settings (e.g. a bad AMQP URL).
+    pub async fn start_api_with(&mut self, settings: Settings) -> Api {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let state = taskhost_api::state(&settings).expect("api state");
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(taskhost_api::serve(listener, state, shutdown.clone()));
+        self.services.push(Service { shutdown, handle });
+        Api {
+            base,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("http client"),
+        }
+    }
+
+    /// Worker settings for a node of `group` and `role`.
+    pub fn worker_settings(&self, node_name: &str, group: &str, role: &str) -> Settings {
+        let mut s = self.settings.clone();
+        s.worker.node_name = format!("{}-{node_name}", self.prefix);
+        s.worker.group = group.to_owned();
+        s.worker.role = role.to_owned();
+        s
+    }
+
+    /// Starts an in-process worker and waits until its node is registered
+    /// and its queues are consumed. Returns its index for [`Self::stop`].
+    pub async fn start_worker(&mut self, node_name: &str, group: &str, role: &str) -> usize {
+        let s = self.worker_settings(node_name, group, role);
+        self.start_worker_with(s).await
+    }
+
+    /// Starts an in-process worker with explicit settings.
+    pub async fn start_worker_with(&mut self, settings: Settings) -> usize {
+        let name = settings.worker.node_name.clone();
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(taskhost_worker::run(settings, shutdown.clone()));
+        self.services.push(Service { shutdown, handle });
+        self.wait_node(&name).await;
+        // Give the consumer a moment to declare and consume its queues.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        self.services.len() - 1
+    }
+
+    /// Starts an in-process scheduler.
+    pub async fn start_scheduler(&mut self) -> usize {
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(taskhost_scheduler::run(
+            self.settings.clone(),
+            shutdown.clone(),
+        ));
+        self.services.push(Service { shutdown, handle });
+        self.services.len() - 1
+    }
+
+    /// Stops one service started by this env (gracefully).
+    pub async fn stop(&mut self, index: usize) {
+        let s = &self.services[index];
+        s.shutdown.cancel();
+        let handle = std::mem::replace(
+            &mut self.services[index].handle,
+            tokio::spawn(async { Ok(()) }),
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(20), handle).await;
+    }
+
+    /// Waits until a node named `name` is registered and active.
+    pub async fn wait_node(&self, name: &str) -> Uuid {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let id: Option<Uuid> =
+                sqlx::query_scalar("SELECT node_id FROM nodes WHERE node_name = $1 AND is_active")
+                    .bind(name)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .expect("query nodes");
+            if let Some(id) = id {
+                return id;
+            }
+            assert!(Instant::now() < deadline, "node {name} never registered");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The job's status, or None when there is no such job.
+    pub async fn job_status(&self, job_id: Uuid) -> Option<String> {
+        sqlx::query_scalar("SELECT status FROM jobs WHERE job_id = $1")
+            .bind(job_id)
+            .fetch_optional(&self.pool)
+            .await
+            .expect("query job")
+    }
+
+    /// Waits until the job reaches a terminal status and returns it.
+    pub async fn wait_terminal(&self, job_id: Uuid, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let status = self.job_status(job_id).await;
+            if let Some(s) = &status
+                && ["succeeded", "failed", "timed_out", "cancelled", "dead"].contains(&s.as_str())
+            {
+                return s.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {job_id} did not finish in {within:?}; status {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the job has the given status.
+    pub async fn wait_status(&self, job_id: Uuid, want: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let status = self.job_status(job_id).await;
+            if status.as_deref() == Some(want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {job_id} never became {want}; it is {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Terminal history rows of a job.
+    pub async fn final_history_rows(&self, job_id: Uuid) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM task_history WHERE job_id = $1 AND is_final")
+            .bind(job_id)
+            .fetch_one(&self.pool)
+            .await
+            .expect("count history")
+    }
+
+    /// A `taskhost` child process with this test's environment.
+    pub fn spawn_binary(&self, bin: &str, args: &[&str], extra_env: &[(&str, &str)]) -> Child {
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .envs(self.env())
+            .envs(extra_env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        cmd.spawn().expect("spawn taskhost")
+    }
+
+    /// Publishes raw bytes to an exchange of this test's prefix (for
+    /// ingress tests), as another system would.
+    pub async fn publish_raw(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        message_type: Option<&str>,
+        message_id: Option<&str>,
+    ) {
+        use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+        let conn = amqp::connect(AMQP_URL, "test-publisher")
+            .await
+            .expect("connect");
+        let ch = conn.create_channel().await.expect("channel");
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+        amqp::declare_topology(&ch, &self.names())
+            .await
+            .expect("topology");
+        let mut props = lapin::BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        if let Some(t) = message_type {
+            props = props.with_type(t.into());
+        }
+        if let Some(id) = message_id {
+            props = props.with_message_id(id.into());
+        }
+        ch.basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+        let _ = conn.close(200, "done".into()).await;
+    }
+
+    /// Reads one message from a queue (basic.get), acking it; None if empty.
+    pub async fn get_one(&self, queue: &str) -> Option<lapin::message::BasicGetMessage> {
+        use lapin::options::BasicGetOptions;
+        let conn = amqp::connect(AMQP_URL, "test-reader")
+            .await
+            .expect("connect");
+        let ch = conn.create_channel().await.expect("channel");
+        let msg = ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get");
+        let _ = conn.close(200, "done".into()).await;
+        msg
+    }
+
+    /// Stops every service, drops the database and deletes this prefix's
+    /// queues and exchanges.
+    pub async fn cleanup(mut self) {
+        for s in self.services.drain(..) {
+            s.stop().await;
+        }
+        self.pool.close().await;
+        drop_database(&self.db_name).await;
+        delete_broker_objects(&self.prefix).await;
+    }
+}
+
+/// Drops a test database, disconnecting its sessions.
+pub async fn drop_database(name: &str) {
+    if let Ok(pool) = sqlx::PgPool::connect(&format!("{PG_SERVER}/postgres")).await {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+        )))
+        .execute(&pool)
+        .await;
+        pool.close().await;
+    }
+}
+
+/// Deletes queues and exchanges named `<prefix>.*`, listed with rabbitmqctl
+/// when it is available (best effort: leftovers are harmless).
+pub async fn delete_broker_objects(prefix: &str) {
+    let list = |what: &str| -> Vec<String> {
+        Command::new("rabbitmqctl")
+            .args(["-q", what, "name"])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .map(str::trim)
+                    .filter(|n| n.starts_with(&format!("{prefix}.")))
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let queues = list("list_queues");
+    let exchanges = list("list_exchanges");
+    let Ok(conn) = amqp::connect(AMQP_URL, "test-cleanup").await else {
+        return;
+    };
+    if let Ok(ch) = conn.create_channel().await {
+        for q in queues {
+            let _ = ch
+                .queue_delete(q.into(), lapin::options::QueueDeleteOptions::default())
+                .await;
+        }
+        for e in exchanges {
+            let _ = ch
+                .exchange_delete(e.into(), lapin::options::ExchangeDeleteOptions::default())
+                .await;
+        }
+    }
+    let _ = conn.close(200, "done".into()).await;
+}
+
+/// Submits a job over HTTP and returns `(status, body)`.
+pub async fn submit(api: &Api, key: &str, body: &Value) -> (u16, Value) {
+    let resp = api
+        .http
+        .post(api.v1("/jobs/submit"))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .expect("submit request");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// GET with a key; returns `(status, body)`.
+pub async fn get(api: &Api, key: &str, path: &str) -> (u16, Value) {
+    let resp = api
+        .http
+        .get(api.v1(path))
+        .bearer_auth(key)
+        .send()
+        .await
+        .expect("get request");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// The job id in a submit response.
+pub fn job_id(body: &Value) -> Uuid {
+    body["jobId"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("jobId in response")
+}
