@@ -29,6 +29,12 @@ impl FromRequestParts<AppState> for Caller {
         let principal = keys::authenticate(&state.pool, key)
             .await?
             .ok_or(ApiError::Unauthorized)?;
+        if let Some(key_id) = principal.key_id
+            && let Err(wait) = state.limiter.check(key_id)
+        {
+            state.metrics.rate_limited();
+            return Err(ApiError::RateLimited(wait));
+        }
         Ok(Caller(principal))
     }
 }

@@ -1,16 +1,21 @@
 //! `/api/v1/changes`: the change feed with decoded old/new rows (admin).
+//!
+//! The feed only goes up to its safe head (every row at or below it is
+//! committed), so a reader that moves its cursor to `nextSince` never skips
+//! a change. With `consumer=NAME` the read also records NAME's cursor in
+//! `sync_state` (it has taken everything up to `since`), and without
+//! `since` it continues from that cursor.
 
 use axum::Json;
 use axum::extract::{Query, State};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use taskhost_common::changelog;
+use taskhost_common::{changelog, sync};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::state::AppState;
-
-const TABLES: &[&str] = &["tasks", "task_schedule", "nodes", "jobs"];
+use crate::sync::{valid_consumer, valid_table};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -18,6 +23,7 @@ pub(crate) struct ChangesQuery {
     table: Option<String>,
     since: Option<i64>,
     limit: Option<i64>,
+    consumer: Option<String>,
 }
 
 pub(crate) async fn list(
@@ -27,25 +33,54 @@ pub(crate) async fn list(
 ) -> Result<Json<Value>, ApiError> {
     caller.require_admin("reading the change feed")?;
     let Query(q) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
-    if let Some(t) = &q.table
-        && !TABLES.contains(&t.as_str())
-    {
-        return Err(ApiError::Invalid(format!(
-            "table must be one of {}",
-            TABLES.join(", ")
-        )));
+    if let Some(t) = &q.table {
+        if t == sync::ALL_TABLES {
+            return Err(ApiError::Invalid(
+                "leave table out to read every table".into(),
+            ));
+        }
+        valid_table(t)?;
     }
-    let since = q.since.unwrap_or(0);
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::Invalid("limit must be between 1 and 1000".into()));
     }
+    if q.since.is_some_and(|s| s < 0) {
+        return Err(ApiError::Invalid("since must be 0 or more".into()));
+    }
     let mut conn = state.pool.acquire().await?;
-    let changes = changelog::read_since(&mut conn, q.table.as_deref(), since, limit).await?;
-    let next = changes.last().map_or(since, |c| c.change_seq);
+    let cursor_table = q.table.as_deref().unwrap_or(sync::ALL_TABLES);
+    let since = match (&q.consumer, q.since) {
+        (Some(consumer), Some(since)) => {
+            valid_consumer(consumer)?;
+            sync::set_cursor(&mut conn, consumer, cursor_table, since).await?;
+            since
+        }
+        (Some(consumer), None) => {
+            valid_consumer(consumer)?;
+            sqlx::query_scalar(
+                "SELECT last_change_seq FROM sync_state WHERE consumer = $1 AND table_name = $2",
+            )
+            .bind(consumer)
+            .bind(cursor_table)
+            .fetch_optional(&mut *conn)
+            .await?
+            .unwrap_or(0)
+        }
+        (None, since) => since.unwrap_or(0),
+    };
+    let head = state.watermark.safe_head(&mut conn).await?;
+    let changes =
+        changelog::read_between(&mut conn, q.table.as_deref(), since, head, limit).await?;
+    // Everything up to the head was read unless the page filled up.
+    let next = match changes.last() {
+        Some(last) if changes.len() as i64 >= limit => last.change_seq,
+        _ => head.max(since),
+    };
     Ok(Json(json!({
         "success": true,
         "count": changes.len(),
+        "headSeq": head,
         "nextSince": next,
         "changes": changes,
     })))

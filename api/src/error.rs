@@ -30,6 +30,9 @@ pub enum ApiError {
     /// 413: the body is larger than the limit.
     #[error("request body is larger than {0} bytes")]
     TooLarge(usize),
+    /// 429: the key made too many requests; retry after the duration.
+    #[error("too many requests for this key; retry in {} ms", .0.as_millis().max(1))]
+    RateLimited(std::time::Duration),
     /// 503: a dependency is down.
     #[error("{0} is unavailable, try again shortly")]
     Unavailable(&'static str),
@@ -49,6 +52,7 @@ impl ApiError {
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -76,6 +80,15 @@ impl IntoResponse for ApiError {
             "success": false,
             "error": { "code": code, "message": self.to_string() },
         });
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let ApiError::RateLimited(wait) = &self {
+            // Whole seconds, rounded up, as HTTP wants.
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(secs.max(1)),
+            );
+        }
+        response
     }
 }

@@ -3,20 +3,25 @@
 //! - [`router`] builds the whole app for a state, so tests can drive it.
 //! - [`run`] serves it on the configured address until shutdown;
 //!   [`serve`] takes an already-bound listener.
-//! - Modules: `jobs` (submit, results, cancel), `nodes`, `changes`, `ops`
-//!   (`/livez`, `/readyz`), `metrics`, `auth` (Bearer keys), `error` (the
-//!   one error type that owns status codes).
+//! - Modules: `jobs` (submit, results, cancel), `tasks`, `nodes`,
+//!   `changes` (the feed), `sync` (consumer cursors, the events relay),
+//!   `ops` (`/livez`, `/readyz`, OpenAPI), `metrics`, `dashboard` (the
+//!   browser page), `auth` (Bearer keys), `ratelimit` (per-key token
+//!   buckets), `error` (the one error type that owns status codes).
 //!
 //! The api never executes commands and never consumes work queues.
 
 mod auth;
 mod changes;
+mod dashboard;
 mod error;
 mod jobs;
 mod metrics;
 mod nodes;
 mod ops;
+mod ratelimit;
 mod state;
+mod sync;
 mod tasks;
 
 use std::sync::Arc;
@@ -48,6 +53,11 @@ pub fn state(settings: &Settings) -> anyhow::Result<AppState> {
         publisher: Arc::new(publisher),
         settings: Arc::new(settings.clone()),
         metrics: Arc::new(Metrics::default()),
+        watermark: Arc::new(taskhost_common::sync::Watermark::new()),
+        limiter: Arc::new(ratelimit::RateLimiter::new(
+            settings.api.rate_limit_per_sec,
+            settings.api.rate_limit_burst,
+        )),
     })
 }
 
@@ -68,6 +78,8 @@ pub fn router(state: AppState) -> Router {
         .route("/nodes", get(nodes::list))
         .route("/nodes/{node_id}", get(nodes::get_one))
         .route("/changes", get(changes::list))
+        .route("/sync/status", get(sync::status))
+        .route("/sync/trigger", post(sync::trigger))
         .route("/tasks", get(tasks::list).post(tasks::create))
         .route(
             "/tasks/{task_id}",
@@ -83,6 +95,8 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics::render))
         .route("/openapi.json", get(ops::openapi))
         .route("/docs", get(ops::docs))
+        .route("/dashboard", get(dashboard::page))
+        .route("/", get(dashboard::root))
         .fallback(|| async { ApiError::NotFound("route") })
         .layer(DefaultBodyLimit::max(max_body))
         .layer(tower_http::trace::TraceLayer::new_for_http())

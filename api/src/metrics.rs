@@ -21,12 +21,19 @@ pub struct Metrics {
     pub jobs_published: AtomicU64,
     /// Fast-path publishes that failed (left for the relay).
     pub publish_failures: AtomicU64,
+    /// Requests refused with 429.
+    pub rate_limited: AtomicU64,
 }
 
 impl Metrics {
     /// Adds `n` to a counter.
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts one request refused with 429.
+    pub fn rate_limited(&self) {
+        Self::add(&self.rate_limited, 1);
     }
 }
 
@@ -53,6 +60,11 @@ pub(crate) async fn render(State(state): State<AppState>) -> impl IntoResponse {
             "taskhost_publish_failures_total",
             "Fast-path publishes that failed and were left to the outbox relay.",
             &m.publish_failures,
+        ),
+        (
+            "taskhost_api_rate_limited_total",
+            "Requests refused with 429 because their key spent its budget.",
+            &m.rate_limited,
         ),
     ] {
         let _ = writeln!(

@@ -6,7 +6,10 @@ use sqlx::PgPool;
 use taskhost_common::Settings;
 use taskhost_common::amqp::Publisher;
 
+use taskhost_common::sync::Watermark;
+
 use crate::metrics::Metrics;
+use crate::ratelimit::RateLimiter;
 
 /// Everything a handler needs; cheap to clone.
 #[derive(Clone)]
@@ -19,4 +22,8 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// Counters for `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// The change feed's safe head.
+    pub watermark: Arc<Watermark>,
+    /// Per-key request budget.
+    pub limiter: Arc<RateLimiter>,
 }

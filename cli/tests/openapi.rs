@@ -18,6 +18,8 @@ const ROUTES: &[(&str, &[&str])] = &[
     ("/api/v1/nodes", &["get"]),
     ("/api/v1/nodes/{nodeId}", &["get"]),
     ("/api/v1/changes", &["get"]),
+    ("/api/v1/sync/status", &["get"]),
+    ("/api/v1/sync/trigger", &["post"]),
     ("/api/v1/tasks", &["get", "post"]),
     ("/api/v1/tasks/{taskId}", &["get", "put", "delete"]),
     ("/api/v1/tasks/{taskId}/history", &["get"]),
@@ -28,6 +30,8 @@ const ROUTES: &[(&str, &[&str])] = &[
     ("/metrics", &["get"]),
     ("/openapi.json", &["get"]),
     ("/docs", &["get"]),
+    ("/dashboard", &["get"]),
+    ("/", &["get"]),
 ];
 
 /// The fields of `SubmitRequest` (common/src/model.rs), camelCase.

@@ -88,6 +88,10 @@ pub struct Change<'a> {
 
 /// Writes one `data_change` row on `conn`, which should be inside the
 /// transaction that made the change. Returns its `change_seq`.
+///
+/// Call it *after* writing the row it describes: that write gives the
+/// transaction its id before the change draws its sequence number, which
+/// the feed's safe head relies on (see [`crate::sync`]).
 pub async fn record(conn: &mut PgConnection, change: Change<'_>) -> Result<i64, sqlx::Error> {
     let old = change.old.map(gzip_json);
     let new = change.new.map(gzip_json);
@@ -179,24 +183,40 @@ impl RawChange {
     }
 }
 
-/// Reads changes after `since`, oldest first, optionally of one table.
+/// Reads every committed change after `since`, oldest first, without the
+/// safe-head bound: right for a quiet log (tests, tools), not for a cursor
+/// that must never skip a row (use [`read_between`]).
 pub async fn read_since(
     conn: &mut PgConnection,
     table: Option<&str>,
     since: i64,
     limit: i64,
 ) -> Result<Vec<ChangeEntry>, sqlx::Error> {
+    read_between(conn, table, since, i64::MAX, limit).await
+}
+
+/// Reads changes after `since` up to and including `upto` (the safe head,
+/// see [`crate::sync::Watermark`]), oldest first, optionally of one table.
+pub async fn read_between(
+    conn: &mut PgConnection,
+    table: Option<&str>,
+    since: i64,
+    upto: i64,
+    limit: i64,
+) -> Result<Vec<ChangeEntry>, sqlx::Error> {
     let rows: Vec<RawChange> = sqlx::query_as(
         "SELECT change_seq, change_id, table_name, record_id, action, old_data, new_data,
                 changed_by, changed_at, node_id, change_reason
          FROM data_change
-         WHERE change_seq > $1 AND ($2::text IS NULL OR table_name = $2)
+         WHERE change_seq > $1 AND change_seq <= $4
+           AND ($2::text IS NULL OR table_name = $2)
          ORDER BY change_seq
          LIMIT $3",
     )
     .bind(since)
     .bind(table)
     .bind(limit)
+    .bind(upto)
     .fetch_all(conn)
     .await?;
     Ok(rows.into_iter().map(RawChange::decode).collect())

@@ -45,8 +45,23 @@ pub struct Settings {
     pub scheduler: SchedulerSettings,
     /// Pruning of old rows.
     pub retention: RetentionSettings,
+    /// The change feed relay onto `<p>.events`.
+    pub sync: SyncSettings,
     /// Logging.
     pub log: LogSettings,
+}
+
+/// The built-in relay that publishes the change feed as
+/// `change.<table>.<action>` events.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncSettings {
+    /// Whether the scheduler publishes the change feed onto `<p>.events`.
+    pub relay_events: bool,
+    /// Milliseconds between relay passes.
+    pub interval_ms: u64,
+    /// Changes published per pass at most.
+    pub batch: u32,
 }
 
 /// How long finished work is kept.
@@ -95,6 +110,11 @@ pub struct ApiSettings {
     pub bind: String,
     /// Largest accepted request body, in bytes.
     pub max_body_bytes: usize,
+    /// Requests a second one API key may make (a token bucket); 0 turns
+    /// the limit off.
+    pub rate_limit_per_sec: u32,
+    /// Requests one API key may make in a burst above the rate.
+    pub rate_limit_burst: u32,
 }
 
 /// Worker node settings.
@@ -195,6 +215,8 @@ impl Settings {
             .set_default("amqp.delivery_limit", 5)?
             .set_default("api.bind", "127.0.0.1:8080")?
             .set_default("api.max_body_bytes", 256 * 1024)?
+            .set_default("api.rate_limit_per_sec", 1000)?
+            .set_default("api.rate_limit_burst", 2000)?
             .set_default("worker.node_name", crate::hostname())?
             .set_default("worker.group", "default")?
             .set_default("worker.role", "worker")?
@@ -216,6 +238,9 @@ impl Settings {
             .set_default("retention.failure_days", 30)?
             .set_default("retention.change_days", 30)?
             .set_default("retention.interval_secs", 3600)?
+            .set_default("sync.relay_events", true)?
+            .set_default("sync.interval_ms", 250)?
+            .set_default("sync.batch", 500)?
             .set_default("log.format", "auto")?
             .set_default("log.level", "info,sqlx=warn,lapin=warn")?;
         if let Some(path) = &file {
@@ -322,6 +347,8 @@ impl Settings {
                 u64::from(self.retention.change_days),
             ),
             ("retention.interval_secs", self.retention.interval_secs),
+            ("sync.interval_ms", self.sync.interval_ms),
+            ("sync.batch", u64::from(self.sync.batch)),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be greater than 0"));

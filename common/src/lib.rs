@@ -10,6 +10,7 @@
 //! - [`keys`]: hashed API keys.
 //! - [`jobs`]: accepting a job (row + change + outbox in one transaction).
 //! - [`shutdown`]: SIGTERM/SIGINT as a cancellation token.
+//! - [`sync`]: the change feed's safe head, consumer cursors, the events relay.
 
 pub mod amqp;
 pub mod changelog;
@@ -21,6 +22,7 @@ pub mod messages;
 pub mod model;
 pub mod schedule;
 pub mod shutdown;
+pub mod sync;
 pub mod tasks;
 pub mod telemetry;
 

@@ -9,6 +9,8 @@
 //! - [`ingress`] turns `<p>.submit` messages into jobs.
 //! - [`reaper`] handles dead nodes and expired claims.
 //! - [`retention`] prunes old rows.
+//! - The change relay publishes the `data_change` feed onto `<p>.events`
+//!   (`taskhost_common::sync`).
 
 pub mod cron;
 pub mod ingress;
@@ -36,6 +38,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         relay_loop(&pool, &publisher, &settings, &shutdown),
         reaper_loop(&pool, &publisher, &settings, &shutdown),
         ingress::run(pool.clone(), &publisher, &settings, shutdown.clone()),
+        change_relay_loop(&pool, &publisher, &settings, &shutdown),
     );
     publisher.close().await;
     tracing::info!("scheduler stopped");
@@ -56,6 +59,34 @@ async fn relay_loop(
             Ok(n) if n > 0 => tracing::info!(published = n, "outbox relay published messages"),
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "outbox relay pass failed"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Publishes the change feed onto `<p>.events` as
+/// `change.<table>.<action>` (the `events` cursor in `sync_state`).
+async fn change_relay_loop(
+    pool: &PgPool,
+    publisher: &Publisher,
+    settings: &Settings,
+    shutdown: &CancellationToken,
+) {
+    if !settings.sync.relay_events {
+        return;
+    }
+    let every = Duration::from_millis(settings.sync.interval_ms);
+    let batch = i64::from(settings.sync.batch);
+    let watermark = taskhost_common::sync::Watermark::new();
+    loop {
+        match taskhost_common::sync::relay_once(pool, &watermark, publisher, batch).await {
+            // A full batch means more may be waiting: go again at once.
+            Ok(pass) if pass.published as i64 >= batch => continue,
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "change relay pass failed"),
         }
         tokio::select! {
             () = tokio::time::sleep(every) => {}
