@@ -160,7 +160,7 @@ pub(crate) async fn dispatch(
         jobs::publish_events(&state.publisher, &events).await;
         return format!("job recorded as dead: {}", jobs::NO_NODE_REASON);
     }
-    match jobs::publish_outbox(&state.pool, &state.publisher, outbox, user).await {
+    match state.batcher.publish(outbox.to_vec(), user).await {
         Ok(n) => {
             Metrics::add(&state.metrics.jobs_published, n as u64);
             Metrics::add(&state.metrics.publish_failures, (outbox.len() - n) as u64);

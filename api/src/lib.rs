@@ -40,17 +40,19 @@ pub use error::ApiError;
 pub use metrics::Metrics;
 pub use state::AppState;
 
-/// Builds the state from settings (connections are opened lazily).
+/// Builds the state from settings (connections are opened lazily). Call it
+/// inside the Tokio runtime: it starts the publish batcher.
 pub fn state(settings: &Settings) -> anyhow::Result<AppState> {
     let pool = db::pool(&settings.database).context("database.url")?;
-    let publisher = Publisher::new(
+    let publisher = Arc::new(Publisher::new(
         settings.amqp.url.clone(),
         Names::new(settings.amqp.prefix.clone()),
         format!("taskhost-api@{}", taskhost_common::hostname()),
-    );
+    ));
     Ok(AppState {
+        batcher: taskhost_common::jobs::PublishBatcher::spawn(pool.clone(), publisher.clone()),
         pool,
-        publisher: Arc::new(publisher),
+        publisher,
         settings: Arc::new(settings.clone()),
         metrics: Arc::new(Metrics::default()),
         watermark: Arc::new(taskhost_common::sync::Watermark::new()),

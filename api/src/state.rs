@@ -26,4 +26,6 @@ pub struct AppState {
     pub watermark: Arc<Watermark>,
     /// Per-key request budget.
     pub limiter: Arc<RateLimiter>,
+    /// Publishes accepted jobs of concurrent requests together.
+    pub batcher: taskhost_common::jobs::PublishBatcher,
 }

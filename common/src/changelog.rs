@@ -114,6 +114,57 @@ pub async fn record(conn: &mut PgConnection, change: Change<'_>) -> Result<i64, 
     .await
 }
 
+/// Writes many `data_change` rows in one statement (in order, so their
+/// `change_seq` follow the slice), with the same rule as [`record`]: after
+/// the writes they describe, in the same transaction.
+pub async fn record_many(
+    conn: &mut PgConnection,
+    changes: &[Change<'_>],
+) -> Result<(), sqlx::Error> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let n = changes.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut tables = Vec::with_capacity(n);
+    let mut records = Vec::with_capacity(n);
+    let mut actions = Vec::with_capacity(n);
+    let mut olds: Vec<Option<Vec<u8>>> = Vec::with_capacity(n);
+    let mut news: Vec<Option<Vec<u8>>> = Vec::with_capacity(n);
+    let mut bys = Vec::with_capacity(n);
+    let mut nodes: Vec<Option<Uuid>> = Vec::with_capacity(n);
+    let mut reasons: Vec<Option<&str>> = Vec::with_capacity(n);
+    for c in changes {
+        ids.push(Uuid::now_v7());
+        tables.push(c.table);
+        records.push(c.record_id.as_str());
+        actions.push(c.action.as_str());
+        olds.push(c.old.map(gzip_json));
+        news.push(c.new.map(gzip_json));
+        bys.push(c.changed_by);
+        nodes.push(c.node_id);
+        reasons.push(c.reason);
+    }
+    sqlx::query(
+        "INSERT INTO data_change
+             (change_id, table_name, record_id, action, old_data, new_data, changed_by, node_id, change_reason)
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bytea[],
+                              $6::bytea[], $7::text[], $8::uuid[], $9::text[])",
+    )
+    .bind(ids)
+    .bind(tables)
+    .bind(records)
+    .bind(actions)
+    .bind(olds)
+    .bind(news)
+    .bind(bys)
+    .bind(nodes)
+    .bind(reasons)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// A decoded `data_change` row.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -440,7 +440,11 @@ pub async fn mark_published(
     let changed: Vec<(Uuid, i32, Value, Value)> = sqlx::query_as(
         "WITH old AS (
              SELECT job_id, to_jsonb(j.*) AS row FROM jobs j
-             WHERE job_id = ANY($1) AND status = 'pending' FOR UPDATE
+             WHERE job_id = ANY($1) AND status = 'pending'
+             -- A locked row is being claimed by a worker, which moves it
+             -- on from pending itself; waiting for it would only queue
+             -- this batch behind every claim.
+             FOR UPDATE SKIP LOCKED
          )
          UPDATE jobs SET status = 'queued' FROM old
          WHERE jobs.job_id = old.job_id
@@ -449,22 +453,20 @@ pub async fn mark_published(
     .bind(&job_ids)
     .fetch_all(&mut *conn)
     .await?;
-    for (job_id, _, old, new) in &changed {
-        changelog::record(
-            conn,
-            Change {
-                table: "jobs",
-                record_id: job_id.to_string(),
-                action: Action::Update,
-                old: Some(old),
-                new: Some(new),
-                changed_by,
-                node_id: None,
-                reason: Some("published"),
-            },
-        )
-        .await?;
-    }
+    let changes: Vec<Change<'_>> = changed
+        .iter()
+        .map(|(job_id, _, old, new)| Change {
+            table: "jobs",
+            record_id: job_id.to_string(),
+            action: Action::Update,
+            old: Some(old),
+            new: Some(new),
+            changed_by,
+            node_id: None,
+            reason: Some("published"),
+        })
+        .collect();
+    changelog::record_many(conn, &changes).await?;
     Ok(changed
         .iter()
         .map(|(job_id, attempt, _, _)| job_event(*job_id, JobStatus::Queued, *attempt, None, None))
@@ -519,4 +521,136 @@ pub async fn relay_outbox(
     tx.commit().await?;
     publish_events(publisher, &queued).await;
     Ok(confirmed.len())
+}
+
+/// One submission's outbox rows waiting for the batcher.
+struct PublishRequest {
+    rows: Vec<OutboxMessage>,
+    changed_by: String,
+    done: tokio::sync::oneshot::Sender<Result<usize, String>>,
+}
+
+/// Publishes committed outbox rows for many concurrent submissions
+/// together: one burst of publishes with their confirms in flight, then one
+/// transaction that marks them all published (jobs `pending` → `queued`,
+/// with their change rows). While a batch is out, the next one gathers, so
+/// the batch size follows the load with no timer.
+#[derive(Clone)]
+pub struct PublishBatcher {
+    tx: tokio::sync::mpsc::Sender<PublishRequest>,
+}
+
+/// Most outbox rows one batch takes.
+const PUBLISH_BATCH: usize = 512;
+
+impl PublishBatcher {
+    /// Starts the batching task (it ends when every handle is dropped).
+    pub fn spawn(pool: PgPool, publisher: std::sync::Arc<Publisher>) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<PublishRequest>(4096);
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                let mut rows = batch[0].rows.len();
+                while rows < PUBLISH_BATCH {
+                    match rx.try_recv() {
+                        Ok(next) => {
+                            rows += next.rows.len();
+                            batch.push(next);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                publish_batch(&pool, &publisher, batch).await;
+            }
+        });
+        Self { tx }
+    }
+
+    /// Publishes `rows` (committed) and marks them; returns how many the
+    /// broker confirmed. What is not confirmed stays for the relay.
+    pub async fn publish(
+        &self,
+        rows: Vec<OutboxMessage>,
+        changed_by: &str,
+    ) -> Result<usize, String> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let (done, wait) = tokio::sync::oneshot::channel();
+        let request = PublishRequest {
+            rows,
+            changed_by: changed_by.to_owned(),
+            done,
+        };
+        self.tx
+            .send(request)
+            .await
+            .map_err(|_| "the publish batcher stopped".to_owned())?;
+        wait.await
+            .unwrap_or_else(|_| Err("the publish batcher stopped".to_owned()))
+    }
+}
+
+async fn publish_batch(pool: &PgPool, publisher: &Publisher, batch: Vec<PublishRequest>) {
+    let outgoing: Vec<Outgoing> = batch
+        .iter()
+        .flat_map(|r| r.rows.iter().map(OutboxMessage::to_outgoing))
+        .collect();
+    let mut results = publisher.publish_all(&outgoing).await.into_iter();
+    // Per request: its confirmed rows.
+    let confirmed: Vec<Vec<&OutboxMessage>> = batch
+        .iter()
+        .map(|r| {
+            r.rows
+                .iter()
+                .filter(|row| match results.next() {
+                    Some(Ok(())) => true,
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, outbox_id = row.outbox_id, "publish failed; the relay will retry");
+                        false
+                    }
+                    None => false,
+                })
+                .collect()
+        })
+        .collect();
+    let marked = async {
+        let mut tx = pool.begin().await?;
+        // Losing this commit in a Postgres crash is harmless (see
+        // crate::db::no_fsync_wait), so it does not wait for the disk.
+        crate::db::no_fsync_wait(&mut tx).await?;
+        let mut events = Vec::new();
+        // One statement set per distinct author (usually one or a few).
+        let mut authors: Vec<&str> = batch.iter().map(|r| r.changed_by.as_str()).collect();
+        authors.sort_unstable();
+        authors.dedup();
+        for author in authors {
+            let rows: Vec<&OutboxMessage> = batch
+                .iter()
+                .zip(&confirmed)
+                .filter(|(r, _)| r.changed_by == author)
+                .flat_map(|(_, c)| c.iter().copied())
+                .collect();
+            events.extend(mark_published(&mut tx, &rows, author).await?);
+        }
+        tx.commit().await?;
+        Ok::<_, sqlx::Error>(events)
+    }
+    .await;
+    let counts: Vec<usize> = confirmed.iter().map(Vec::len).collect();
+    drop(confirmed);
+    match marked {
+        Ok(events) => {
+            publish_events(publisher, &events).await;
+            for (request, n) in batch.into_iter().zip(counts) {
+                let _ = request.done.send(Ok(n));
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "marking published jobs failed; the relay will finish them");
+            for request in batch {
+                let _ = request.done.send(Err(error.to_string()));
+            }
+        }
+    }
 }
