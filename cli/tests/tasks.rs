@@ -1160,6 +1160,116 @@ async fn a_scheduled_task_runs_on_a_worker_and_reads_back() {
 // ---------------------------------------------------- 8. run now + retries
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_copy_does_not_cut_a_retry_backoff_short() {
+    let mut env = TestEnv::new().await;
+    let api = env.start_api().await;
+    env.start_worker("r1", "default", "worker").await;
+    env.start_scheduler().await;
+    let key = env.key("alice", &[Role::TaskManager]).await;
+    let (id, _) = create_task_api(
+        &api,
+        &key,
+        &json!({"taskName": "slow-retry", "command": "exit 3", "schedule": "@yearly",
+                "maxRetries": 1, "retryDelaySeconds": 60}),
+    )
+    .await;
+    let (status, resp) = call(&api, Method::POST, &key, &format!("/tasks/{id}/run"), None).await;
+    assert_eq!(status, 202, "{resp}");
+    let job: Uuid = resp["jobId"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("jobId");
+    // The first attempt fails; the retry waits a minute.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let retry_at = loop {
+        let row: (String, i32, Option<DateTime<Utc>>) =
+            sqlx::query_as("SELECT status, attempt, retry_at FROM jobs WHERE job_id = $1")
+                .bind(job)
+                .fetch_one(&env.pool)
+                .await
+                .expect("job");
+        if let (s, 1, Some(at)) = &row
+            && s == "queued"
+        {
+            break *at;
+        }
+        assert!(Instant::now() < deadline, "no retry scheduled: {row:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        retry_at > Utc::now() + chrono::Duration::seconds(50),
+        "{retry_at}"
+    );
+
+    // A copy of the first work message turns up (a broker redelivery).
+    let copy = json!({"job_id": job, "attempt": 0, "command": "exit 3",
+        "execution_mode": "pool", "timeout_seconds": null, "env": {}, "priority": 5,
+        "submitted_at": Utc::now()});
+    env.publish_raw(
+        &env.names().work(),
+        "any",
+        copy.to_string().as_bytes(),
+        Some("job.run.v1"),
+        Some(&format!("{job}:0")),
+    )
+    .await;
+    // It is acked without running: the queue empties, the job still waits.
+    let queue = env.names().work_queue("any");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (ready, unacked): (i64, i64) = queue_depth(&queue);
+        if ready == 0 && unacked == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the copy was not consumed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, attempt): (String, i32) =
+        sqlx::query_as("SELECT status, attempt FROM jobs WHERE job_id = $1")
+            .bind(job)
+            .fetch_one(&env.pool)
+            .await
+            .expect("job");
+    assert_eq!(
+        (status.as_str(), attempt),
+        ("queued", 1),
+        "the copy ran the retry early"
+    );
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM task_history WHERE job_id = $1")
+        .bind(job)
+        .fetch_one(&env.pool)
+        .await
+        .expect("history");
+    assert_eq!(runs, 1);
+    env.cleanup().await;
+}
+
+/// Ready and unacknowledged messages of a queue, from rabbitmqctl.
+fn queue_depth(queue: &str) -> (i64, i64) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "list_queues",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ])
+        .output()
+        .expect("rabbitmqctl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next() == Some(queue)).then(|| {
+                let n = |x: Option<&str>| x.and_then(|v| v.parse().ok()).unwrap_or(0);
+                (n(f.next()), n(f.next()))
+            })
+        })
+        .unwrap_or((0, 0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_now_retries_with_exponential_backoff() {
     let mut env = TestEnv::new().await;
     let api = env.start_api().await;

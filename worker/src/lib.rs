@@ -426,6 +426,10 @@ async fn process(ctx: Arc<Ctx>, delivery: Delivery, run: JobRun) {
                 tracing::debug!(%job_id, %status, "redelivered message for a finished job; acked without running");
                 return ack(&delivery).await;
             }
+            Ok(ClaimResult::NotDue) => {
+                tracing::info!(%job_id, "early copy of a job whose retry is not due yet; acked without running");
+                return ack(&delivery).await;
+            }
             Ok(ClaimResult::Missing) => {
                 tracing::info!(%job_id, "message for a job that no longer exists; acked");
                 return ack(&delivery).await;

@@ -54,6 +54,9 @@ pub(crate) enum ClaimResult {
     Missing,
     /// Another worker holds a live claim: wait and ask again.
     Busy,
+    /// The job waits for a retry that is not due yet; this delivery is an
+    /// older copy. Ack it without running: the delayed message runs it.
+    NotDue,
     /// Too many attempts: recorded as dead; ack and dead-letter.
     Dead(String),
 }
@@ -77,6 +80,7 @@ struct Current {
     retry_delay_seconds: i32,
     cancel_requested: bool,
     kill_on_timeout: bool,
+    retry_pending: bool,
 }
 
 fn record_job_change<'a>(
@@ -119,7 +123,8 @@ pub(crate) async fn claim(
         "SELECT to_jsonb(j.*) AS row, status, attempt, claimed_by,
                 coalesce(claim_expiry > now(), false) AS claim_live, task_id, triggered_by,
                 command, timeout_seconds, env, target_node_id, target_node_group, target_node_role,
-                max_retries, retry_delay_seconds, cancel_requested, kill_on_timeout
+                max_retries, retry_delay_seconds, cancel_requested, kill_on_timeout,
+                coalesce(retry_at > now(), false) AS retry_pending
          FROM jobs j WHERE job_id = $1 FOR UPDATE",
     )
     .bind(job_id)
@@ -137,6 +142,9 @@ pub(crate) async fn claim(
         && !(own_stale && cur.claimed_by == Some(node_id))
     {
         return Ok(ClaimResult::Busy);
+    }
+    if status == JobStatus::Queued && cur.retry_pending && !cur.cancel_requested {
+        return Ok(ClaimResult::NotDue);
     }
     // A cancel requested while the job's previous worker was dying ends it
     // here instead of running it again.
@@ -205,7 +213,7 @@ pub(crate) async fn claim(
     let attempt = cur.attempt + 1;
     let new: Value = sqlx::query_scalar(
         "UPDATE jobs SET status = 'running', attempt = $2, claimed_by = $3,
-                claim_expiry = now() + make_interval(secs => $4), started_at = now()
+                claim_expiry = now() + make_interval(secs => $4), started_at = now(), retry_at = NULL
          WHERE job_id = $1 RETURNING to_jsonb(jobs.*)",
     )
     .bind(job_id)
@@ -347,7 +355,8 @@ pub(crate) async fn finish(
          UPDATE jobs SET status = CASE WHEN $7 THEN 'queued' ELSE $3 END, status_reason = $4, exit_code = $5,
                 success = CASE WHEN $7 THEN NULL ELSE $6 END,
                 completed_at = CASE WHEN $7 THEN NULL ELSE now() END,
-                claimed_by = CASE WHEN $7 THEN NULL ELSE claimed_by END, claim_expiry = NULL
+                claimed_by = CASE WHEN $7 THEN NULL ELSE claimed_by END, claim_expiry = NULL,
+                retry_at = CASE WHEN $7 THEN now() + make_interval(secs => $8) END
          FROM old WHERE jobs.job_id = old.job_id
          RETURNING old.row, to_jsonb(jobs.*)",
     )
@@ -358,6 +367,7 @@ pub(crate) async fn finish(
     .bind(fin.exit_code)
     .bind(fin.status == JobStatus::Succeeded)
     .bind(retry)
+    .bind(delay)
     .fetch_optional(&mut *tx)
     .await?;
     let Some((old, new)) = changed else {
