@@ -2,12 +2,12 @@
 //! is written in the same transaction as the change, with the old and new row
 //! as gzip-compressed JSON (flate2).
 
-use std::io::{Read, Write};
+use std::cell::RefCell;
+use std::io::Read;
 
 use chrono::{DateTime, Utc};
-use flate2::Compression;
 use flate2::read::GzDecoder;
-use flate2::write::GzEncoder;
+use flate2::{Compress, Compression, Crc, Decompress, FlushCompress, FlushDecompress, Status};
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::PgConnection;
@@ -41,21 +41,91 @@ pub fn gzip_json(value: &Value) -> Vec<u8> {
     gzip(&text)
 }
 
-/// Compresses bytes with gzip at a fast level (the hot path writes many).
-pub fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let mut enc = GzEncoder::new(
-        Vec::with_capacity(bytes.len() / 2 + 32),
-        Compression::fast(),
-    );
-    // Writing into a Vec cannot fail.
-    let _ = enc.write_all(bytes);
-    enc.finish().unwrap_or_default()
+thread_local! {
+    // A deflate stream allocates and zeroes a few hundred KiB of state; the
+    // hot path compresses several small rows per job, so each thread keeps
+    // one compressor and one decompressor and resets them between uses.
+    static DEFLATE: RefCell<Compress> = RefCell::new(Compress::new(Compression::fast(), false));
+    static INFLATE: RefCell<Decompress> = RefCell::new(Decompress::new(false));
 }
 
-/// Decompresses gzip bytes.
+/// The gzip member header taskhost writes: deflate, no flags, no time,
+/// unknown OS (RFC 1952).
+const GZIP_HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+
+/// Compresses bytes into a gzip member at a fast level (the hot path
+/// writes many), reusing this thread's compressor.
+pub fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len() / 2 + 64);
+    out.extend_from_slice(&GZIP_HEADER);
+    DEFLATE.with(|d| {
+        let mut d = d.borrow_mut();
+        d.reset();
+        let start_in = d.total_in();
+        loop {
+            if out.capacity() - out.len() < 64 {
+                out.reserve(out.capacity().max(256));
+            }
+            let consumed = (d.total_in() - start_in) as usize;
+            // Compressing into a Vec with spare room cannot fail.
+            match d.compress_vec(&bytes[consumed..], &mut out, FlushCompress::Finish) {
+                Ok(Status::StreamEnd) => break,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    });
+    let mut crc = Crc::new();
+    crc.update(bytes);
+    out.extend_from_slice(&crc.sum().to_le_bytes());
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out
+}
+
+/// Decompresses gzip bytes. Members with the plain header taskhost writes
+/// are inflated with this thread's reused decompressor (and their CRC and
+/// length checked); anything else goes through `GzDecoder`.
 pub fn gunzip(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(bytes.len() * 3);
-    GzDecoder::new(bytes).read_to_end(&mut out)?;
+    let plain = bytes.len() >= 18 && bytes[..4] == GZIP_HEADER[..4];
+    if !plain {
+        let mut out = Vec::with_capacity(bytes.len() * 3);
+        GzDecoder::new(bytes).read_to_end(&mut out)?;
+        return Ok(out);
+    }
+    let invalid = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_owned());
+    let (body, trailer) = bytes[10..].split_at(bytes.len() - 18);
+    let want_crc = u32::from_le_bytes([trailer[0], trailer[1], trailer[2], trailer[3]]);
+    let want_len = u32::from_le_bytes([trailer[4], trailer[5], trailer[6], trailer[7]]);
+    let mut out = Vec::with_capacity((want_len as usize).min(64 << 20));
+    INFLATE.with(|d| {
+        let mut d = d.borrow_mut();
+        d.reset(false);
+        let start_in = d.total_in();
+        loop {
+            if out.capacity() - out.len() < 64 {
+                out.reserve(out.capacity().max(256));
+            }
+            let consumed = (d.total_in() - start_in) as usize;
+            let before = out.len();
+            match d.decompress_vec(&body[consumed..], &mut out, FlushDecompress::Finish) {
+                Ok(Status::StreamEnd) => return Ok(()),
+                Ok(_)
+                    if out.len() == before
+                        && (d.total_in() - start_in) as usize == consumed
+                        && out.capacity() - out.len() >= 64 =>
+                {
+                    return Err(invalid("truncated gzip data"));
+                }
+                Ok(_) => {}
+                Err(e) => return Err(invalid(&e.to_string())),
+            }
+        }
+    })?;
+    let mut crc = Crc::new();
+    crc.update(&out);
+    if crc.sum() != want_crc || out.len() as u32 != want_len {
+        return Err(invalid("gzip checksum or length mismatch"));
+    }
     Ok(out)
 }
 
@@ -276,6 +346,33 @@ pub async fn read_between(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gzip_is_standard_and_reuse_is_clean() {
+        // Standard gzip: what we write, GzDecoder reads, and the other way.
+        for text in [
+            &b""[..],
+            b"x",
+            &[b'a'; 100_000],
+            "é€ JSON {\"k\": 1}".as_bytes(),
+        ] {
+            let z = gzip(text);
+            let mut plain = Vec::new();
+            GzDecoder::new(&z[..]).read_to_end(&mut plain).unwrap();
+            assert_eq!(plain, text);
+            assert_eq!(gunzip(&z).unwrap(), text);
+            let mut enc = flate2::write::GzEncoder::new(Vec::new(), Compression::best());
+            std::io::Write::write_all(&mut enc, text).unwrap();
+            let theirs = enc.finish().unwrap();
+            assert_eq!(gunzip(&theirs).unwrap(), text);
+        }
+        // A corrupted member is an error, not garbage.
+        let mut z = gzip(b"hello hello hello");
+        let n = z.len();
+        z[n - 5] ^= 0xff;
+        assert!(gunzip(&z).is_err());
+        assert!(gunzip(&z[..12]).is_err());
+    }
 
     #[test]
     fn gzip_round_trip() {
