@@ -1409,3 +1409,62 @@ async fn results_are_newest_first_and_max_results_is_bounded() {
     );
     env.cleanup().await;
 }
+
+/// Many jobs at once: the worker claims and records them in shared
+/// transactions (set-based statements); every job still gets exactly one
+/// claim, one final history row, its exit code and its change rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_jobs_is_claimed_and_recorded_in_batches_exactly_once() {
+    let mut env = TestEnv::new().await;
+    let api = env.start_api().await;
+    let mut settings = env.worker_settings("burst", "default", "worker");
+    settings.worker.concurrency = 32;
+    env.start_worker_with(settings).await;
+    let key = env.key("alice", &[Role::Debug, Role::TaskManager]).await;
+    let mut ids = Vec::new();
+    let submissions: Vec<_> = (0..120)
+        .map(|i| {
+            let (api, key) = (&api, &key);
+            async move {
+                let body = if i % 3 == 0 {
+                    json!({"jobName": format!("b{i}"), "command": format!("exit {}", i % 2)})
+                } else {
+                    json!({"jobName": format!("b{i}"), "command": "noop", "executionMode": "inline"})
+                };
+                submit_ok(api, key, body).await
+            }
+        })
+        .collect();
+    for id in futures_util::future::join_all(submissions).await {
+        ids.push(id);
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let want = if i % 3 == 0 && i % 2 == 1 {
+            "failed"
+        } else {
+            "succeeded"
+        };
+        assert_eq!(
+            env.wait_terminal(*id, Duration::from_secs(60)).await,
+            want,
+            "job {i}"
+        );
+    }
+    let rows: Vec<(Uuid, i32, i64, i64, Option<i32>)> = sqlx::query_as(
+        "SELECT j.job_id, j.attempt,
+                (SELECT count(*) FROM task_history h WHERE h.job_id = j.job_id AND h.is_final),
+                (SELECT count(*) FROM data_change d WHERE d.record_id = j.job_id::text
+                   AND d.change_reason = 'claimed'),
+                j.exit_code
+         FROM jobs j",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .expect("rows");
+    assert_eq!(rows.len(), ids.len());
+    for (id, attempt, finals, claims, code) in rows {
+        assert_eq!((attempt, finals, claims), (1, 1, 1), "job {id}");
+        assert!(code.is_some(), "job {id} has no exit code");
+    }
+    env.cleanup().await;
+}

@@ -13,6 +13,7 @@
 //! committed (for `background` jobs, after the claim is committed: their
 //! liveness is the claim lease, not the broker's ack timeout).
 
+mod batch;
 pub mod exec;
 mod node;
 pub mod procinfo;
@@ -42,8 +43,9 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::batch::Batcher;
 use crate::exec::{CommandSpec, Ending, Outcome};
-use crate::store::{ClaimResult, Claimed, Finish, Finished};
+use crate::store::{ClaimRequest, ClaimResult, Claimed, Claimer, Finish, FinishRequest, Finished};
 
 /// Why a running job was stopped from outside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,7 +86,15 @@ struct Ctx {
     tracker: TaskTracker,
     /// Cancelled when the process should stop taking work.
     shutdown: CancellationToken,
+    /// Claims of concurrent deliveries, written together.
+    claims: Batcher<ClaimRequest, ClaimResult>,
+    /// Ends of concurrent runs, written together.
+    finishes: Batcher<FinishRequest, Finished>,
 }
+
+/// Requests one batch takes at most, and batches in flight at once.
+const BATCH_MAX: usize = 128;
+const BATCH_RUNNERS: usize = 2;
 
 /// Runs a worker until `shutdown`, then drains: running jobs get
 /// `worker.drain_timeout_secs` to finish, after which they are killed and
@@ -99,7 +109,42 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     tracing::info!(%node_id, node_name, group = settings.worker.group, role = settings.worker.role,
         concurrency = settings.worker.concurrency, "worker registered");
     let names = Names::new(settings.amqp.prefix.clone());
+    let claimer = Claimer {
+        node_id,
+        node_name: node_name.clone(),
+        lease: Duration::from_secs(settings.worker.claim_lease_secs),
+        delivery_limit: settings.amqp.delivery_limit,
+    };
+    let claim_pool = pool.clone();
+    let claims = Batcher::spawn(
+        BATCH_MAX,
+        BATCH_RUNNERS,
+        move |requests: Vec<ClaimRequest>| {
+            let (pool, claimer) = (claim_pool.clone(), claimer.clone());
+            async move {
+                store::claim_batch(&pool, &claimer, &requests)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        },
+    );
+    let finish_pool = pool.clone();
+    let finish_node = node_name.clone();
+    let finishes = Batcher::spawn(
+        BATCH_MAX,
+        BATCH_RUNNERS,
+        move |requests: Vec<FinishRequest>| {
+            let (pool, node_name) = (finish_pool.clone(), finish_node.clone());
+            async move {
+                store::finish_batch(&pool, node_id, &node_name, &requests)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        },
+    );
     let ctx = Arc::new(Ctx {
+        claims,
+        finishes,
         publisher: Publisher::new(
             settings.amqp.url.clone(),
             names.clone(),
@@ -410,17 +455,7 @@ async fn process(ctx: Arc<Ctx>, delivery: Delivery, run: JobRun) {
             .running
             .lock()
             .map_or(true, |r| !r.contains_key(&job_id));
-        match store::claim(
-            &ctx.pool,
-            job_id,
-            ctx.node_id,
-            &ctx.node_name,
-            lease,
-            own_stale,
-            ctx.settings.amqp.delivery_limit,
-        )
-        .await
-        {
+        match ctx.claims.call(ClaimRequest { job_id, own_stale }).await {
             Ok(ClaimResult::Claimed(c)) => break c,
             Ok(ClaimResult::Finished(status)) => {
                 tracing::debug!(%job_id, %status, "redelivered message for a finished job; acked without running");
@@ -512,7 +547,12 @@ async fn process(ctx: Arc<Ctx>, delivery: Delivery, run: JobRun) {
     let fin = finish_of(&outcome, stop == Some(StopReason::Cancelled));
     let mut wait = Duration::from_millis(100);
     loop {
-        match store::finish(&ctx.pool, &claimed, &run, ctx.node_id, &ctx.node_name, &fin).await {
+        let request = FinishRequest {
+            claimed: claimed.clone(),
+            run: run.clone(),
+            fin: fin.clone(),
+        };
+        match ctx.finishes.call(request).await {
             Ok(Finished::Final) => {
                 tracing::info!(%job_id, status = %fin.status, exit_code = ?fin.exit_code, duration_ms = fin.duration.as_millis() as u64, "job finished");
                 publish_event(&ctx, job_id, fin.status, claimed.attempt, fin.exit_code);
