@@ -87,20 +87,36 @@ async fn submit_inner(
                 .unwrap_or_default();
         hex::encode(Sha256::digest(canonical))
     });
-    let accepted = jobs::accept(
-        &state.pool,
-        NewJob {
+    let accepted = if jobs::PlainJob::fits(&spec, idempotency_key.as_deref()) {
+        // The bulk of submissions: accepted together with whatever else
+        // arrives at the same moment.
+        let plain = jobs::PlainJob {
             job_id: Uuid::now_v7(),
-            user_id: caller.user(),
-            spec: &spec,
+            user_id: caller.user().to_owned(),
+            spec: spec.clone(),
             triggered_by: TriggeredBy::Api,
-            idempotency_key: idempotency_key.as_deref(),
-            request_hash: request_hash.as_deref(),
-            changed_by: caller.user(),
-            task: None,
-        },
-    )
-    .await?;
+            changed_by: caller.user().to_owned(),
+        };
+        state.accepter.call(plain).await.map_err(|error| {
+            tracing::warn!(%error, "accepting a job failed");
+            ApiError::Unavailable("the database")
+        })?
+    } else {
+        jobs::accept(
+            &state.pool,
+            NewJob {
+                job_id: Uuid::now_v7(),
+                user_id: caller.user(),
+                spec: &spec,
+                triggered_by: TriggeredBy::Api,
+                idempotency_key: idempotency_key.as_deref(),
+                request_hash: request_hash.as_deref(),
+                changed_by: caller.user(),
+                task: None,
+            },
+        )
+        .await?
+    };
     match accepted {
         Accepted::Conflict => Err(ApiError::Conflict(
             "Idempotency-Key was already used with a different request body".into(),

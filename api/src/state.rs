@@ -28,4 +28,11 @@ pub struct AppState {
     pub limiter: Arc<RateLimiter>,
     /// Publishes accepted jobs of concurrent requests together.
     pub batcher: taskhost_common::jobs::PublishBatcher,
+    /// Accepts plain submissions of concurrent requests together.
+    pub accepter: Arc<
+        taskhost_common::batch::Batcher<
+            taskhost_common::jobs::PlainJob,
+            taskhost_common::jobs::Accepted,
+        >,
+    >,
 }

@@ -1468,3 +1468,61 @@ async fn a_burst_of_jobs_is_claimed_and_recorded_in_batches_exactly_once() {
     }
     env.cleanup().await;
 }
+
+/// The batched acceptance path answers a repeated id inside one batch as a
+/// duplicate and writes the job, its change row and its outbox row once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_id_in_one_accept_batch_is_one_job() {
+    use taskhost_common::jobs::{Accepted, PlainJob, accept_plain_batch};
+    use taskhost_common::model::{SubmitRequest, TriggeredBy};
+    let env = TestEnv::new().await;
+    let spec = serde_json::from_value::<SubmitRequest>(json!({"jobName": "j", "command": "true"}))
+        .expect("request")
+        .validate()
+        .expect("valid");
+    let job = |id: Uuid| PlainJob {
+        job_id: id,
+        user_id: "alice".into(),
+        spec: spec.clone(),
+        triggered_by: TriggeredBy::Queue,
+        changed_by: "ingress".into(),
+    };
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    let answers = accept_plain_batch(&env.pool, &[job(a), job(b), job(a)])
+        .await
+        .expect("batch");
+    assert!(
+        matches!(&answers[0], Accepted::Created { job_ids, outbox, .. }
+        if job_ids == &vec![a] && outbox.len() == 1 && outbox[0].job_id == Some(a))
+    );
+    assert!(matches!(&answers[1], Accepted::Created { job_ids, .. } if job_ids == &vec![b]));
+    assert_eq!(answers[2], Accepted::Duplicate { job_id: a });
+    // A later batch with the same id is a duplicate too.
+    let again = accept_plain_batch(&env.pool, &[job(a)])
+        .await
+        .expect("batch");
+    assert_eq!(again, vec![Accepted::Duplicate { job_id: a }]);
+    for (table, sql) in [
+        ("jobs", "SELECT count(*) FROM jobs WHERE job_id = $1"),
+        ("outbox", "SELECT count(*) FROM outbox WHERE job_id = $1"),
+        (
+            "data_change",
+            "SELECT count(*) FROM data_change WHERE record_id = $1::text",
+        ),
+    ] {
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(a)
+            .fetch_one(&env.pool)
+            .await
+            .expect("count");
+        assert_eq!(n, 1, "{table} rows for the repeated id");
+    }
+    let (status, by): (String, String) =
+        sqlx::query_as("SELECT status, triggered_by FROM jobs WHERE job_id = $1")
+            .bind(b)
+            .fetch_one(&env.pool)
+            .await
+            .expect("job b");
+    assert_eq!((status.as_str(), by.as_str()), ("pending", "queue"));
+    env.cleanup().await;
+}

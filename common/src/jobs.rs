@@ -324,6 +324,167 @@ pub async fn accept_in(
     })
 }
 
+/// A plain submission: no idempotency key, one target (no fan-out), not a
+/// task run. These are the bulk of submissions and are accepted in batches.
+#[derive(Debug, Clone)]
+pub struct PlainJob {
+    /// The job id (UUIDv7, or the ingress message id).
+    pub job_id: Uuid,
+    /// Owner.
+    pub user_id: String,
+    /// The validated request.
+    pub spec: JobSpec,
+    /// What caused it.
+    pub triggered_by: TriggeredBy,
+    /// Recorded as `changed_by` in the change log.
+    pub changed_by: String,
+}
+
+impl PlainJob {
+    /// Whether a submission may take the batched path.
+    pub fn fits(spec: &JobSpec, idempotency_key: Option<&str>) -> bool {
+        idempotency_key.is_none() && spec.target.fanout == Fanout::One
+    }
+}
+
+/// Accepts plain submissions together: one transaction with one INSERT of
+/// the job rows, one of their change rows and one of their outbox rows, so
+/// Postgres does per-batch rather than per-job work. Answers one
+/// [`Accepted`] per job, in order (`Duplicate` when the id exists).
+pub async fn accept_plain_batch(
+    pool: &PgPool,
+    jobs: &[PlainJob],
+) -> Result<Vec<Accepted>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let ids: Vec<Uuid> = jobs.iter().map(|j| j.job_id).collect();
+    let users: Vec<&str> = jobs.iter().map(|j| j.user_id.as_str()).collect();
+    let names: Vec<&str> = jobs.iter().map(|j| j.spec.job_name.as_str()).collect();
+    let commands: Vec<&str> = jobs.iter().map(|j| j.spec.command.as_str()).collect();
+    let descriptions: Vec<&str> = jobs.iter().map(|j| j.spec.description.as_str()).collect();
+    let modes: Vec<&str> = jobs
+        .iter()
+        .map(|j| j.spec.execution_mode.as_str())
+        .collect();
+    let node_ids: Vec<Option<Uuid>> = jobs.iter().map(|j| j.spec.target.node_id).collect();
+    let groups: Vec<Option<&str>> = jobs
+        .iter()
+        .map(|j| j.spec.target.node_group.as_deref())
+        .collect();
+    let roles: Vec<Option<&str>> = jobs
+        .iter()
+        .map(|j| j.spec.target.node_role.as_deref())
+        .collect();
+    let priorities: Vec<i16> = jobs.iter().map(|j| j.spec.priority).collect();
+    let timeouts: Vec<Option<i32>> = jobs.iter().map(|j| j.spec.timeout_seconds).collect();
+    let envs: Vec<Value> = jobs
+        .iter()
+        .map(|j| serde_json::to_value(&j.spec.env).unwrap_or(Value::Null))
+        .collect();
+    let triggers: Vec<&str> = jobs.iter().map(|j| j.triggered_by.as_str()).collect();
+    let inserted: Vec<(Uuid, Value, DateTime<Utc>)> = sqlx::query_as(
+        "INSERT INTO jobs (job_id, user_id, job_name, command, description, execution_mode, status,
+                           target_node_id, target_node_group, target_node_role, fanout, priority,
+                           timeout_seconds, env, triggered_by)
+         SELECT id, u, n, c, d, m, 'pending', ni, ng, nr, 'one', p, t, e, tb
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $7::uuid[], $8::text[], $9::text[], $10::int2[], $11::int4[], $12::jsonb[],
+                     $13::text[]) AS x(id, u, n, c, d, m, ni, ng, nr, p, t, e, tb)
+         ON CONFLICT DO NOTHING
+         RETURNING job_id, to_jsonb(jobs.*), submitted_at",
+    )
+    .bind(&ids)
+    .bind(&users)
+    .bind(&names)
+    .bind(&commands)
+    .bind(&descriptions)
+    .bind(&modes)
+    .bind(&node_ids)
+    .bind(&groups)
+    .bind(&roles)
+    .bind(&priorities)
+    .bind(&timeouts)
+    .bind(&envs)
+    .bind(&triggers)
+    .fetch_all(&mut *tx)
+    .await?;
+    let by_id: std::collections::HashMap<Uuid, usize> = inserted
+        .iter()
+        .enumerate()
+        .map(|(k, (id, _, _))| (*id, k))
+        .collect();
+    // Inserted rows, each once (a repeated id in one batch is a duplicate).
+    let mut seen = std::collections::HashSet::new();
+    let fresh: Vec<&PlainJob> = jobs
+        .iter()
+        .filter(|j| by_id.contains_key(&j.job_id) && seen.insert(j.job_id))
+        .collect();
+    let changes: Vec<Change<'_>> = fresh
+        .iter()
+        .map(|j| Change {
+            table: "jobs",
+            record_id: j.job_id.to_string(),
+            action: Action::Insert,
+            old: None,
+            new: Some(&inserted[by_id[&j.job_id]].1),
+            changed_by: &j.changed_by,
+            node_id: None,
+            reason: Some("submitted"),
+        })
+        .collect();
+    changelog::record_many(&mut tx, &changes).await?;
+    let runs: Vec<JobRun> = fresh
+        .iter()
+        .map(|j| JobRun {
+            job_id: j.job_id,
+            attempt: 0,
+            command: j.spec.command.clone(),
+            execution_mode: j.spec.execution_mode,
+            timeout_seconds: j.spec.timeout_seconds,
+            env: j.spec.env.clone(),
+            priority: j.spec.priority,
+            submitted_at: inserted[by_id[&j.job_id]].2,
+        })
+        .collect();
+    let keys: Vec<String> = fresh.iter().map(|j| j.spec.target.routing_key()).collect();
+    let message_ids: Vec<String> = runs.iter().map(|r| format!("{}:0", r.job_id)).collect();
+    let payloads: Vec<Value> = runs
+        .iter()
+        .map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
+        .collect();
+    let run_ids: Vec<Uuid> = runs.iter().map(|r| r.job_id).collect();
+    let run_priorities: Vec<i16> = runs.iter().map(|r| r.priority).collect();
+    let outbox: Vec<OutboxMessage> = sqlx::query_as(
+        "INSERT INTO outbox (exchange, routing_key, message_type, message_id, priority, payload, job_id)
+         SELECT 'work', rk, $2, mid, p, pl, j
+         FROM UNNEST($1::text[], $3::text[], $4::int2[], $5::jsonb[], $6::uuid[]) AS x(rk, mid, p, pl, j)
+         RETURNING outbox_id, exchange, routing_key, message_type, message_id, priority, payload, job_id",
+    )
+    .bind(&keys)
+    .bind(JOB_RUN_V1)
+    .bind(&message_ids)
+    .bind(&run_priorities)
+    .bind(&payloads)
+    .bind(&run_ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    let mut outbox: std::collections::HashMap<Uuid, OutboxMessage> = outbox
+        .into_iter()
+        .filter_map(|m| m.job_id.map(|id| (id, m)))
+        .collect();
+    Ok(jobs
+        .iter()
+        .map(|j| match outbox.remove(&j.job_id) {
+            Some(message) if by_id.contains_key(&j.job_id) => Accepted::Created {
+                job_ids: vec![j.job_id],
+                outbox: vec![message],
+                status: JobStatus::Pending,
+            },
+            _ => Accepted::Duplicate { job_id: j.job_id },
+        })
+        .collect())
+}
+
 fn duplicate_or_conflict(found: (Uuid, Option<String>), hash: Option<&str>) -> Accepted {
     if found.1.as_deref() == hash {
         Accepted::Duplicate { job_id: found.0 }

@@ -8,11 +8,13 @@
 //! - [`model`]: job states, modes, roles, request validation.
 //! - [`changelog`]: the gzip-compressed `data_change` log.
 //! - [`keys`]: hashed API keys.
+//! - [`batch`]: group commit of requests that arrive together.
 //! - [`jobs`]: accepting a job (row + change + outbox in one transaction).
 //! - [`shutdown`]: SIGTERM/SIGINT as a cancellation token.
 //! - [`sync`]: the change feed's safe head, consumer cursors, the events relay.
 
 pub mod amqp;
+pub mod batch;
 pub mod changelog;
 pub mod config;
 pub mod db;

@@ -13,7 +13,6 @@
 //! committed (for `background` jobs, after the claim is committed: their
 //! liveness is the claim lease, not the broker's ack timeout).
 
-mod batch;
 pub mod exec;
 mod node;
 pub mod procinfo;
@@ -33,6 +32,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use taskhost_common::amqp::{self, Names, Publisher};
+use taskhost_common::batch::Batcher;
 use taskhost_common::changelog;
 use taskhost_common::jobs;
 use taskhost_common::messages::{Control, JOB_RUN_V1, JobRun};
@@ -43,7 +43,6 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::batch::Batcher;
 use crate::exec::{CommandSpec, Ending, Outcome};
 use crate::store::{ClaimRequest, ClaimResult, Claimed, Claimer, Finish, FinishRequest, Finished};
 

@@ -1,7 +1,7 @@
-//! Group commit for the worker's Postgres writes: claims and run endings
-//! that arrive together are written by one transaction with a few
-//! set-based statements (DESIGN "Performance shape": no per-job commit at
-//! load).
+//! Group commit: requests from many tasks that arrive together are handled
+//! as one batch (one transaction, a few set-based statements; DESIGN
+//! "Performance shape": no per-job commit at load). The api batches plain
+//! submissions; the worker batches claims and run endings.
 //!
 //! A [`Batcher`] takes requests from many tasks. Whenever a runner is free
 //! it takes everything waiting (up to a maximum) as one batch, so batches
@@ -18,7 +18,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 type Reply<A> = oneshot::Sender<Result<A, String>>;
 
 /// Batches requests of type `R` answered with `A`.
-pub(crate) struct Batcher<R, A> {
+pub struct Batcher<R, A> {
     tx: mpsc::Sender<(R, Reply<A>)>,
 }
 
@@ -26,7 +26,7 @@ impl<R: Clone + Send + 'static, A: Send + 'static> Batcher<R, A> {
     /// Starts the batching task: at most `runners` batches of at most `max`
     /// requests run at once, each through `run`, which answers every
     /// request of its batch in order or fails the batch as a whole.
-    pub(crate) fn spawn<F, Fut>(max: usize, runners: usize, run: F) -> Self
+    pub fn spawn<F, Fut>(max: usize, runners: usize, run: F) -> Self
     where
         F: Fn(Vec<R>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<A>, String>> + Send + 'static,
@@ -60,7 +60,7 @@ impl<R: Clone + Send + 'static, A: Send + 'static> Batcher<R, A> {
     }
 
     /// Sends one request and waits for its answer.
-    pub(crate) async fn call(&self, request: R) -> Result<A, String> {
+    pub async fn call(&self, request: R) -> Result<A, String> {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send((request, reply))
