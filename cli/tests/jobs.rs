@@ -1526,3 +1526,56 @@ async fn a_repeated_id_in_one_accept_batch_is_one_job() {
     assert_eq!((status.as_str(), by.as_str()), ("pending", "queue"));
     env.cleanup().await;
 }
+
+/// Two copies of one job's work message reach the same worker at once (a
+/// redelivery racing the original): the job runs once, on one attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_copies_of_a_job_on_one_worker_run_it_once() {
+    let mut env = TestEnv::new().await;
+    let api = env.start_api().await;
+    let mut settings = env.worker_settings("copies", "default", "worker");
+    settings.worker.concurrency = 8;
+    env.start_worker_with(settings).await;
+    let key = env.key("alice", &[Role::TaskManager]).await;
+    for round in 0..5 {
+        let id = submit_ok(
+            &api,
+            &key,
+            json!({"jobName": format!("c{round}"), "command": "sleep 0.3; echo once"}),
+        )
+        .await;
+        let copy = json!({"job_id": id, "attempt": 0, "command": "sleep 0.3; echo once",
+            "execution_mode": "pool", "timeout_seconds": null, "env": {}, "priority": 5,
+            "submitted_at": chrono::Utc::now()});
+        for _ in 0..2 {
+            env.publish_raw(
+                &env.names().work(),
+                "any",
+                copy.to_string().as_bytes(),
+                Some("job.run.v1"),
+                Some(&format!("{id}:0")),
+            )
+            .await;
+        }
+        assert_eq!(
+            env.wait_terminal(id, Duration::from_secs(20)).await,
+            "succeeded"
+        );
+        // Let the copies be consumed and acked.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let (attempt, runs): (i32, i64) = sqlx::query_as(
+            "SELECT attempt, (SELECT count(*) FROM task_history h WHERE h.job_id = j.job_id)
+             FROM jobs j WHERE job_id = $1",
+        )
+        .bind(id)
+        .fetch_one(&env.pool)
+        .await
+        .expect("job");
+        assert_eq!(
+            (attempt, runs),
+            (1, 1),
+            "round {round}: job {id} ran more than once"
+        );
+    }
+    env.cleanup().await;
+}

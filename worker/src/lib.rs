@@ -79,6 +79,8 @@ struct Ctx {
     node_name: String,
     publisher: Publisher,
     running: Mutex<HashMap<Uuid, Running>>,
+    /// Deliveries of each job this process is claiming right now.
+    claiming: Arc<Mutex<HashMap<Uuid, usize>>>,
     pool_slots: Arc<Semaphore>,
     background_slots: Arc<Semaphore>,
     started: Instant,
@@ -154,6 +156,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         node_id,
         node_name,
         running: Mutex::new(HashMap::new()),
+        claiming: Arc::new(Mutex::new(HashMap::new())),
         pool_slots: Arc::new(Semaphore::new(settings.worker.concurrency)),
         background_slots: Arc::new(Semaphore::new(settings.worker.background_slots)),
         started: Instant::now(),
@@ -420,6 +423,44 @@ fn publish_event(
     );
 }
 
+/// Counts a delivery as claiming its job while it lives.
+struct Claiming {
+    map: Arc<Mutex<HashMap<Uuid, usize>>>,
+    job_id: Uuid,
+}
+
+impl Claiming {
+    fn enter(map: &Arc<Mutex<HashMap<Uuid, usize>>>, job_id: Uuid) -> Self {
+        if let Ok(mut m) = map.lock() {
+            *m.entry(job_id).or_insert(0) += 1;
+        }
+        Self {
+            map: map.clone(),
+            job_id,
+        }
+    }
+
+    /// No other delivery of this job is being claimed in this process.
+    fn alone(&self) -> bool {
+        self.map
+            .lock()
+            .is_ok_and(|m| m.get(&self.job_id).copied().unwrap_or(0) <= 1)
+    }
+}
+
+impl Drop for Claiming {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.map.lock()
+            && let Some(n) = m.get_mut(&self.job_id)
+        {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.job_id);
+            }
+        }
+    }
+}
+
 /// Sleeps `d` unless shutdown comes first; false on shutdown.
 async fn pause(ctx: &Ctx, d: Duration) -> bool {
     tokio::select! {
@@ -449,11 +490,15 @@ async fn process(ctx: Arc<Ctx>, delivery: Delivery, run: JobRun) {
     };
     let lease = Duration::from_secs(ctx.settings.worker.claim_lease_secs);
     let mut wait = Duration::from_millis(100);
+    // Held until the job is in `running`: another copy of the same job
+    // delivered meanwhile must not take this process's claim for a stale one.
+    let claiming = Claiming::enter(&ctx.claiming, job_id);
     let claimed = loop {
-        let own_stale = ctx
-            .running
-            .lock()
-            .map_or(true, |r| !r.contains_key(&job_id));
+        let own_stale = claiming.alone()
+            && ctx
+                .running
+                .lock()
+                .map_or(true, |r| !r.contains_key(&job_id));
         match ctx.claims.call(ClaimRequest { job_id, own_stale }).await {
             Ok(ClaimResult::Claimed(c)) => break c,
             Ok(ClaimResult::Finished(status)) => {
@@ -480,7 +525,7 @@ async fn process(ctx: Arc<Ctx>, delivery: Delivery, run: JobRun) {
                     return requeue(&delivery).await;
                 }
             }
-            Err(error) => {
+            Ok(ClaimResult::Again(error)) | Err(error) => {
                 tracing::warn!(%error, %job_id, "claim failed; retrying");
                 if !pause(&ctx, wait).await {
                     return requeue(&delivery).await;
@@ -504,6 +549,7 @@ async fn process(ctx: Arc<Ctx>, delivery: Delivery, run: JobRun) {
             },
         );
     }
+    drop(claiming);
     publish_event(&ctx, job_id, JobStatus::Running, claimed.attempt, None);
     tracing::info!(%job_id, attempt = claimed.attempt, mode = %run.execution_mode, "job started");
     let renewer = tokio::spawn(renew_loop(ctx.clone(), claimed.clone(), lease));

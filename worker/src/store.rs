@@ -58,6 +58,8 @@ pub(crate) enum ClaimResult {
     /// The job waits for a retry that is not due yet; this delivery is an
     /// older copy. Ack it without running: the delayed message runs it.
     NotDue,
+    /// The claim could not be made (Postgres failed): ask again.
+    Again(String),
     /// Too many attempts: recorded as dead; ack and dead-letter.
     Dead(String),
 }
@@ -270,8 +272,12 @@ pub(crate) async fn claim_batch(
     }
     tx.commit().await?;
     // Locked or missing rows: one by one, now that this batch holds nothing.
+    // The batch is committed, so a failure here is that request's alone.
     for i in later {
-        answers[i] = Some(claim(pool, c, requests[i]).await?);
+        answers[i] = Some(match claim(pool, c, requests[i]).await {
+            Ok(answer) => answer,
+            Err(error) => ClaimResult::Again(error.to_string()),
+        });
     }
     Ok(answers.into_iter().flatten().collect())
 }
@@ -380,10 +386,11 @@ async fn claim_rows(
         })
         .collect();
     changelog::record_many(&mut *tx, &changes).await?;
-    for r in &rows {
-        if let Some(task_id) = r.task_id {
-            tasks::record_run_start(&mut *tx, task_id, c.node_id, &c.node_name).await?;
-        }
+    // Schedule rows in task id order, so batches lock them in one order.
+    let mut task_ids: Vec<Uuid> = rows.iter().filter_map(|r| r.task_id).collect();
+    task_ids.sort_unstable();
+    for task_id in task_ids {
+        tasks::record_run_start(&mut *tx, task_id, c.node_id, &c.node_name).await?;
     }
     Ok(rows
         .into_iter()
@@ -610,7 +617,12 @@ pub(crate) async fn finish_batch(
     let mut tx = pool.begin().await?;
     let mut answers: Vec<Option<Finished>> = requests.iter().map(|_| None).collect();
     let mut simple = Vec::new();
-    for (i, r) in requests.iter().enumerate() {
+    // Task runs first in task id order, so batches lock schedule rows in
+    // one order.
+    let mut order: Vec<usize> = (0..requests.len()).collect();
+    order.sort_by_key(|&i| (requests[i].claimed.task_id, requests[i].claimed.job_id));
+    for i in order {
+        let r = &requests[i];
         let retryable = matches!(r.fin.status, JobStatus::Failed | JobStatus::TimedOut);
         if retryable && r.claimed.max_retries > 0 {
             answers[i] =
@@ -622,7 +634,8 @@ pub(crate) async fn finish_batch(
     if !simple.is_empty() {
         let done = finish_final(&mut tx, node_id, node_name, requests, &simple).await?;
         for i in simple {
-            answers[i] = Some(if done.contains(&requests[i].claimed.job_id) {
+            let key = (requests[i].claimed.job_id, requests[i].claimed.attempt);
+            answers[i] = Some(if done.contains(&key) {
                 Finished::Final
             } else {
                 Finished::Fenced
@@ -633,15 +646,16 @@ pub(crate) async fn finish_batch(
     Ok(answers.into_iter().flatten().collect())
 }
 
-/// Final ends (no retry) of `which` requests, set-based. Returns the jobs
-/// written; the others no longer belonged to their attempt (fenced).
+/// Final ends (no retry) of `which` requests, set-based. Returns the
+/// (job, attempt) pairs written; the others no longer belonged to their
+/// attempt (fenced).
 async fn finish_final(
     tx: &mut PgConnection,
     node_id: Uuid,
     node_name: &str,
     requests: &[FinishRequest],
     which: &[usize],
-) -> Result<Vec<Uuid>, sqlx::Error> {
+) -> Result<Vec<(Uuid, i32)>, sqlx::Error> {
     let pick = |i: &usize| &requests[*i];
     let ids: Vec<Uuid> = which.iter().map(|i| pick(i).claimed.job_id).collect();
     let attempts: Vec<i32> = which.iter().map(|i| pick(i).claimed.attempt).collect();
@@ -655,12 +669,12 @@ async fn finish_final(
         .iter()
         .map(|i| pick(i).fin.status == JobStatus::Succeeded)
         .collect();
-    let changed: Vec<(Uuid, Value, Value)> = sqlx::query_as(
+    let changed: Vec<(Uuid, i32, Value, Value)> = sqlx::query_as(
         "WITH v AS (
              SELECT * FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::int4[], $6::bool[])
                  AS v(id, attempt, status, reason, exit_code, success)
          ), old AS (
-             SELECT j.job_id, to_jsonb(j.*) AS row FROM jobs j
+             SELECT j.job_id, j.attempt, to_jsonb(j.*) AS row FROM jobs j
              JOIN v ON j.job_id = v.id AND j.attempt = v.attempt
              WHERE j.status = 'running'
              ORDER BY j.job_id
@@ -668,9 +682,9 @@ async fn finish_final(
          )
          UPDATE jobs SET status = v.status, status_reason = v.reason, exit_code = v.exit_code,
                 success = v.success, completed_at = now(), claim_expiry = NULL, retry_at = NULL
-         FROM old JOIN v ON v.id = old.job_id
+         FROM old JOIN v ON v.id = old.job_id AND v.attempt = old.attempt
          WHERE jobs.job_id = old.job_id
-         RETURNING jobs.job_id, old.row, to_jsonb(jobs.*)",
+         RETURNING jobs.job_id, jobs.attempt, old.row, to_jsonb(jobs.*)",
     )
     .bind(&ids)
     .bind(&attempts)
@@ -683,15 +697,16 @@ async fn finish_final(
     if changed.is_empty() {
         return Ok(Vec::new());
     }
-    let written: HashMap<Uuid, usize> = changed
+    let written: HashMap<(Uuid, i32), usize> = changed
         .iter()
         .enumerate()
-        .map(|(k, (id, _, _))| (*id, k))
+        .map(|(k, (id, attempt, _, _))| ((*id, *attempt), k))
         .collect();
+    let key = |r: &FinishRequest| (r.claimed.job_id, r.claimed.attempt);
     let done: Vec<&FinishRequest> = which
         .iter()
         .map(pick)
-        .filter(|r| written.contains_key(&r.claimed.job_id))
+        .filter(|r| written.contains_key(&key(r)))
         .collect();
     let h_task: Vec<Option<Uuid>> = done.iter().map(|r| r.claimed.task_id).collect();
     let h_job: Vec<Uuid> = done.iter().map(|r| r.claimed.job_id).collect();
@@ -735,7 +750,7 @@ async fn finish_final(
     let changes: Vec<Change<'_>> = done
         .iter()
         .map(|r| {
-            let (_, old, new) = &changed[written[&r.claimed.job_id]];
+            let (_, _, old, new) = &changed[written[&key(r)]];
             record_job_change(
                 r.claimed.job_id,
                 Some(old),
@@ -747,7 +762,13 @@ async fn finish_final(
         })
         .collect();
     changelog::record_many(&mut *tx, &changes).await?;
-    for r in &done {
+    // Schedule rows in task id order, so batches lock them in one order.
+    let mut task_runs: Vec<&&FinishRequest> = done
+        .iter()
+        .filter(|r| r.claimed.task_id.is_some())
+        .collect();
+    task_runs.sort_by_key(|r| r.claimed.task_id);
+    for r in task_runs {
         if let Some(task_id) = r.claimed.task_id {
             tasks::record_run_end(
                 &mut *tx,
@@ -760,7 +781,7 @@ async fn finish_final(
             .await?;
         }
     }
-    Ok(h_job)
+    Ok(done.iter().map(|r| key(r)).collect())
 }
 
 /// Gives a claimed job back (the worker is shutting down before it ended):
