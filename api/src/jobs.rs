@@ -435,15 +435,24 @@ pub(crate) async fn cancel(
         // sees a finished job and acks it without running.
         let new = sqlx::query_scalar(
             "UPDATE jobs SET cancel_requested = true, status = 'cancelled', completed_at = now(),
-                    success = false, status_reason = 'cancelled before it started'
+                    success = false, retry_at = NULL,
+                    status_reason = CASE WHEN attempt > 0 THEN 'cancelled while waiting for its retry'
+                                         ELSE 'cancelled before it started' END
              WHERE job_id = $1 RETURNING to_jsonb(jobs.*)",
         )
         .bind(job_id)
         .fetch_one(&mut *tx)
         .await?;
         sqlx::query(
+            // A job waiting for a retry already has a (non-final) row for
+            // its last attempt; the cancel is the next one.
             "INSERT INTO task_history (task_id, job_id, attempt, state, is_final, triggered_by, duration_ms)
-             SELECT task_id, job_id, attempt, 'cancelled', true, triggered_by, 0 FROM jobs WHERE job_id = $1
+             SELECT task_id, job_id,
+                    attempt + CASE WHEN EXISTS (SELECT 1 FROM task_history h
+                                                WHERE h.job_id = j.job_id AND h.attempt = j.attempt)
+                                   THEN 1 ELSE 0 END,
+                    'cancelled', true, triggered_by, 0
+             FROM jobs j WHERE job_id = $1
              ON CONFLICT DO NOTHING",
         )
         .bind(job_id)

@@ -1242,6 +1242,44 @@ async fn a_redelivered_copy_does_not_cut_a_retry_backoff_short() {
         .await
         .expect("history");
     assert_eq!(runs, 1);
+
+    // Cancelled while it waits for its retry: one final history row, after
+    // the failed attempt's.
+    let (status, resp) = call(
+        &api,
+        Method::POST,
+        &key,
+        &format!("/jobs/{job}/cancel"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 202, "{resp}");
+    env.wait_status(job, "cancelled", Duration::from_secs(5))
+        .await;
+    let rows: Vec<(i32, String, bool)> = sqlx::query_as(
+        "SELECT attempt, state, is_final FROM task_history WHERE job_id = $1 ORDER BY attempt",
+    )
+    .bind(job)
+    .fetch_all(&env.pool)
+    .await
+    .expect("history");
+    assert_eq!(
+        rows,
+        vec![
+            (1, "failed".to_owned(), false),
+            (2, "cancelled".to_owned(), true)
+        ]
+    );
+    let reason: Option<String> =
+        sqlx::query_scalar("SELECT status_reason FROM jobs WHERE job_id = $1")
+            .bind(job)
+            .fetch_one(&env.pool)
+            .await
+            .expect("reason");
+    assert_eq!(
+        reason.as_deref(),
+        Some("cancelled while waiting for its retry")
+    );
     env.cleanup().await;
 }
 

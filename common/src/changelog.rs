@@ -96,7 +96,10 @@ pub fn gunzip(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
     let (body, trailer) = bytes[10..].split_at(bytes.len() - 18);
     let want_crc = u32::from_le_bytes([trailer[0], trailer[1], trailer[2], trailer[3]]);
     let want_len = u32::from_le_bytes([trailer[4], trailer[5], trailer[6], trailer[7]]);
-    let mut out = Vec::with_capacity((want_len as usize).min(64 << 20));
+    // The trailer's length is only a hint until the CRC is checked: start
+    // small and never inflate past it.
+    let limit = want_len as usize;
+    let mut out = Vec::with_capacity(limit.min(body.len().saturating_mul(4) + 64));
     INFLATE.with(|d| {
         let mut d = d.borrow_mut();
         d.reset(false);
@@ -108,6 +111,9 @@ pub fn gunzip(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
             let consumed = (d.total_in() - start_in) as usize;
             let before = out.len();
             match d.decompress_vec(&body[consumed..], &mut out, FlushDecompress::Finish) {
+                Ok(_) if out.len() > limit => {
+                    return Err(invalid("gzip data longer than declared"));
+                }
                 Ok(Status::StreamEnd) => return Ok(()),
                 Ok(_)
                     if out.len() == before

@@ -299,6 +299,10 @@ impl SubmitRequest {
         if job_name.is_empty() {
             return Err(field_error("jobName", "must not be empty"));
         }
+        // Postgres text cannot hold NUL: refuse it here, as bad input.
+        if job_name.contains('\0') {
+            return Err(field_error("jobName", "must not contain NUL bytes"));
+        }
         if job_name.chars().count() > limits::JOB_NAME_MAX {
             return Err(field_error(
                 "jobName",
@@ -318,6 +322,9 @@ impl SubmitRequest {
             return Err(field_error("command", "must not contain NUL bytes"));
         }
         let description = self.description.unwrap_or_default();
+        if description.contains('\0') {
+            return Err(field_error("description", "must not contain NUL bytes"));
+        }
         if description.chars().count() > limits::DESCRIPTION_MAX {
             return Err(field_error(
                 "description",
@@ -361,6 +368,9 @@ impl SubmitRequest {
                 "env",
                 format!("must have at most {} variables", limits::ENV_MAX),
             ));
+        }
+        if env.values().any(|v| v.contains('\0')) {
+            return Err(field_error("env", "values must not contain NUL bytes"));
         }
         for name in env.keys() {
             let ok = !name.is_empty()
@@ -473,6 +483,16 @@ mod tests {
         let mut r = req();
         r.execution_mode = Some("inline".into());
         assert_eq!(r.validate().unwrap_err().field, "command");
+        // NUL cannot be stored in Postgres text: it is bad input, per field.
+        let mut r = req();
+        r.job_name = "a\0b".into();
+        assert_eq!(r.validate().unwrap_err().field, "jobName");
+        let mut r = req();
+        r.description = Some("a\0b".into());
+        assert_eq!(r.validate().unwrap_err().field, "description");
+        let mut r = req();
+        r.env = Some([("A".to_owned(), "x\0".to_owned())].into());
+        assert_eq!(r.validate().unwrap_err().field, "env");
     }
 
     #[test]

@@ -55,7 +55,7 @@ async fn relay_loop(
     loop {
         match jobs::relay_outbox(pool, publisher, settings.scheduler.relay_grace_ms, 500).await {
             // A full batch means more may be waiting: go again at once.
-            Ok(n) if n >= 500 => continue,
+            Ok(n) if n >= 500 && !shutdown.is_cancelled() => continue,
             Ok(n) if n > 0 => tracing::info!(published = n, "outbox relay published messages"),
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "outbox relay pass failed"),
@@ -84,7 +84,7 @@ async fn change_relay_loop(
     loop {
         match taskhost_common::sync::relay_once(pool, &watermark, publisher, batch).await {
             // A full batch means more may be waiting: go again at once.
-            Ok(pass) if pass.published as i64 >= batch => continue,
+            Ok(pass) if pass.published as i64 >= batch && !shutdown.is_cancelled() => continue,
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "change relay pass failed"),
         }
