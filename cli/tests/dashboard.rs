@@ -238,8 +238,18 @@ async fn open_finished(b: &Browser, job: &str, status: &str, expect: &str) {
         json!([job, status]),
     )
     .await;
-    b.click(&format!("#results-table tr[data-job-id=\"{job}\"]"))
-        .await;
+    // The table is rebuilt as it refreshes, so find and click the row in
+    // one step inside the page (a found element can go stale before a
+    // separate click).
+    b.wait_for(
+        "a click on the job's row",
+        "const row = document.querySelector(`#results-table tr[data-job-id=\"${arguments[0]}\"]`);
+         if (!row) return false;
+         row.click();
+         return true;",
+        json!([job]),
+    )
+    .await;
     b.wait_for(
         &format!("the job's output to show {expect:?}"),
         "const o = document.querySelector('#job-output');
