@@ -1579,3 +1579,48 @@ async fn two_copies_of_a_job_on_one_worker_run_it_once() {
     }
     env.cleanup().await;
 }
+
+/// Another system publishes a burst of jobs to `<p>.submit`, some message
+/// ids twice: every distinct id becomes one job that runs once, handled many
+/// at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_on_the_submit_queue_becomes_one_job_per_message_id() {
+    let mut env = TestEnv::new().await;
+    env.start_scheduler().await;
+    let mut settings = env.worker_settings("ingress-burst", "default", "worker");
+    settings.worker.concurrency = 16;
+    env.start_worker_with(settings).await;
+    env.key("alice", &[Role::Debug]).await;
+    let names = env.names();
+    let ids: Vec<Uuid> = (0..60).map(|_| Uuid::now_v7()).collect();
+    for (i, id) in ids.iter().chain(ids.iter().take(10)).enumerate() {
+        let body = json!({"userId": "alice", "jobName": format!("q{i}"), "command": "noop",
+                          "executionMode": "inline"});
+        env.publish_raw(
+            &names.submit(),
+            "submit",
+            body.to_string().as_bytes(),
+            Some(JOB_SUBMIT_V1),
+            Some(&id.to_string()),
+        )
+        .await;
+    }
+    for id in &ids {
+        assert_eq!(
+            env.wait_terminal(*id, Duration::from_secs(60)).await,
+            "succeeded",
+            "job {id}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (jobs, finals, queue): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), (SELECT count(*) FROM task_history WHERE is_final),
+                count(*) FILTER (WHERE triggered_by = 'queue')
+         FROM jobs",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .expect("counts");
+    assert_eq!((jobs, finals, queue), (60, 60, 60));
+    env.cleanup().await;
+}

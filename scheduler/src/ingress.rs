@@ -2,7 +2,11 @@
 //! messages; each takes the same path as `POST /jobs/submit`. A message that
 //! cannot be accepted is dead-lettered with the reason in a header, and the
 //! consumer keeps going.
+//!
+//! Up to [`IN_FLIGHT`] deliveries are handled at once; plain jobs among them
+//! are accepted and published in batches, as the api does.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -11,12 +15,52 @@ use lapin::types::FieldTable;
 use serde_json::Value;
 use sqlx::PgPool;
 use taskhost_common::amqp::{self, Names, Publisher};
-use taskhost_common::jobs::{self, Accepted, NewJob};
+use taskhost_common::batch::Batcher;
+use taskhost_common::jobs::{self, Accepted, NewJob, PlainJob, PublishBatcher};
 use taskhost_common::keys;
 use taskhost_common::messages::JOB_SUBMIT_V1;
 use taskhost_common::model::{JobStatus, SubmitRequest, TriggeredBy};
 use taskhost_common::{CancellationToken, Settings};
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
+
+/// Deliveries handled at once (and the consumer's prefetch).
+const IN_FLIGHT: u16 = 64;
+
+/// What the deliveries handled at once share.
+struct Ingress {
+    pool: PgPool,
+    publisher: Arc<Publisher>,
+    accepter: Batcher<PlainJob, Accepted>,
+    published: PublishBatcher,
+}
+
+impl Ingress {
+    fn new(pool: PgPool, settings: &Settings) -> Self {
+        let publisher = Arc::new(Publisher::new(
+            settings.amqp.url.clone(),
+            Names::new(settings.amqp.prefix.clone()),
+            "taskhost-scheduler-ingress",
+        ));
+        let accept_pool = pool.clone();
+        let accepter = Batcher::spawn(256, 2, move |jobs: Vec<PlainJob>| {
+            let pool = accept_pool.clone();
+            async move {
+                jobs::accept_plain_batch(&pool, &jobs)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        });
+        let published = PublishBatcher::spawn(pool.clone(), publisher.clone());
+        Self {
+            pool,
+            publisher,
+            accepter,
+            published,
+        }
+    }
+}
 
 /// What to do with one ingress message.
 #[derive(Debug, PartialEq, Eq)]
@@ -30,9 +74,8 @@ pub enum Verdict {
 }
 
 /// Checks and accepts one message (its body, `type` and `message_id`).
-pub async fn process(
-    pool: &PgPool,
-    publisher: &Publisher,
+async fn process(
+    ing: &Ingress,
     body: &[u8],
     message_type: Option<&str>,
     message_id: Option<&str>,
@@ -71,7 +114,7 @@ pub async fn process(
         Ok(s) => s,
         Err(e) => return Verdict::Refused(format!("invalid body: {e}")),
     };
-    let principal = match keys::principal_of_user(pool, &user_id).await {
+    let principal = match keys::principal_of_user(&ing.pool, &user_id).await {
         Ok(Some(p)) => p,
         Ok(None) => {
             return Verdict::Refused(format!("unknown user `{user_id}` (no active API key)"));
@@ -84,20 +127,32 @@ pub async fn process(
             spec.execution_mode
         ));
     }
-    let accepted = jobs::accept(
-        pool,
-        NewJob {
+    let accepted = if PlainJob::fits(&spec, None) {
+        let plain = PlainJob {
             job_id,
-            user_id: &user_id,
-            spec: &spec,
+            user_id: user_id.clone(),
+            spec: spec.clone(),
             triggered_by: TriggeredBy::Queue,
-            idempotency_key: None,
-            request_hash: None,
-            changed_by: &user_id,
-            task: None,
-        },
-    )
-    .await;
+            changed_by: user_id.clone(),
+        };
+        ing.accepter.call(plain).await
+    } else {
+        jobs::accept(
+            &ing.pool,
+            NewJob {
+                job_id,
+                user_id: &user_id,
+                spec: &spec,
+                triggered_by: TriggeredBy::Queue,
+                idempotency_key: None,
+                request_hash: None,
+                changed_by: &user_id,
+                task: None,
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())
+    };
     match accepted {
         Ok(Accepted::Created {
             job_ids,
@@ -109,32 +164,26 @@ pub async fn process(
                     .iter()
                     .map(|id| jobs::job_event(*id, JobStatus::Dead, 0, None, None))
                     .collect();
-                jobs::publish_events(publisher, &events).await;
-            } else if let Err(error) =
-                jobs::publish_outbox(pool, publisher, &outbox, "ingress").await
-            {
+                jobs::publish_events(&ing.publisher, &events).await;
+            } else if let Err(error) = ing.published.publish(outbox, "ingress").await {
                 tracing::warn!(%error, "fast-path publish failed; the relay will publish");
             }
             Verdict::Accepted(job_ids[0])
         }
         Ok(Accepted::Duplicate { job_id }) => Verdict::Accepted(job_id),
         Ok(Accepted::Conflict) => Verdict::Refused("conflicting duplicate".into()),
-        Err(e) => Verdict::Retry(e.to_string()),
+        Err(e) => Verdict::Retry(e),
     }
 }
 
 /// Consumes the ingress queue until shutdown, reconnecting after failures.
-pub async fn run(
-    pool: PgPool,
-    publisher: &Publisher,
-    settings: &Settings,
-    shutdown: CancellationToken,
-) {
+pub async fn run(pool: PgPool, settings: &Settings, shutdown: CancellationToken) {
     let names = Names::new(settings.amqp.prefix.clone());
+    let ing = Arc::new(Ingress::new(pool, settings));
     let mut backoff = Duration::from_millis(200);
     while !shutdown.is_cancelled() {
         let connected_at = std::time::Instant::now();
-        match consume(&pool, publisher, settings, &names, &shutdown).await {
+        match consume(&ing, settings, &names, &shutdown).await {
             Ok(()) => return,
             Err(error) => {
                 // A connection that lived a while starts the backoff over.
@@ -150,11 +199,11 @@ pub async fn run(
             }
         }
     }
+    ing.publisher.close().await;
 }
 
 async fn consume(
-    pool: &PgPool,
-    publisher: &Publisher,
+    ing: &Arc<Ingress>,
     settings: &Settings,
     names: &Names,
     shutdown: &CancellationToken,
@@ -162,7 +211,9 @@ async fn consume(
     let conn = amqp::connect(&settings.amqp.url, "taskhost-scheduler-ingress").await?;
     let ch = conn.create_channel().await?;
     amqp::declare_topology(&ch, names).await?;
-    ch.basic_qos(32, BasicQosOptions::default()).await?;
+    ch.basic_qos(IN_FLIGHT, BasicQosOptions::default()).await?;
+    let slots = Arc::new(Semaphore::new(usize::from(IN_FLIGHT)));
+    let tracker = TaskTracker::new();
     let mut consumer = ch
         .basic_consume(
             names.submit().into(),
@@ -175,6 +226,9 @@ async fn consume(
     loop {
         let delivery = tokio::select! {
             () = shutdown.cancelled() => {
+                // Let the deliveries in hand finish (and be acked) first.
+                tracker.close();
+                let _ = tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await;
                 let _ = conn.close(200, "scheduler stopping".into()).await;
                 return Ok(());
             }
@@ -184,37 +238,40 @@ async fn consume(
                 None => return Err(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed))),
             },
         };
-        let kind = delivery.properties.kind().as_ref().map(|k| k.to_string());
-        let id = delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|m| m.to_string());
-        match process(
-            pool,
-            publisher,
-            &delivery.data,
-            kind.as_deref(),
-            id.as_deref(),
-        )
-        .await
-        {
-            Verdict::Accepted(job_id) => {
-                tracing::info!(%job_id, "ingress job accepted");
-                let _ = delivery.acker.ack(BasicAckOptions::default()).await;
-            }
-            Verdict::Refused(reason) => amqp::dead_letter(publisher, &delivery, &reason).await,
-            Verdict::Retry(error) => {
-                tracing::warn!(%error, "ingress cannot reach Postgres; message requeued");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let _ = delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    })
-                    .await;
-            }
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return Ok(());
+        };
+        let ing = ing.clone();
+        tracker.spawn(async move {
+            handle(&ing, delivery).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn handle(ing: &Ingress, delivery: lapin::message::Delivery) {
+    let kind = delivery.properties.kind().as_ref().map(|k| k.to_string());
+    let id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|m| m.to_string());
+    match process(ing, &delivery.data, kind.as_deref(), id.as_deref()).await {
+        Verdict::Accepted(job_id) => {
+            tracing::info!(%job_id, "ingress job accepted");
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+        }
+        Verdict::Refused(reason) => amqp::dead_letter(&ing.publisher, &delivery, &reason).await,
+        Verdict::Retry(error) => {
+            tracing::warn!(%error, "ingress cannot reach Postgres; message requeued");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let _ = delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await;
         }
     }
 }

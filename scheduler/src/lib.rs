@@ -37,7 +37,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         retention_loop(&pool, &settings, &shutdown),
         relay_loop(&pool, &publisher, &settings, &shutdown),
         reaper_loop(&pool, &publisher, &settings, &shutdown),
-        ingress::run(pool.clone(), &publisher, &settings, shutdown.clone()),
+        ingress::run(pool.clone(), &settings, shutdown.clone()),
         change_relay_loop(&pool, &publisher, &settings, &shutdown),
     );
     publisher.close().await;
