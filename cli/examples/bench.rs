@@ -3,14 +3,16 @@
 //! ```sh
 //! cargo run --release -p taskhost --example bench -- \
 //!     [--jobs 2000] [--mode inline|pool] [--command CMD] [--concurrency 32] [--workers 1] \
-//!     [--slots SLOTS] [--db-connections 20]
+//!     [--slots SLOTS] [--db-connections 20] [--via http|queue]
 //! ```
 //!
 //! It starts an api, a scheduler and `--workers` workers in-process on a fresh
 //! test database and AMQP prefix (taskhost-testkit), measures what this
 //! machine can do on its own (shell spawns, Postgres commits, confirmed AMQP
 //! publishes), then submits `--jobs` jobs over HTTP with `--concurrency`
-//! clients, waits for all of them to finish and prints throughput and latency
+//! clients (or, with `--via queue`, publishes them to `<p>.submit` as another
+//! system would, with confirms in flight), waits for all of them to finish and
+//! prints throughput and latency
 //! beside the machine limits and DESIGN.md's targets. Logs go to stderr
 //! (`RUST_LOG`, default `warn`).
 
@@ -63,6 +65,10 @@ struct Args {
     /// Database pool size of each service.
     #[arg(long, default_value_t = 20)]
     db_connections: u32,
+    /// `http` (POST /jobs/submit) or `queue` (publish job.submit.v1 to
+    /// `<p>.submit`; "submit" latency is then publish → broker confirm).
+    #[arg(long, default_value = "http", value_parser = ["http", "queue"])]
+    via: String,
 }
 
 /// What this machine does on its own.
@@ -133,6 +139,32 @@ async fn run(env: &mut TestEnv, args: &Args) -> anyhow::Result<()> {
         args.jobs, args.mode, args.concurrency, args.workers, args.db_connections
     );
 
+    if args.via == "queue" {
+        let started = Instant::now();
+        let confirm_ms = publish_to_ingress(env, args, &command).await?;
+        let submit_secs = started.elapsed().as_secs_f64();
+        let accepted = confirm_ms.len();
+        wait_all(env, args, accepted).await?;
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT submitted_at, started_at, completed_at, status FROM jobs WHERE user_id = 'bench'",
+        )
+        .fetch_all(&env.pool)
+        .await
+        .context("read jobs")?;
+        report(
+            args,
+            &limits,
+            &Run {
+                rows: &rows,
+                http_ms: &confirm_ms,
+                accepted,
+                rejected: 0,
+                submit_secs,
+            },
+        );
+        return Ok(());
+    }
+
     // Submit with C concurrent clients, each taking the next index.
     let next = Arc::new(AtomicUsize::new(0));
     let url = api.v1("/jobs/submit");
@@ -171,22 +203,7 @@ async fn run(env: &mut TestEnv, args: &Args) -> anyhow::Result<()> {
         bail!("no job was accepted ({rejected} rejected)");
     }
 
-    // Wait until every accepted job is terminal.
-    let deadline = Duration::from_secs(30) + Duration::from_millis(20) * args.jobs as u32;
-    let waited = Instant::now();
-    loop {
-        let done: i64 = sqlx::query_scalar(TERMINAL).fetch_one(&env.pool).await?;
-        if done as usize >= accepted {
-            break;
-        }
-        if waited.elapsed() > deadline {
-            eprintln!(
-                "deadline {deadline:?} passed with {done}/{accepted} jobs terminal; reporting what finished"
-            );
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_all(env, args, accepted).await?;
 
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT submitted_at, started_at, completed_at, status FROM jobs WHERE user_id = 'bench'",
@@ -207,6 +224,76 @@ async fn run(env: &mut TestEnv, args: &Args) -> anyhow::Result<()> {
         },
     );
     Ok(())
+}
+
+/// Waits until `accepted` jobs are terminal (or a generous deadline passes).
+async fn wait_all(env: &TestEnv, args: &Args, accepted: usize) -> anyhow::Result<()> {
+    let deadline = Duration::from_secs(30) + Duration::from_millis(20) * args.jobs as u32;
+    let waited = Instant::now();
+    loop {
+        let done: i64 = sqlx::query_scalar(TERMINAL).fetch_one(&env.pool).await?;
+        if done as usize >= accepted {
+            return Ok(());
+        }
+        if waited.elapsed() > deadline {
+            eprintln!(
+                "deadline {deadline:?} passed with {done}/{accepted} jobs terminal; reporting what finished"
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Publishes `--jobs` job.submit.v1 messages to `<p>.submit` with up to
+/// CONFIRM_WINDOW confirms in flight; returns each publish → confirm time.
+async fn publish_to_ingress(env: &TestEnv, args: &Args, command: &str) -> anyhow::Result<Vec<f64>> {
+    let names = env.names();
+    let conn = amqp::connect(AMQP_URL, "bench-ingress").await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    amqp::declare_topology(&ch, &names).await?;
+    let mut window = VecDeque::new();
+    let mut latencies = Vec::with_capacity(args.jobs);
+    for i in 0..args.jobs {
+        let body = json!({"userId": "bench", "jobName": format!("bench{i}"),
+                          "command": command, "executionMode": args.mode});
+        let props = lapin::BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_type("job.submit.v1".into())
+            .with_message_id(uuid::Uuid::now_v7().to_string().into());
+        let t = Instant::now();
+        let confirm = ch
+            .basic_publish(
+                names.submit().into(),
+                "submit".into(),
+                BasicPublishOptions::default(),
+                body.to_string().as_bytes(),
+                props,
+            )
+            .await?;
+        window.push_back((t, confirm));
+        if window.len() >= CONFIRM_WINDOW
+            && let Some((t, c)) = window.pop_front()
+        {
+            ensure_ack(c.await?)?;
+            latencies.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    while let Some((t, c)) = window.pop_front() {
+        ensure_ack(c.await?)?;
+        latencies.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let _ = conn.close(200, "done".into()).await;
+    Ok(latencies)
+}
+
+fn ensure_ack(c: Confirmation) -> anyhow::Result<()> {
+    match c {
+        Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Nack(_) => bail!("the broker refused a submit message"),
+    }
 }
 
 /// What the run measured.
@@ -256,22 +343,27 @@ fn report(args: &Args, lim: &Limits, run: &Run<'_>) {
     let commit_ms = format!("{:.2} ms per commit", 1e3 / lim.commits_per_s);
     let spawn_ms = format!("{:.2} ms per spawn", 1e3 / lim.spawns_per_s);
     let other = rows.len() - succeeded - failed;
+    let (via, ok, refused) = if args.via == "queue" {
+        ("queue", "confirmed", "nacked")
+    } else {
+        ("HTTP", "HTTP 2xx", "HTTP non-2xx")
+    };
     #[rustfmt::skip]
-    let table: [(&str, String, &str, &str); 14] = [
-        ("jobs submitted (HTTP 2xx)", run.accepted.to_string(), "", ""),
-        ("jobs rejected (HTTP non-2xx)", run.rejected.to_string(), "", ""),
-        ("jobs succeeded", succeeded.to_string(), "", ""),
-        ("jobs failed", failed.to_string(), "", ""),
-        ("jobs other (not finished well)", other.to_string(), "", ""),
-        ("submit throughput (HTTP)", submit, &commits, "-"),
-        ("end-to-end throughput", e2e, &e2e_limit, e2e_target),
-        ("HTTP submit p50", p(run.http_ms, 0.50), &commit_ms, "-"),
-        ("HTTP submit p95", p(run.http_ms, 0.95), "", "-"),
-        ("HTTP submit p99", p(run.http_ms, 0.99), "", "-"),
-        ("submit→start p50", p(&to_start, 0.50), "", "~2 ms"),
-        ("submit→start p95", p(&to_start, 0.95), "", "-"),
-        ("submit→start p99", p(&to_start, 0.99), "", "-"),
-        ("start→complete p50", p(&to_done, 0.50), if inline { "" } else { &spawn_ms }, "-"),
+    let table: [(String, String, &str, &str); 14] = [
+        (format!("jobs submitted ({ok})"), run.accepted.to_string(), "", ""),
+        (format!("jobs rejected ({refused})"), run.rejected.to_string(), "", ""),
+        ("jobs succeeded".into(), succeeded.to_string(), "", ""),
+        ("jobs failed".into(), failed.to_string(), "", ""),
+        ("jobs other (not finished well)".into(), other.to_string(), "", ""),
+        (format!("submit throughput ({via})"), submit, &commits, "-"),
+        ("end-to-end throughput".into(), e2e, &e2e_limit, e2e_target),
+        (format!("{via} submit p50"), p(run.http_ms, 0.50), &commit_ms, "-"),
+        (format!("{via} submit p95"), p(run.http_ms, 0.95), "", "-"),
+        (format!("{via} submit p99"), p(run.http_ms, 0.99), "", "-"),
+        ("submit→start p50".into(), p(&to_start, 0.50), "", "~2 ms"),
+        ("submit→start p95".into(), p(&to_start, 0.95), "", "-"),
+        ("submit→start p99".into(), p(&to_start, 0.99), "", "-"),
+        ("start→complete p50".into(), p(&to_done, 0.50), if inline { "" } else { &spawn_ms }, "-"),
     ];
     println!();
     println!(
