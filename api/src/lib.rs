@@ -49,21 +49,8 @@ pub fn state(settings: &Settings) -> anyhow::Result<AppState> {
         Names::new(settings.amqp.prefix.clone()),
         format!("taskhost-api@{}", taskhost_common::hostname()),
     ));
-    let accept_pool = pool.clone();
-    let accepter = taskhost_common::batch::Batcher::spawn(
-        256,
-        2,
-        move |jobs: Vec<taskhost_common::jobs::PlainJob>| {
-            let pool = accept_pool.clone();
-            async move {
-                taskhost_common::jobs::accept_plain_batch(&pool, &jobs)
-                    .await
-                    .map_err(|e| e.to_string())
-            }
-        },
-    );
     Ok(AppState {
-        accepter: Arc::new(accepter),
+        accepter: Arc::new(taskhost_common::jobs::plain_accepter(pool.clone())),
         batcher: taskhost_common::jobs::PublishBatcher::spawn(pool.clone(), publisher.clone()),
         pool,
         publisher,

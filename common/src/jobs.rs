@@ -9,6 +9,7 @@ use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::amqp::{Outgoing, Publisher};
+use crate::batch::Batcher;
 use crate::changelog::{self, Action, Change};
 use crate::messages::{JOB_EVENT_V1, JOB_RUN_V1, JobEvent, JobRun};
 use crate::model::{Fanout, JobSpec, JobStatus, TriggeredBy};
@@ -556,27 +557,60 @@ pub async fn publish_outbox(
     if rows.is_empty() {
         return Ok(0);
     }
-    let outgoing: Vec<Outgoing> = rows.iter().map(OutboxMessage::to_outgoing).collect();
-    let results = publisher.publish_all(&outgoing).await;
-    let confirmed: Vec<&OutboxMessage> = rows
+    let counts = publish_and_mark(pool, publisher, &[(rows, changed_by)]).await?;
+    Ok(counts.first().copied().unwrap_or(0))
+}
+
+/// Publishes the rows of every group (rows and the author of their change
+/// rows) with confirms in flight together, then marks the confirmed ones in
+/// one transaction and publishes their `job.queued` events. Returns how
+/// many rows of each group the broker confirmed.
+async fn publish_and_mark(
+    pool: &PgPool,
+    publisher: &Publisher,
+    groups: &[(&[OutboxMessage], &str)],
+) -> Result<Vec<usize>, sqlx::Error> {
+    let outgoing: Vec<Outgoing> = groups
         .iter()
-        .zip(&results)
-        .filter_map(|(row, r)| match r {
-            Ok(()) => Some(row),
-            Err(error) => {
-                tracing::warn!(%error, outbox_id = row.outbox_id, "publish failed; the relay will retry");
-                None
-            }
+        .flat_map(|(rows, _)| rows.iter().map(OutboxMessage::to_outgoing))
+        .collect();
+    let mut results = publisher.publish_all(&outgoing).await.into_iter();
+    let confirmed: Vec<Vec<&OutboxMessage>> = groups
+        .iter()
+        .map(|(rows, _)| {
+            rows.iter()
+                .filter(|row| match results.next() {
+                    Some(Ok(())) => true,
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, outbox_id = row.outbox_id, "publish failed; the relay will retry");
+                        false
+                    }
+                    None => false,
+                })
+                .collect()
         })
         .collect();
     let mut tx = pool.begin().await?;
     // Losing this commit in a Postgres crash is harmless (see
     // crate::db::no_fsync_wait), so it does not wait for the disk.
     crate::db::no_fsync_wait(&mut tx).await?;
-    let queued = mark_published(&mut tx, &confirmed, changed_by).await?;
+    let mut events = Vec::new();
+    // One statement set per distinct author (usually one or a few).
+    let mut authors: Vec<&str> = groups.iter().map(|(_, by)| *by).collect();
+    authors.sort_unstable();
+    authors.dedup();
+    for author in authors {
+        let rows: Vec<&OutboxMessage> = groups
+            .iter()
+            .zip(&confirmed)
+            .filter(|((_, by), _)| *by == author)
+            .flat_map(|(_, c)| c.iter().copied())
+            .collect();
+        events.extend(mark_published(&mut tx, &rows, author).await?);
+    }
     tx.commit().await?;
-    publish_events(publisher, &queued).await;
-    Ok(confirmed.len())
+    publish_events(publisher, &events).await;
+    Ok(confirmed.iter().map(Vec::len).collect())
 }
 
 /// Marks outbox rows published and moves their jobs from `pending` to
@@ -684,11 +718,11 @@ pub async fn relay_outbox(
     Ok(confirmed.len())
 }
 
-/// One submission's outbox rows waiting for the batcher.
+/// One submission's committed outbox rows, for the [`PublishBatcher`].
+#[derive(Debug, Clone)]
 struct PublishRequest {
     rows: Vec<OutboxMessage>,
     changed_by: String,
-    done: tokio::sync::oneshot::Sender<Result<usize, String>>,
 }
 
 /// Publishes committed outbox rows for many concurrent submissions
@@ -698,33 +732,37 @@ struct PublishRequest {
 /// the batch size follows the load with no timer.
 #[derive(Clone)]
 pub struct PublishBatcher {
-    tx: tokio::sync::mpsc::Sender<PublishRequest>,
+    inner: std::sync::Arc<Batcher<PublishRequest, Result<usize, String>>>,
 }
 
-/// Most outbox rows one batch takes.
-const PUBLISH_BATCH: usize = 512;
+/// Submissions one batch takes at most.
+const PUBLISH_BATCH: usize = 256;
 
 impl PublishBatcher {
     /// Starts the batching task (it ends when every handle is dropped).
     pub fn spawn(pool: PgPool, publisher: std::sync::Arc<Publisher>) -> Self {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<PublishRequest>(4096);
-        tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut batch = vec![first];
-                let mut rows = batch[0].rows.len();
-                while rows < PUBLISH_BATCH {
-                    match rx.try_recv() {
-                        Ok(next) => {
-                            rows += next.rows.len();
-                            batch.push(next);
-                        }
-                        Err(_) => break,
+        // One batch at a time, and never a failed batch retried request by
+        // request (that would publish its messages again): each request is
+        // answered with the batch's outcome.
+        let inner = Batcher::spawn(PUBLISH_BATCH, 1, move |batch: Vec<PublishRequest>| {
+            let (pool, publisher) = (pool.clone(), publisher.clone());
+            async move {
+                let groups: Vec<(&[OutboxMessage], &str)> = batch
+                    .iter()
+                    .map(|r| (r.rows.as_slice(), r.changed_by.as_str()))
+                    .collect();
+                Ok(match publish_and_mark(&pool, &publisher, &groups).await {
+                    Ok(counts) => counts.into_iter().map(Ok).collect(),
+                    Err(error) => {
+                        tracing::warn!(%error, "marking published jobs failed; the relay will finish them");
+                        batch.iter().map(|_| Err(error.to_string())).collect()
                     }
-                }
-                publish_batch(&pool, &publisher, batch).await;
+                })
             }
         });
-        Self { tx }
+        Self {
+            inner: std::sync::Arc::new(inner),
+        }
     }
 
     /// Publishes `rows` (committed) and marks them; returns how many the
@@ -737,81 +775,23 @@ impl PublishBatcher {
         if rows.is_empty() {
             return Ok(0);
         }
-        let (done, wait) = tokio::sync::oneshot::channel();
         let request = PublishRequest {
             rows,
             changed_by: changed_by.to_owned(),
-            done,
         };
-        self.tx
-            .send(request)
-            .await
-            .map_err(|_| "the publish batcher stopped".to_owned())?;
-        wait.await
-            .unwrap_or_else(|_| Err("the publish batcher stopped".to_owned()))
+        self.inner.call(request).await?
     }
 }
 
-async fn publish_batch(pool: &PgPool, publisher: &Publisher, batch: Vec<PublishRequest>) {
-    let outgoing: Vec<Outgoing> = batch
-        .iter()
-        .flat_map(|r| r.rows.iter().map(OutboxMessage::to_outgoing))
-        .collect();
-    let mut results = publisher.publish_all(&outgoing).await.into_iter();
-    // Per request: its confirmed rows.
-    let confirmed: Vec<Vec<&OutboxMessage>> = batch
-        .iter()
-        .map(|r| {
-            r.rows
-                .iter()
-                .filter(|row| match results.next() {
-                    Some(Ok(())) => true,
-                    Some(Err(error)) => {
-                        tracing::warn!(%error, outbox_id = row.outbox_id, "publish failed; the relay will retry");
-                        false
-                    }
-                    None => false,
-                })
-                .collect()
-        })
-        .collect();
-    let marked = async {
-        let mut tx = pool.begin().await?;
-        // Losing this commit in a Postgres crash is harmless (see
-        // crate::db::no_fsync_wait), so it does not wait for the disk.
-        crate::db::no_fsync_wait(&mut tx).await?;
-        let mut events = Vec::new();
-        // One statement set per distinct author (usually one or a few).
-        let mut authors: Vec<&str> = batch.iter().map(|r| r.changed_by.as_str()).collect();
-        authors.sort_unstable();
-        authors.dedup();
-        for author in authors {
-            let rows: Vec<&OutboxMessage> = batch
-                .iter()
-                .zip(&confirmed)
-                .filter(|(r, _)| r.changed_by == author)
-                .flat_map(|(_, c)| c.iter().copied())
-                .collect();
-            events.extend(mark_published(&mut tx, &rows, author).await?);
+/// Starts the batcher that accepts [`PlainJob`]s (the api and the queue
+/// ingress share it).
+pub fn plain_accepter(pool: PgPool) -> Batcher<PlainJob, Accepted> {
+    Batcher::spawn(256, 2, move |jobs: Vec<PlainJob>| {
+        let pool = pool.clone();
+        async move {
+            accept_plain_batch(&pool, &jobs)
+                .await
+                .map_err(|e| e.to_string())
         }
-        tx.commit().await?;
-        Ok::<_, sqlx::Error>(events)
-    }
-    .await;
-    let counts: Vec<usize> = confirmed.iter().map(Vec::len).collect();
-    drop(confirmed);
-    match marked {
-        Ok(events) => {
-            publish_events(publisher, &events).await;
-            for (request, n) in batch.into_iter().zip(counts) {
-                let _ = request.done.send(Ok(n));
-            }
-        }
-        Err(error) => {
-            tracing::warn!(%error, "marking published jobs failed; the relay will finish them");
-            for request in batch {
-                let _ = request.done.send(Err(error.to_string()));
-            }
-        }
-    }
+    })
 }

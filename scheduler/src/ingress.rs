@@ -43,15 +43,7 @@ impl Ingress {
             Names::new(settings.amqp.prefix.clone()),
             "taskhost-scheduler-ingress",
         ));
-        let accept_pool = pool.clone();
-        let accepter = Batcher::spawn(256, 2, move |jobs: Vec<PlainJob>| {
-            let pool = accept_pool.clone();
-            async move {
-                jobs::accept_plain_batch(&pool, &jobs)
-                    .await
-                    .map_err(|e| e.to_string())
-            }
-        });
+        let accepter = jobs::plain_accepter(pool.clone());
         let published = PublishBatcher::spawn(pool.clone(), publisher.clone());
         Self {
             pool,
