@@ -103,41 +103,16 @@ fn durable_queue() -> QueueDeclareOptions {
 /// Declares every exchange and the fixed queues. Idempotent: declaring twice
 /// with the same arguments is a no-op on the broker.
 pub async fn declare_topology(ch: &Channel, names: &Names) -> lapin::Result<()> {
-    ch.exchange_declare(
-        names.work().into(),
-        ExchangeKind::Direct,
-        durable(),
-        FieldTable::default(),
-    )
-    .await?;
-    ch.exchange_declare(
-        names.dead().into(),
-        ExchangeKind::Fanout,
-        durable(),
-        FieldTable::default(),
-    )
-    .await?;
-    ch.exchange_declare(
-        names.submit().into(),
-        ExchangeKind::Direct,
-        durable(),
-        FieldTable::default(),
-    )
-    .await?;
-    ch.exchange_declare(
-        names.events().into(),
-        ExchangeKind::Topic,
-        durable(),
-        FieldTable::default(),
-    )
-    .await?;
-    ch.exchange_declare(
-        names.control().into(),
-        ExchangeKind::Topic,
-        durable(),
-        FieldTable::default(),
-    )
-    .await?;
+    for (exchange, kind) in [
+        (names.work(), ExchangeKind::Direct),
+        (names.dead(), ExchangeKind::Fanout),
+        (names.submit(), ExchangeKind::Direct),
+        (names.events(), ExchangeKind::Topic),
+        (names.control(), ExchangeKind::Topic),
+    ] {
+        ch.exchange_declare(exchange.into(), kind, durable(), FieldTable::default())
+            .await?;
+    }
 
     ch.queue_declare(names.dead().into(), durable_queue(), FieldTable::default())
         .await?;

@@ -174,22 +174,28 @@ fn decide(cur: &Current, own_stale: bool, c: &Claimer) -> Decision {
     Decision::Claim
 }
 
-const CURRENT_ONE: &str = "SELECT job_id, to_jsonb(j.*) AS row, status, attempt, claimed_by,
-        coalesce(claim_expiry > now(), false) AS claim_live, task_id, triggered_by,
-        command, timeout_seconds, env, target_node_id, target_node_group, target_node_role,
-        max_retries, retry_delay_seconds, cancel_requested, kill_on_timeout,
-        coalesce(retry_at > now(), false) AS retry_pending
- FROM jobs j WHERE job_id = $1 FOR UPDATE";
+/// The columns a claim decides on, with the row's lock clause appended.
+macro_rules! current_select {
+    ($where_and_lock:literal) => {
+        concat!(
+            "SELECT job_id, to_jsonb(j.*) AS row, status, attempt, claimed_by,
+                    coalesce(claim_expiry > now(), false) AS claim_live, task_id, triggered_by,
+                    command, timeout_seconds, env, target_node_id, target_node_group,
+                    target_node_role, max_retries, retry_delay_seconds, cancel_requested,
+                    kill_on_timeout, coalesce(retry_at > now(), false) AS retry_pending
+             FROM jobs j ",
+            $where_and_lock
+        )
+    };
+}
+
+const CURRENT_ONE: &str = current_select!("WHERE job_id = $1 FOR UPDATE");
 
 // Rows another transaction holds (the api marking them queued, a claim of
 // the same job elsewhere) are skipped here and claimed one by one after the
 // batch, so a batch never waits behind someone else's lock.
-const CURRENT_MANY: &str = "SELECT job_id, to_jsonb(j.*) AS row, status, attempt, claimed_by,
-        coalesce(claim_expiry > now(), false) AS claim_live, task_id, triggered_by,
-        command, timeout_seconds, env, target_node_id, target_node_group, target_node_role,
-        max_retries, retry_delay_seconds, cancel_requested, kill_on_timeout,
-        coalesce(retry_at > now(), false) AS retry_pending
- FROM jobs j WHERE job_id = ANY($1) ORDER BY job_id FOR UPDATE SKIP LOCKED";
+const CURRENT_MANY: &str =
+    current_select!("WHERE job_id = ANY($1) ORDER BY job_id FOR UPDATE SKIP LOCKED");
 
 /// Claims one job, waiting for its row if another transaction holds it.
 /// Losing this commit in a Postgres crash is harmless (see
