@@ -24,15 +24,7 @@ const TERMINAL: &[&str] = &["succeeded", "failed", "timed_out", "cancelled", "de
 
 /// Sends a request with a key and returns `(status, JSON body or Null)`.
 async fn call(api: &Api, method: reqwest::Method, key: &str, path: &str) -> (u16, Value) {
-    let resp = api
-        .http
-        .request(method, api.v1(path))
-        .bearer_auth(key)
-        .send()
-        .await
-        .expect("request");
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
+    taskhost_testkit::call(api, method, key, path, None).await
 }
 
 async fn post(api: &Api, key: &str, path: &str) -> (u16, Value) {

@@ -11,24 +11,8 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use taskhost_common::changelog::{self, Action, Change};
 use taskhost_common::model::Role;
-use taskhost_testkit::{AMQP_URL, Api, TestEnv, get, submit};
+use taskhost_testkit::{AMQP_URL, TestEnv, call, get, submit};
 use uuid::Uuid;
-
-async fn call(
-    api: &Api,
-    key: &str,
-    method: Method,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut req = api.http.request(method, api.v1(path)).bearer_auth(key);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req.send().await.expect("request");
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
 
 /// Declares a queue bound to this test's `<p>.events` with `pattern`.
 async fn bind_events(env: &TestEnv, queue: &str, pattern: &str) -> String {
@@ -146,10 +130,10 @@ async fn trigger_publishes_change_events_and_status_shows_cursors() {
 
     let (status, task) = call(
         &api,
-        &manager,
         Method::POST,
+        &manager,
         "/tasks",
-        Some(json!({"taskName": "nightly", "command": "true", "schedule": "0 3 * * *"})),
+        Some(&json!({"taskName": "nightly", "command": "true", "schedule": "0 3 * * *"})),
     )
     .await;
     assert_eq!(status, 201, "{task}");
@@ -160,14 +144,21 @@ async fn trigger_publishes_change_events_and_status_shows_cursors() {
         (Method::GET, "/sync/status"),
         (Method::POST, "/sync/trigger"),
     ] {
-        let (status, body) = call(&api, &manager, method.clone(), path, None).await;
+        let (status, body) = call(&api, method.clone(), &manager, path, None).await;
         assert_eq!(status, 403, "{method} {path}: {body}");
-        let (status, _) = call(&api, "thk_nope", method.clone(), path, None).await;
+        let (status, _) = call(&api, method.clone(), "thk_nope", path, None).await;
         assert_eq!(status, 401, "{method} {path} without a valid key");
     }
 
     // The relay runs now and publishes the task's INSERT.
-    let (status, body) = call(&api, &admin, Method::POST, "/sync/trigger", Some(json!({}))).await;
+    let (status, body) = call(
+        &api,
+        Method::POST,
+        &admin,
+        "/sync/trigger",
+        Some(&json!({})),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert!(
         body["published"].as_u64().expect("published") >= 1,
@@ -185,7 +176,7 @@ async fn trigger_publishes_change_events_and_status_shows_cursors() {
     assert_eq!(event["newData"]["task_name"], "nightly");
 
     // Caught up: a second trigger publishes nothing; status shows lag 0.
-    let (status, body) = call(&api, &admin, Method::POST, "/sync/trigger", None).await;
+    let (status, body) = call(&api, Method::POST, &admin, "/sync/trigger", None).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["published"], 0, "{body}");
     let (status, st) = get(&api, &admin, "/sync/status").await;
@@ -232,10 +223,10 @@ async fn trigger_publishes_change_events_and_status_shows_cursors() {
     // Rewinding a cursor; bad requests name the problem.
     let (status, body) = call(
         &api,
-        &admin,
         Method::POST,
+        &admin,
         "/sync/trigger",
-        Some(json!({"consumer": "audit", "resetTo": 0})),
+        Some(&json!({"consumer": "audit", "resetTo": 0})),
     )
     .await;
     assert_eq!(status, 200, "{body}");
@@ -250,14 +241,7 @@ async fn trigger_publishes_change_events_and_status_shows_cursors() {
         ),
         (json!({"colour": "red"}), "colour"),
     ] {
-        let (status, body) = call(
-            &api,
-            &admin,
-            Method::POST,
-            "/sync/trigger",
-            Some(bad.clone()),
-        )
-        .await;
+        let (status, body) = call(&api, Method::POST, &admin, "/sync/trigger", Some(&bad)).await;
         assert_eq!(status, 422, "{bad}: {body}");
         let message = body["error"]["message"].as_str().unwrap_or_default();
         assert!(message.contains(needle), "{bad}: {message}");

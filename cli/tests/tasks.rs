@@ -22,29 +22,13 @@ use taskhost_common::tasks::{self, TaskRequest};
 use taskhost_common::{db, jobs};
 use taskhost_scheduler::cron::{self, TickPolicy, TickReport};
 use taskhost_scheduler::retention;
-use taskhost_testkit::{AMQP_URL, Api, BUILTIN_DIAGNOSTICS_TASK, TestEnv, get};
+use taskhost_testkit::{AMQP_URL, Api, BUILTIN_DIAGNOSTICS_TASK, TestEnv, call, get};
 use uuid::Uuid;
 
 // ---------------------------------------------------------------- helpers
 
 /// Sends a request with a key (and an optional JSON body); returns
 /// `(status, JSON body or Null)`.
-async fn call(
-    api: &Api,
-    method: Method,
-    key: &str,
-    path: &str,
-    body: Option<&Value>,
-) -> (u16, Value) {
-    let mut req = api.http.request(method, api.v1(path)).bearer_auth(key);
-    if let Some(b) = body {
-        req = req.json(b);
-    }
-    let resp = req.send().await.expect("request");
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
-
 /// POST /tasks, asserting 201; returns the task id and the response body.
 async fn create_task_api(api: &Api, key: &str, body: &Value) -> (Uuid, Value) {
     let (status, resp) = call(api, Method::POST, key, "/tasks", Some(body)).await;

@@ -448,17 +448,27 @@ pub async fn submit(api: &Api, key: &str, body: &Value) -> (u16, Value) {
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
-/// GET with a key; returns `(status, body)`.
-pub async fn get(api: &Api, key: &str, path: &str) -> (u16, Value) {
-    let resp = api
-        .http
-        .get(api.v1(path))
-        .bearer_auth(key)
-        .send()
-        .await
-        .expect("get request");
+/// Any `/api/v1` request with a key and an optional JSON body; returns
+/// `(status, body)` (`Null` when the body is not JSON).
+pub async fn call(
+    api: &Api,
+    method: reqwest::Method,
+    key: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let mut req = api.http.request(method, api.v1(path)).bearer_auth(key);
+    if let Some(b) = body {
+        req = req.json(b);
+    }
+    let resp = req.send().await.expect("request");
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// GET with a key; returns `(status, body)`.
+pub async fn get(api: &Api, key: &str, path: &str) -> (u16, Value) {
+    call(api, reqwest::Method::GET, key, path, None).await
 }
 
 /// The job id in a submit response.
