@@ -11,6 +11,7 @@
 //! - [`batch`]: group commit of requests that arrive together.
 //! - [`jobs`]: accepting a job (row + change + outbox in one transaction).
 //! - [`shutdown`]: SIGTERM/SIGINT as a cancellation token.
+//! - [`store`]: the job store, the one owner of the `jobs` row.
 //! - [`sync`]: the change feed's safe head, consumer cursors, the events relay.
 
 pub mod amqp;
@@ -24,6 +25,7 @@ pub mod messages;
 pub mod model;
 pub mod schedule;
 pub mod shutdown;
+pub mod store;
 pub mod sync;
 pub mod tasks;
 pub mod telemetry;
