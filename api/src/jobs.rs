@@ -169,7 +169,7 @@ pub(crate) async fn dispatch(
     status: JobStatus,
 ) -> String {
     if status == JobStatus::Dead {
-        let events: Vec<Outgoing> = job_ids
+        let events: Vec<_> = job_ids
             .iter()
             .map(|id| jobs::job_event(*id, JobStatus::Dead, 0, None, None))
             .collect();

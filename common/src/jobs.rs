@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::amqp::{Outgoing, Publisher};
 use crate::batch::Batcher;
 use crate::changelog::{self, Action, Change};
-use crate::messages::{JOB_EVENT_V1, JOB_RUN_V1, JobEvent, JobRun};
+use crate::messages::{JOB_RUN_V1, JobEvent, JobRun};
 use crate::model::{Fanout, JobSpec, JobStatus, TriggeredBy};
 
 /// Reason recorded when a target matches no active node.
@@ -111,41 +111,20 @@ impl OutboxMessage {
     }
 }
 
-/// The `job.<status>` event of a state change, for `<p>.events`.
-pub fn job_event(
-    job_id: Uuid,
-    status: JobStatus,
-    attempt: i32,
-    node_id: Option<Uuid>,
-    exit_code: Option<i32>,
-) -> Outgoing {
-    let event = JobEvent {
-        job_id,
-        status,
-        attempt,
-        node_id,
-        exit_code,
-        at: Utc::now(),
-    };
-    Outgoing {
-        exchange: "events".into(),
-        routing_key: format!("job.{status}"),
-        message_type: JOB_EVENT_V1.into(),
-        message_id: format!("{job_id}:{attempt}:{status}"),
-        priority: 0,
-        payload: serde_json::to_vec(&event).unwrap_or_default(),
-        headers: Vec::new(),
-    }
-}
+pub use crate::events::job_event;
 
-/// Publishes events after the change they describe was committed. Events
-/// are notifications: they are not confirmed and a failure is logged, never
+/// Publishes events after the change they describe was committed, as
+/// batched `job.events.v1` messages (see [`crate::events`]). Events are
+/// notifications: they are not confirmed and a failure is logged, never
 /// retried (the durable record is `task_history` and `data_change`).
-pub async fn publish_events(publisher: &Publisher, events: &[Outgoing]) {
+pub async fn publish_events(publisher: &Publisher, events: &[JobEvent]) {
     if events.is_empty() {
         return;
     }
-    if let Err(error) = publisher.publish_unconfirmed(events).await {
+    if let Err(error) = publisher
+        .publish_unconfirmed(&crate::events::messages(events))
+        .await
+    {
         tracing::debug!(%error, count = events.len(), "events not published");
     }
 }
@@ -620,7 +599,7 @@ pub async fn mark_published(
     conn: &mut PgConnection,
     rows: &[&OutboxMessage],
     changed_by: &str,
-) -> Result<Vec<Outgoing>, sqlx::Error> {
+) -> Result<Vec<JobEvent>, sqlx::Error> {
     if rows.is_empty() {
         return Ok(Vec::new());
     }

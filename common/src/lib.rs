@@ -9,6 +9,7 @@
 //! - [`changelog`]: the gzip-compressed `data_change` log.
 //! - [`keys`]: hashed API keys.
 //! - [`batch`]: group commit of requests that arrive together.
+//! - [`events`]: job events, published in batches.
 //! - [`jobs`]: accepting a job (row + change + outbox in one transaction).
 //! - [`shutdown`]: SIGTERM/SIGINT as a cancellation token.
 //! - [`store`]: the job store, the one owner of the `jobs` row.
@@ -19,6 +20,7 @@ pub mod batch;
 pub mod changelog;
 pub mod config;
 pub mod db;
+pub mod events;
 pub mod jobs;
 pub mod keys;
 pub mod messages;

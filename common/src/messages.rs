@@ -13,8 +13,8 @@ use crate::model::{ExecutionMode, JobStatus, SubmitRequest};
 pub const JOB_RUN_V1: &str = "job.run.v1";
 /// `type` of an ingress message.
 pub const JOB_SUBMIT_V1: &str = "job.submit.v1";
-/// `type` of a job event.
-pub const JOB_EVENT_V1: &str = "job.event.v1";
+/// `type` of a batch of job events (`{"events": [JobEvent, ...]}`).
+pub const JOB_EVENTS_V1: &str = "job.events.v1";
 /// `type` of a control command.
 pub const CONTROL_V1: &str = "control.v1";
 /// Header that says why a message was dead-lettered.
@@ -54,10 +54,14 @@ pub struct JobSubmit {
     pub request: SubmitRequest,
 }
 
-/// A job state change on `<p>.events`, routing key `job.<status>`.
+/// A job state change, carried in a `job.events.v1` batch on `<p>.events`
+/// under routing key `job.<status>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct JobEvent {
+    /// `<jobId>:<attempt>:<status>`: the same state change always has the
+    /// same id, so a consumer deduplicates by it.
+    pub event_id: String,
     /// The job.
     pub job_id: Uuid,
     /// Its new status.

@@ -20,7 +20,7 @@ fn change<'a>(
         table: "nodes",
         record_id: node_id.to_string(),
         action,
-        old,
+        old: old.map(|v| v as &dyn changelog::RowJson),
         new: Some(new),
         changed_by: by,
         node_id: Some(node_id),

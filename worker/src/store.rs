@@ -99,7 +99,7 @@ fn record_job_change<'a>(
         table: "jobs",
         record_id: job_id.to_string(),
         action: Action::Update,
-        old,
+        old: old.map(|v| v as &dyn changelog::RowJson),
         new: Some(new),
         changed_by,
         node_id: Some(node_id),
