@@ -10,11 +10,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use taskhost_common::amqp::Outgoing;
-use taskhost_common::changelog::{self, Action, Change};
 use taskhost_common::jobs::{self, Accepted, NewJob};
 use taskhost_common::messages::{CONTROL_V1, Control};
 use taskhost_common::model::{JobStatus, SubmitRequest, TriggeredBy};
-use taskhost_common::tasks;
+use taskhost_common::store::{
+    self,
+    cancel::{Cancelled, Deleted},
+};
+use taskhost_common::changelog;
 use uuid::Uuid;
 
 use crate::auth::Caller;
@@ -359,45 +362,15 @@ async fn delete_job(
     caller: &Caller,
     job_id: Uuid,
 ) -> Result<Json<Value>, ApiError> {
-    let mut tx = state.pool.begin().await?;
-    let old: Option<(Value, String)> = sqlx::query_as(
-        "SELECT to_jsonb(j.*), status FROM jobs j WHERE job_id = $1 AND user_id = $2 FOR UPDATE",
-    )
-    .bind(job_id)
-    .bind(caller.user())
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some((old, status)) = old else {
-        return Err(ApiError::NotFound("job"));
-    };
-    let status: JobStatus = status.parse().map_err(ApiError::Internal)?;
-    if !status.is_terminal() {
-        return Err(ApiError::Conflict(format!(
+    match store::cancel::delete(&state.pool, job_id, caller.user()).await? {
+        Deleted::NotFound => Err(ApiError::NotFound("job")),
+        Deleted::NotFinished(status) => Err(ApiError::Conflict(format!(
             "job is {status}; cancel it before deleting its result"
-        )));
+        ))),
+        Deleted::Deleted => Ok(Json(
+            json!({ "success": true, "jobId": job_id, "message": "job result deleted" }),
+        )),
     }
-    sqlx::query("DELETE FROM jobs WHERE job_id = $1")
-        .bind(job_id)
-        .execute(&mut *tx)
-        .await?;
-    changelog::record(
-        &mut tx,
-        Change {
-            table: "jobs",
-            record_id: job_id.to_string(),
-            action: Action::Delete,
-            old: Some(&old),
-            new: None,
-            changed_by: caller.user(),
-            node_id: None,
-            reason: Some("result deleted"),
-        },
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(Json(
-        json!({ "success": true, "jobId": job_id, "message": "job result deleted" }),
-    ))
 }
 
 pub(crate) async fn cancel(
@@ -408,84 +381,26 @@ pub(crate) async fn cancel(
     let job_id = parse_job_id(&raw)?;
     // Visibility first, so another user's job answers 404.
     load_visible(&state, &caller, job_id, true).await?;
-    let mut tx = state.pool.begin().await?;
-    let (old, status, claimed_by, attempt, task_id): (Value, String, Option<Uuid>, i32, Option<Uuid>) = sqlx::query_as(
-        "SELECT to_jsonb(j.*), status, claimed_by, attempt, task_id FROM jobs j WHERE job_id = $1 FOR UPDATE",
-    )
-    .bind(job_id)
-    .fetch_optional(&mut *tx)
-    .await?
-    .ok_or(ApiError::NotFound("job"))?;
-    let status: JobStatus = status.parse().map_err(ApiError::Internal)?;
-    if status.is_terminal() {
-        return Err(ApiError::Conflict(format!(
-            "job already finished: {status}"
-        )));
-    }
-    let (new, message): (Value, &str) = if status == JobStatus::Running {
-        let new = sqlx::query_scalar(
-            "UPDATE jobs SET cancel_requested = true WHERE job_id = $1 RETURNING to_jsonb(jobs.*)",
-        )
-        .bind(job_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        (new, "cancel requested; the job is being stopped")
-    } else {
-        // Not started: it ends here; a worker that receives its message later
-        // sees a finished job and acks it without running.
-        let new = sqlx::query_scalar(
-            "UPDATE jobs SET cancel_requested = true, status = 'cancelled', completed_at = now(),
-                    success = false, retry_at = NULL,
-                    status_reason = CASE WHEN attempt > 0 THEN 'cancelled while waiting for its retry'
-                                         ELSE 'cancelled before it started' END
-             WHERE job_id = $1 RETURNING to_jsonb(jobs.*)",
-        )
-        .bind(job_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        sqlx::query(
-            // A job waiting for a retry already has a (non-final) row for
-            // its last attempt; the cancel is the next one.
-            "INSERT INTO task_history (task_id, job_id, attempt, state, is_final, triggered_by, duration_ms)
-             SELECT task_id, job_id,
-                    attempt + CASE WHEN EXISTS (SELECT 1 FROM task_history h
-                                                WHERE h.job_id = j.job_id AND h.attempt = j.attempt)
-                                   THEN 1 ELSE 0 END,
-                    'cancelled', true, triggered_by, 0
-             FROM jobs j WHERE job_id = $1
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(job_id)
-        .execute(&mut *tx)
-        .await?;
-        // A task run that ends here frees its task's schedule, as a run that
-        // ends on a worker does.
-        if let Some(task_id) = task_id {
-            tasks::record_run_end(&mut tx, task_id, "cancelled", false, caller.user(), None)
-                .await?;
+    let (message, running_on) = match store::cancel::cancel(&state.pool, job_id, caller.user())
+        .await?
+    {
+        Cancelled::NotFound => return Err(ApiError::NotFound("job")),
+        Cancelled::AlreadyFinished(status) => {
+            return Err(ApiError::Conflict(format!(
+                "job already finished: {status}"
+            )));
         }
-        (new, "job cancelled before it started")
+        Cancelled::BeforeStart { attempt } => {
+            let event = jobs::job_event(job_id, JobStatus::Cancelled, attempt, None, None);
+            jobs::publish_events(&state.publisher, &[event]).await;
+            ("job cancelled before it started", None)
+        }
+        Cancelled::Requested { node, attempt } => (
+            "cancel requested; the job is being stopped",
+            node.map(|n| (n, attempt)),
+        ),
     };
-    changelog::record(
-        &mut tx,
-        Change {
-            table: "jobs",
-            record_id: job_id.to_string(),
-            action: Action::Update,
-            old: Some(&old),
-            new: Some(&new),
-            changed_by: caller.user(),
-            node_id: None,
-            reason: Some("cancel requested"),
-        },
-    )
-    .await?;
-    tx.commit().await?;
-    if status != JobStatus::Running {
-        let event = jobs::job_event(job_id, JobStatus::Cancelled, attempt, None, None);
-        jobs::publish_events(&state.publisher, &[event]).await;
-    }
-    if let (JobStatus::Running, Some(node)) = (status, claimed_by) {
+    if let Some((node, attempt)) = running_on {
         // The worker also polls cancel_requested with its lease, so a lost
         // control message only delays the kill by one lease renewal.
         let payload = serde_json::to_vec(&Control::Cancel { job_id }).unwrap_or_default();

@@ -254,10 +254,24 @@ async fn wait_event(
             .await
             .expect("basic.get")
         {
-            Some(msg) => seen.push((
-                msg.routing_key.to_string(),
-                serde_json::from_slice(&msg.data).unwrap_or(Value::Null),
-            )),
+            // A `job.events.v1` message carries a batch of events of one
+            // status, each with its own id.
+            Some(msg) => {
+                assert_eq!(
+                    msg.properties.kind().as_ref().map(|t| t.as_str()),
+                    Some("job.events.v1")
+                );
+                let batch: Value = serde_json::from_slice(&msg.data).unwrap_or(Value::Null);
+                for event in batch["events"].as_array().cloned().unwrap_or_default() {
+                    let status = event["status"].as_str().unwrap_or_default().to_owned();
+                    assert_eq!(msg.routing_key.as_str(), format!("job.{status}"));
+                    assert_eq!(
+                        event["eventId"],
+                        format!("{}:{}:{status}", event["jobId"].as_str().unwrap_or_default(), event["attempt"])
+                    );
+                    seen.push((msg.routing_key.to_string(), event));
+                }
+            }
             None if Instant::now() >= deadline => return None,
             None => tokio::time::sleep(Duration::from_millis(100)).await,
         }
@@ -1465,7 +1479,7 @@ async fn a_burst_of_jobs_is_claimed_and_recorded_in_batches_exactly_once() {
 /// duplicate and writes the job, its change row and its outbox row once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_id_in_one_accept_batch_is_one_job() {
-    use taskhost_common::jobs::{Accepted, PlainJob, accept_plain_batch};
+    use taskhost_common::jobs::{Accepted, PlainJob, accept_batch};
     use taskhost_common::model::{SubmitRequest, TriggeredBy};
     let env = TestEnv::new().await;
     let spec = serde_json::from_value::<SubmitRequest>(json!({"jobName": "j", "command": "true"}))
@@ -1480,7 +1494,7 @@ async fn a_repeated_id_in_one_accept_batch_is_one_job() {
         changed_by: "ingress".into(),
     };
     let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
-    let answers = accept_plain_batch(&env.pool, &[job(a), job(b), job(a)])
+    let answers = accept_batch(&env.pool, &[job(a), job(b), job(a)])
         .await
         .expect("batch");
     assert!(
@@ -1490,7 +1504,7 @@ async fn a_repeated_id_in_one_accept_batch_is_one_job() {
     assert!(matches!(&answers[1], Accepted::Created { job_ids, .. } if job_ids == &vec![b]));
     assert_eq!(answers[2], Accepted::Duplicate { job_id: a });
     // A later batch with the same id is a duplicate too.
-    let again = accept_plain_batch(&env.pool, &[job(a)])
+    let again = accept_batch(&env.pool, &[job(a)])
         .await
         .expect("batch");
     assert_eq!(again, vec![Accepted::Duplicate { job_id: a }]);

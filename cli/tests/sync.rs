@@ -168,9 +168,10 @@ async fn trigger_publishes_change_events_and_status_shows_cursors() {
     assert_eq!(msg.delivery.routing_key.as_str(), "change.tasks.insert");
     assert_eq!(
         msg.delivery.properties.kind().as_ref().map(|t| t.as_str()),
-        Some("change.v1")
+        Some("changes.v1")
     );
-    let event: Value = serde_json::from_slice(&msg.delivery.data).expect("event JSON");
+    let batch: Value = serde_json::from_slice(&msg.delivery.data).expect("event JSON");
+    let event = &batch["changes"][0];
     assert_eq!(event["recordId"], json!(task_id));
     assert_eq!(event["action"], "INSERT");
     assert_eq!(event["newData"]["task_name"], "nightly");
@@ -264,8 +265,12 @@ async fn the_scheduler_relays_job_changes_onto_the_events_exchange() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         if let Some(msg) = env.get_one(&queue).await {
-            let event: Value = serde_json::from_slice(&msg.delivery.data).expect("JSON");
-            if event["recordId"] == json!(job) && event["action"] == "INSERT" {
+            let batch: Value = serde_json::from_slice(&msg.delivery.data).expect("JSON");
+            let changes = batch["changes"].as_array().cloned().unwrap_or_default();
+            if let Some(event) = changes
+                .iter()
+                .find(|e| e["recordId"] == json!(job) && e["action"] == "INSERT")
+            {
                 assert_eq!(msg.delivery.routing_key.as_str(), "change.jobs.insert");
                 assert_eq!(event["newData"]["command"], "true");
                 break;

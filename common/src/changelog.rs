@@ -272,10 +272,17 @@ pub async fn record_many(
     Ok(())
 }
 
-/// A decoded `data_change` row.
+/// A decoded `data_change` row, its old and new rows as parsed JSON.
+pub type ChangeEntry = ChangeEntryOf<Value>;
+
+/// A decoded `data_change` row whose old and new rows are JSON text, not
+/// parsed: what the events relay forwards (it never looks inside a row).
+pub type RawChangeEntry = ChangeEntryOf<Box<serde_json::value::RawValue>>;
+
+/// A decoded `data_change` row; `D` is how its rows are held.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ChangeEntry {
+pub struct ChangeEntryOf<D> {
     /// The feed cursor.
     pub change_seq: i64,
     /// Unique id of the change.
@@ -287,9 +294,9 @@ pub struct ChangeEntry {
     /// INSERT, UPDATE or DELETE.
     pub action: String,
     /// The row before, decoded.
-    pub old_data: Option<Value>,
+    pub old_data: Option<D>,
     /// The row after, decoded.
-    pub new_data: Option<Value>,
+    pub new_data: Option<D>,
     /// Who made it.
     pub changed_by: String,
     /// When.
@@ -315,17 +322,40 @@ struct RawChange {
     change_reason: Option<String>,
 }
 
-impl RawChange {
-    fn decode(self) -> ChangeEntry {
-        // A row that cannot be decoded is reported as a JSON error value
-        // rather than hiding the whole feed.
-        let decode = |b: Option<Vec<u8>>| {
-            b.map(|b| {
-                gunzip_json(&b)
-                    .unwrap_or_else(|e| serde_json::json!({ "decodeError": e.to_string() }))
+/// How a stored row is decoded for a reader.
+trait DecodeRow: Sized {
+    fn decode_row(gz: &[u8]) -> Self;
+}
+
+// A row that cannot be decoded is reported as a JSON error value rather
+// than hiding the whole feed.
+fn decode_error(e: &dyn std::fmt::Display) -> Value {
+    serde_json::json!({ "decodeError": e.to_string() })
+}
+
+impl DecodeRow for Value {
+    fn decode_row(gz: &[u8]) -> Self {
+        gunzip_json(gz).unwrap_or_else(|e| decode_error(&e))
+    }
+}
+
+impl DecodeRow for Box<serde_json::value::RawValue> {
+    fn decode_row(gz: &[u8]) -> Self {
+        let text = gunzip(gz)
+            .map_err(|e| e.to_string())
+            .and_then(|b| String::from_utf8(b).map_err(|e| e.to_string()));
+        text.and_then(|t| serde_json::value::RawValue::from_string(t).map_err(|e| e.to_string()))
+            .unwrap_or_else(|e| {
+                serde_json::value::to_raw_value(&decode_error(&e))
+                    .unwrap_or_else(|_| Box::<serde_json::value::RawValue>::default())
             })
-        };
-        ChangeEntry {
+    }
+}
+
+impl RawChange {
+    fn decode<D: DecodeRow>(self) -> ChangeEntryOf<D> {
+        let decode = |b: Option<Vec<u8>>| b.map(|b| D::decode_row(&b));
+        ChangeEntryOf {
             change_seq: self.change_seq,
             change_id: self.change_id,
             table_name: self.table_name,
@@ -362,6 +392,27 @@ pub async fn read_between(
     upto: i64,
     limit: i64,
 ) -> Result<Vec<ChangeEntry>, sqlx::Error> {
+    read_between_as(conn, table, since, upto, limit).await
+}
+
+/// [`read_between`] with the rows left as JSON text, for forwarding.
+pub async fn read_between_raw(
+    conn: &mut PgConnection,
+    table: Option<&str>,
+    since: i64,
+    upto: i64,
+    limit: i64,
+) -> Result<Vec<RawChangeEntry>, sqlx::Error> {
+    read_between_as(conn, table, since, upto, limit).await
+}
+
+async fn read_between_as<D: DecodeRow>(
+    conn: &mut PgConnection,
+    table: Option<&str>,
+    since: i64,
+    upto: i64,
+    limit: i64,
+) -> Result<Vec<ChangeEntryOf<D>>, sqlx::Error> {
     let rows: Vec<RawChange> = sqlx::query_as(
         "SELECT change_seq, change_id, table_name, record_id, action, old_data, new_data,
                 changed_by, changed_at, node_id, change_reason

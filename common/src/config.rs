@@ -131,6 +131,13 @@ pub struct WorkerSettings {
     pub concurrency: usize,
     /// Slots for `background` jobs, counted apart from `concurrency`.
     pub background_slots: usize,
+    /// Deliveries the worker holds at once (AMQP prefetch); 0 means
+    /// `concurrency`. At `concurrency`, jobs wait in the broker, where
+    /// priorities apply, until a slot is free. Larger, a burst of short
+    /// jobs fills bigger batches (more throughput), but up to
+    /// `prefetch − concurrency` jobs wait in this worker instead, where a
+    /// later higher-priority job cannot pass them.
+    pub prefetch: usize,
     /// The shell a command is handed to, split on whitespace (`/bin/sh -c`).
     pub shell: String,
     /// Seconds between heartbeats.
@@ -222,6 +229,7 @@ impl Settings {
             .set_default("worker.role", "worker")?
             .set_default("worker.concurrency", cpus as u64)?
             .set_default("worker.background_slots", 4)?
+            .set_default("worker.prefetch", 0)?
             .set_default("worker.shell", "/bin/sh -c")?
             .set_default("worker.heartbeat_secs", 5)?
             .set_default("worker.claim_lease_secs", 30)?

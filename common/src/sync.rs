@@ -1,6 +1,7 @@
 //! Change-feed consumers: the safe head of the feed, consumer cursors in
 //! `sync_state`, and the built-in relay that publishes the feed onto
-//! `<p>.events` as `change.<table>.<action>`.
+//! `<p>.events` as `change.<table>.<action>`, in batches: one `changes.v1`
+//! message carries a run of consecutive changes of one table and action.
 //!
 //! ## The safe head
 //!
@@ -24,7 +25,7 @@ use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 
 use crate::amqp::{Outgoing, Publisher};
-use crate::changelog::{self, ChangeEntry};
+use crate::changelog::{self, RawChangeEntry};
 
 /// The consumer name of the built-in relay onto `<p>.events`.
 pub const EVENTS_CONSUMER: &str = "events";
@@ -32,8 +33,10 @@ pub const EVENTS_CONSUMER: &str = "events";
 pub const ALL_TABLES: &str = "*";
 /// The tables whose changes are recorded.
 pub const TABLES: &[&str] = &["tasks", "task_schedule", "nodes", "jobs"];
-/// AMQP `type` of a change event.
-pub const CHANGE_EVENT_V1: &str = "change.v1";
+/// AMQP `type` of a batch of change events (`{"changes": [...]}`).
+pub const CHANGES_V1: &str = "changes.v1";
+/// Changes one message carries at most.
+const CHANGES_PER_MESSAGE: usize = 500;
 
 /// How long [`Watermark::safe_head`] waits for in-flight transactions
 /// before it answers with the last head it proved safe.
@@ -150,21 +153,46 @@ pub async fn set_cursor(
     Ok(())
 }
 
-/// The `change.<table>.<action>` event of one change.
-pub fn change_event(change: &ChangeEntry) -> Outgoing {
-    Outgoing {
-        exchange: "events".into(),
-        routing_key: format!(
-            "change.{}.{}",
-            change.table_name,
-            change.action.to_ascii_lowercase()
-        ),
-        message_type: CHANGE_EVENT_V1.into(),
-        message_id: change.change_id.to_string(),
-        priority: 0,
-        payload: serde_json::to_vec(change).unwrap_or_default(),
-        headers: vec![("x-change-seq".into(), change.change_seq.to_string())],
+#[derive(Serialize)]
+struct ChangeBatch<'a> {
+    changes: &'a [RawChangeEntry],
+}
+
+/// The messages that carry `changes` (in `change_seq` order): one per run
+/// of consecutive changes to the same table with the same action, routed
+/// `change.<table>.<action>`, in order. Each message's id is the range of
+/// sequence numbers it carries, so a republished range has the same id;
+/// each change also carries its own `changeId` and `changeSeq`.
+pub fn change_events(changes: &[RawChangeEntry]) -> Vec<Outgoing> {
+    let mut out = Vec::new();
+    let mut rest = changes;
+    while let Some(first) = rest.first() {
+        let run = rest
+            .iter()
+            .take(CHANGES_PER_MESSAGE)
+            .take_while(|c| c.table_name == first.table_name && c.action == first.action)
+            .count();
+        let (chunk, tail) = rest.split_at(run);
+        rest = tail;
+        let (lo, hi) = (first.change_seq, chunk[run - 1].change_seq);
+        out.push(Outgoing {
+            exchange: "events".into(),
+            routing_key: format!(
+                "change.{}.{}",
+                first.table_name,
+                first.action.to_ascii_lowercase()
+            ),
+            message_type: CHANGES_V1.into(),
+            message_id: format!("changes:{lo}-{hi}"),
+            priority: 0,
+            payload: serde_json::to_vec(&ChangeBatch { changes: chunk }).unwrap_or_default(),
+            headers: vec![
+                ("x-change-seq-first".into(), lo.to_string()),
+                ("x-change-seq-last".into(), hi.to_string()),
+            ],
+        });
     }
+    out
 }
 
 /// What one relay pass did.
@@ -191,7 +219,7 @@ pub enum RelayError {
 /// safe head) with confirms, then moves the cursor, all under the cursor
 /// row's lock, so several relays never publish the same range twice at once.
 /// A crash between publish and commit publishes the range again: consumers
-/// deduplicate by `message_id` (the change id).
+/// deduplicate by each change's `changeId` (or `changeSeq`).
 pub async fn relay_once(
     pool: &PgPool,
     watermark: &Watermark,
@@ -228,11 +256,11 @@ pub async fn relay_once(
     if cursor >= head {
         return Ok(RelayPass::default());
     }
-    let changes = changelog::read_between(&mut tx, None, cursor, head, batch).await?;
+    let changes = changelog::read_between_raw(&mut tx, None, cursor, head, batch).await?;
     let Some(last) = changes.last().map(|c| c.change_seq) else {
         return Ok(RelayPass::default());
     };
-    let events: Vec<Outgoing> = changes.iter().map(change_event).collect();
+    let events = change_events(&changes);
     if let Some(Err(e)) = publisher
         .publish_all(&events)
         .await
@@ -244,7 +272,7 @@ pub async fn relay_once(
     set_cursor(&mut tx, EVENTS_CONSUMER, ALL_TABLES, last).await?;
     tx.commit().await?;
     Ok(RelayPass {
-        published: events.len(),
+        published: changes.len(),
         busy: false,
     })
 }

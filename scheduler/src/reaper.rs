@@ -6,9 +6,7 @@
 use serde_json::Value;
 use sqlx::PgPool;
 use taskhost_common::changelog::{self, Action, Change};
-use taskhost_common::jobs::insert_outbox;
-use taskhost_common::messages::JobRun;
-use taskhost_common::model::{ExecutionMode, Fanout, Target};
+use taskhost_common::store;
 use uuid::Uuid;
 
 /// What one pass did.
@@ -54,84 +52,12 @@ pub async fn reap(pool: &PgPool, dead_after_secs: f64) -> Result<Reaped, sqlx::E
         )
         .await?;
     }
-    if !dead.is_empty() {
-        let ids: Vec<Uuid> = dead.iter().map(|d| d.0).collect();
-        sqlx::query("UPDATE jobs SET claim_expiry = now() - interval '1 second' WHERE status = 'running' AND claimed_by = ANY($1)")
-            .bind(&ids)
-            .execute(&mut *tx)
-            .await?;
-    }
-    let expired: Vec<ExpiredJob> = sqlx::query_as(
-        "SELECT job_id, to_jsonb(j.*) AS row, attempt, command, execution_mode, timeout_seconds, env, priority,
-                submitted_at, target_node_id, target_node_group, target_node_role
-         FROM jobs j
-         WHERE status = 'running' AND claim_expiry < now()
-         ORDER BY claim_expiry
-         LIMIT 200
-         FOR UPDATE SKIP LOCKED",
-    )
-    .fetch_all(&mut *tx)
-    .await?;
-    for job in &expired {
-        let new: Value = sqlx::query_scalar(
-            "UPDATE jobs SET status = 'queued', claimed_by = NULL, claim_expiry = NULL, started_at = NULL
-             WHERE job_id = $1 RETURNING to_jsonb(jobs.*)",
-        )
-        .bind(job.job_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        changelog::record(
-            &mut tx,
-            Change {
-                table: "jobs",
-                record_id: job.job_id.to_string(),
-                action: Action::Update,
-                old: Some(&job.row),
-                new: Some(&new),
-                changed_by: "scheduler",
-                node_id: None,
-                reason: Some("claim expired; requeued"),
-            },
-        )
-        .await?;
-        let target = Target {
-            node_id: job.target_node_id,
-            node_group: job.target_node_group.clone(),
-            node_role: job.target_node_role.clone(),
-            fanout: Fanout::One,
-        };
-        let run = JobRun {
-            job_id: job.job_id,
-            attempt: job.attempt,
-            command: job.command.clone(),
-            execution_mode: job.execution_mode.parse().unwrap_or(ExecutionMode::Pool),
-            timeout_seconds: job.timeout_seconds,
-            env: serde_json::from_value(job.env.clone()).unwrap_or_default(),
-            priority: job.priority,
-            submitted_at: job.submitted_at,
-        };
-        insert_outbox(&mut tx, &target.routing_key(), &run).await?;
-        tracing::warn!(job_id = %job.job_id, attempt = job.attempt, "claim expired; job requeued");
-    }
+    let ids: Vec<Uuid> = dead.iter().map(|d| d.0).collect();
+    store::reap::expire_claims_of(&mut tx, &ids).await?;
+    let requeued_jobs = store::reap::requeue_expired(&mut tx).await?;
     tx.commit().await?;
     Ok(Reaped {
         dead_nodes: dead.len(),
-        requeued_jobs: expired.iter().map(|j| (j.job_id, j.attempt)).collect(),
+        requeued_jobs,
     })
-}
-
-#[derive(sqlx::FromRow)]
-struct ExpiredJob {
-    job_id: Uuid,
-    row: Value,
-    attempt: i32,
-    command: String,
-    execution_mode: String,
-    timeout_seconds: Option<i32>,
-    env: Value,
-    priority: i16,
-    submitted_at: chrono::DateTime<chrono::Utc>,
-    target_node_id: Option<Uuid>,
-    target_node_group: Option<String>,
-    target_node_role: Option<String>,
 }

@@ -6,6 +6,8 @@
 
 use sqlx::PgPool;
 use taskhost_common::config::RetentionSettings;
+use taskhost_common::model::JobStatus;
+use taskhost_common::store;
 
 /// Rows removed by one pass.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -38,24 +40,31 @@ async fn drain(pool: &PgPool, sql: &'static str, days: f64) -> Result<u64, sqlx:
     }
 }
 
+async fn prune_jobs(pool: &PgPool, states: &[JobStatus], days: u32) -> Result<u64, sqlx::Error> {
+    let mut total = 0;
+    loop {
+        let n = store::reap::prune(pool, states, days, BATCH).await?;
+        total += n;
+        if n < BATCH as u64 {
+            return Ok(total);
+        }
+    }
+}
+
 /// One pruning pass. Pruning is not written to `data_change` row by row (it
 /// would double the rows it removes); each pass logs its counts.
 pub async fn prune(pool: &PgPool, r: &RetentionSettings) -> Result<Pruned, sqlx::Error> {
     let p = Pruned {
-        succeeded_jobs: drain(
+        succeeded_jobs: prune_jobs(pool, &[JobStatus::Succeeded], r.success_days).await?,
+        failed_jobs: prune_jobs(
             pool,
-            "DELETE FROM jobs WHERE job_id IN (
-                 SELECT job_id FROM jobs WHERE status = 'succeeded'
-                   AND completed_at < now() - make_interval(days => $1::int) LIMIT $2)",
-            f64::from(r.success_days),
-        )
-        .await?,
-        failed_jobs: drain(
-            pool,
-            "DELETE FROM jobs WHERE job_id IN (
-                 SELECT job_id FROM jobs WHERE status IN ('failed', 'timed_out', 'cancelled', 'dead')
-                   AND completed_at < now() - make_interval(days => $1::int) LIMIT $2)",
-            f64::from(r.failure_days),
+            &[
+                JobStatus::Failed,
+                JobStatus::TimedOut,
+                JobStatus::Cancelled,
+                JobStatus::Dead,
+            ],
+            r.failure_days,
         )
         .await?,
         changes: drain(

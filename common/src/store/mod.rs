@@ -1,4 +1,191 @@
 //! The job store: the one owner of the `jobs` row. Every write to `jobs`
 //! lives here, as functions named after the arrows of
 //! `docs/state_machine.md`, each set-based over a batch and writing its
-//! `data_change` rows in the same transaction.
+//! `data_change` rows in the same transaction:
+//!
+//! | arrow | function |
+//! |---|---|
+//! | → pending (HTTP, queue) | [`accept::accept`], [`accept::accept_batch`] |
+//! | pending → queued | [`publish::mark_queued`] |
+//! | queued → running | [`claim::claim`], and claims inside [`settle`] |
+//! | running → running (lease) | [`finish::renew`] |
+//! | running → terminal | [`finish::finish_batch`], and finishes inside [`settle`] |
+//! | running → queued (retry) | inside the finishes (`retry_at`, a delayed outbox row) |
+//! | running → queued (shutdown) | [`finish::release`] |
+//! | queued → cancelled / dead without running | inside the claims (give up) |
+//! | running → queued (lease expired) | [`reap::requeue_expired`] |
+//! | → cancelled (user) | [`cancel::cancel`] |
+//! | terminal → deleted | [`cancel::delete`], [`reap::prune`] |
+//!
+//! A worker's claims and run endings that arrive together share one
+//! transaction ([`settle`]); an `inline` job is claimed, run and recorded in
+//! that one transaction.
+
+pub mod accept;
+pub mod cancel;
+pub mod claim;
+pub mod finish;
+pub mod publish;
+pub mod reap;
+
+use sqlx::PgPool;
+use uuid::Uuid;
+
+pub use claim::{ClaimRequest, ClaimResult, Claimed, Claimer, claim};
+pub use finish::{Finish, FinishRequest, Finished, finish_batch, release, renew};
+
+use crate::db;
+use crate::model::ExecutionMode;
+
+/// One step a worker asks of the store.
+#[derive(Debug, Clone)]
+pub enum Step {
+    /// Claim the job a delivery names.
+    Claim(ClaimRequest),
+    /// Record the end of an attempt.
+    Finish(FinishRequest),
+}
+
+/// The answer to a [`Step`].
+#[derive(Debug)]
+pub enum StepResult {
+    /// The answer to a claim (run the job when it is `Claimed`).
+    Claim(ClaimResult),
+    /// The answer to a finish.
+    Finish(Finished),
+    /// An `inline` job was claimed, run and recorded in the claim's
+    /// transaction: nothing is left to do but ack and tell.
+    Ran {
+        /// The claim it ran under.
+        claimed: Claimed,
+        /// How it ended.
+        fin: Finish,
+        /// What recording it did.
+        finished: Finished,
+    },
+}
+
+/// Runs an `inline` command inside the worker process (the worker's own
+/// built-in commands; they return at once).
+pub type InlineRunner = dyn Fn(&Claimed) -> Finish + Send + Sync;
+
+/// Carries out the steps of many deliveries in one transaction: the run
+/// endings first, then the claims (rows another transaction holds are
+/// skipped and claimed one by one after the commit). `inline` jobs among
+/// the claims run at once and are recorded in the same transaction. The
+/// commit waits for the disk when it records any run's end (the worker
+/// acks right after); a transaction of claims alone does not (see
+/// [`db::no_fsync_wait`]). Returns one answer per step, in order.
+///
+/// Locking: claimed rows are locked `SKIP LOCKED` (never waiting); then
+/// the schedule rows of every task run in the batch are locked at once in
+/// task id order, before any job row is waited for; then the finished jobs'
+/// rows, in job id order.
+pub async fn settle(
+    pool: &PgPool,
+    c: &Claimer,
+    inline: &InlineRunner,
+    steps: &[Step],
+) -> Result<Vec<StepResult>, sqlx::Error> {
+    let claims: Vec<ClaimRequest> = steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Claim(r) => Some(*r),
+            Step::Finish(_) => None,
+        })
+        .collect();
+    let finishes: Vec<FinishRequest> = steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Finish(r) => Some(r.clone()),
+            Step::Claim(_) => None,
+        })
+        .collect();
+    if let ([], [one]) = (finishes.as_slice(), claims.as_slice()) {
+        // A lone claim may wait for its row instead of going round again.
+        let answer = claim(pool, c, *one).await?;
+        return Ok(vec![StepResult::Claim(answer)]);
+    }
+    let mut tx = pool.begin().await?;
+    let durable = !finishes.is_empty();
+    if !durable {
+        db::no_fsync_wait(&mut tx).await?;
+    }
+    let mut plan = claim::plan(&mut tx, c, &claims).await?;
+    let mut task_ids: Vec<Uuid> = plan
+        .task_ids()
+        .chain(finishes.iter().filter_map(|f| f.claimed.task_id))
+        .collect();
+    task_ids.sort_unstable();
+    task_ids.dedup();
+    if !task_ids.is_empty() {
+        sqlx::query(
+            "SELECT 1 FROM task_schedule WHERE task_id = ANY($1) ORDER BY task_id FOR UPDATE",
+        )
+        .bind(&task_ids)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let finished = finish::finish_many(&mut tx, c.node_id, &c.node_name, &finishes).await?;
+    claim::carry_out(&mut tx, c, &mut plan).await?;
+
+    // Inline jobs run now, inside this transaction, and their ends are
+    // recorded with their claims.
+    let mut ran: Vec<(usize, FinishRequest)> = Vec::new();
+    for (k, answer) in plan.answers.iter().enumerate() {
+        if let Some(ClaimResult::Claimed(claimed)) = answer
+            && claimed.execution_mode == ExecutionMode::Inline
+        {
+            let fin = inline(claimed);
+            ran.push((
+                k,
+                FinishRequest {
+                    claimed: claimed.clone(),
+                    fin,
+                },
+            ));
+        }
+    }
+    let ran_finished = if ran.is_empty() {
+        Vec::new()
+    } else {
+        if !durable {
+            sqlx::query("SET LOCAL synchronous_commit = on")
+                .execute(&mut *tx)
+                .await?;
+        }
+        let requests: Vec<FinishRequest> = ran.iter().map(|(_, r)| r.clone()).collect();
+        finish::finish_many(&mut tx, c.node_id, &c.node_name, &requests).await?
+    };
+    tx.commit().await?;
+
+    // Locked or missing rows: one by one, now that this batch holds nothing.
+    // The batch is committed, so a failure here is that request's alone.
+    for k in std::mem::take(&mut plan.later) {
+        plan.answers[k] = Some(match claim(pool, c, claims[k]).await {
+            Ok(answer) => answer,
+            Err(error) => ClaimResult::Again(error.to_string()),
+        });
+    }
+    let mut claim_answers: Vec<Option<StepResult>> = plan
+        .answers
+        .into_iter()
+        .map(|a| a.map(StepResult::Claim))
+        .collect();
+    for ((k, request), finished) in ran.into_iter().zip(ran_finished) {
+        claim_answers[k] = Some(StepResult::Ran {
+            claimed: request.claimed,
+            fin: request.fin,
+            finished,
+        });
+    }
+    let mut claim_answers = claim_answers.into_iter();
+    let mut finished = finished.into_iter();
+    Ok(steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Claim(_) => claim_answers.next().flatten(),
+            Step::Finish(_) => finished.next().map(StepResult::Finish),
+        })
+        .collect())
+}

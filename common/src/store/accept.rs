@@ -1,0 +1,507 @@
+//! Accepting a job (→ `pending`): the job row, its `data_change` INSERT
+//! and its outbox message in one transaction. [`accept`] takes one
+//! submission (idempotency key, fan-out, task runs); [`accept_batch`] takes
+//! many plain ones with one INSERT per table. The HTTP api and the queue
+//! ingress share both (through `jobs::plain_accepter` for the batch).
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+use crate::amqp::Outgoing;
+use crate::changelog::{self, Action, Change};
+use crate::messages::{JOB_RUN_V1, JobRun};
+use crate::model::{Fanout, JobSpec, JobStatus, TriggeredBy};
+
+/// Reason recorded when a target matches no active node.
+pub const NO_NODE_REASON: &str = "no active node matches the target";
+
+/// A job to accept.
+#[derive(Debug, Clone)]
+pub struct NewJob<'a> {
+    /// The job id (UUIDv7, or the ingress message id).
+    pub job_id: Uuid,
+    /// Owner.
+    pub user_id: &'a str,
+    /// The validated request.
+    pub spec: &'a JobSpec,
+    /// What caused it.
+    pub triggered_by: TriggeredBy,
+    /// `Idempotency-Key` header, if sent.
+    pub idempotency_key: Option<&'a str>,
+    /// Hash of the request body, to tell a repeat from a conflict.
+    pub request_hash: Option<&'a str>,
+    /// Recorded as `changed_by` in the change log.
+    pub changed_by: &'a str,
+    /// The task it runs, when a task fired it.
+    pub task: Option<TaskRun>,
+}
+
+/// The task side of a job fired by a recurring task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskRun {
+    /// The task.
+    pub task_id: Uuid,
+    /// The scheduled fire time (None for a manual run).
+    pub fire_at: Option<DateTime<Utc>>,
+    /// Retries after a failed or timed-out attempt.
+    pub max_retries: i32,
+    /// First retry delay; doubled for every further retry.
+    pub retry_delay_seconds: i32,
+    /// Whether the run is killed at its timeout.
+    pub kill_on_timeout: bool,
+}
+
+/// What happened to a submission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    /// New job rows, and the outbox messages to publish for them.
+    Created {
+        /// The first id is the one answered to the client; fanout adds more.
+        job_ids: Vec<Uuid>,
+        /// Outbox rows to publish now.
+        outbox: Vec<OutboxMessage>,
+        /// Status of the jobs (`pending`, or `dead` when no node matches).
+        status: JobStatus,
+    },
+    /// The same job was accepted before (same id, or same idempotency key
+    /// and body).
+    Duplicate {
+        /// The original job.
+        job_id: Uuid,
+    },
+    /// The idempotency key names a job with a different body.
+    Conflict,
+}
+
+/// A committed outbox row.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct OutboxMessage {
+    /// Row id.
+    pub outbox_id: i64,
+    /// Logical exchange.
+    pub exchange: String,
+    /// Routing key.
+    pub routing_key: String,
+    /// AMQP type.
+    pub message_type: String,
+    /// AMQP message id.
+    pub message_id: String,
+    /// Priority.
+    pub priority: i16,
+    /// Body (JSON text).
+    pub payload: String,
+    /// The job it carries, if any.
+    pub job_id: Option<Uuid>,
+}
+
+impl OutboxMessage {
+    /// The message as published.
+    pub fn to_outgoing(&self) -> Outgoing {
+        Outgoing {
+            exchange: self.exchange.clone(),
+            routing_key: self.routing_key.clone(),
+            message_type: self.message_type.clone(),
+            message_id: self.message_id.clone(),
+            priority: self.priority.clamp(0, 9) as u8,
+            payload: self.payload.clone().into_bytes(),
+            headers: Vec::new(),
+        }
+    }
+}
+
+/// Inserts an outbox row on `conn`.
+pub async fn insert_outbox(
+    conn: &mut PgConnection,
+    routing_key: &str,
+    run: &JobRun,
+) -> Result<OutboxMessage, sqlx::Error> {
+    insert_outbox_delayed(conn, routing_key, run, 0.0).await
+}
+
+/// Inserts an outbox row that the relay publishes only after `delay_secs`.
+pub async fn insert_outbox_delayed(
+    conn: &mut PgConnection,
+    routing_key: &str,
+    run: &JobRun,
+    delay_secs: f64,
+) -> Result<OutboxMessage, sqlx::Error> {
+    let payload = serde_json::to_value(run).unwrap_or(Value::Null);
+    sqlx::query_as(
+        "INSERT INTO outbox (exchange, routing_key, message_type, message_id, priority, payload, job_id, available_at)
+         VALUES ('work', $1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7))
+         RETURNING outbox_id, exchange, routing_key, message_type, message_id, priority, payload::text AS payload, job_id",
+    )
+    .bind(routing_key)
+    .bind(JOB_RUN_V1)
+    .bind(format!("{}:{}", run.job_id, run.attempt))
+    .bind(run.priority)
+    .bind(payload)
+    .bind(run.job_id)
+    .bind(delay_secs)
+    .fetch_one(conn)
+    .await
+}
+
+async fn find_by_idempotency_key(
+    conn: &mut PgConnection,
+    user_id: &str,
+    key: &str,
+) -> Result<Option<(Uuid, Option<String>)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT job_id, request_hash FROM jobs WHERE user_id = $1 AND idempotency_key = $2",
+    )
+    .bind(user_id)
+    .bind(key)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Active nodes a target matches (what a fan-out expands to).
+pub async fn matching_active_nodes(
+    conn: &mut PgConnection,
+    target: &crate::model::Target,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT node_id FROM nodes
+         WHERE is_active
+           AND ($1::uuid IS NULL OR node_id = $1)
+           AND ($2::text IS NULL OR node_group = $2)
+           AND ($3::text IS NULL OR node_role = $3)
+         ORDER BY node_name",
+    )
+    .bind(target.node_id)
+    .bind(target.node_group.as_deref())
+    .bind(target.node_role.as_deref())
+    .fetch_all(conn)
+    .await
+}
+
+/// Accepts a job: one transaction for the row(s), change log and outbox.
+pub async fn accept(pool: &PgPool, new: NewJob<'_>) -> Result<Accepted, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let accepted = accept_in(&mut tx, &new).await?;
+    if matches!(accepted, Accepted::Created { .. }) {
+        tx.commit().await?;
+    }
+    Ok(accepted)
+}
+
+/// Accepts a job inside the caller's transaction (a scheduler tick fires
+/// many tasks in one). Nothing is written unless it returns `Created`.
+pub async fn accept_in(
+    tx: &mut Transaction<'_, Postgres>,
+    new: &NewJob<'_>,
+) -> Result<Accepted, sqlx::Error> {
+    if let Some(key) = new.idempotency_key
+        && let Some(found) = find_by_idempotency_key(tx, new.user_id, key).await?
+    {
+        return Ok(duplicate_or_conflict(found, new.request_hash));
+    }
+    // A fan-out to all nodes becomes one job per active matching node, each
+    // routed to its node; the first keeps the requested id.
+    let nodes: Vec<Option<Uuid>> = if new.spec.target.fanout == Fanout::All {
+        matching_active_nodes(tx, &new.spec.target)
+            .await?
+            .into_iter()
+            .map(Some)
+            .collect()
+    } else {
+        vec![None]
+    };
+    let no_node = nodes.is_empty();
+    let status = if no_node {
+        JobStatus::Dead
+    } else {
+        JobStatus::Pending
+    };
+    let targets = if no_node { vec![None] } else { nodes };
+
+    let mut job_ids = Vec::with_capacity(targets.len());
+    let mut outbox = Vec::with_capacity(targets.len());
+    for (i, node) in targets.iter().enumerate() {
+        let job_id = if i == 0 { new.job_id } else { Uuid::now_v7() };
+        let Some((row, submitted_at)) =
+            insert_job_row(tx, new, job_id, *node, status, i == 0).await?
+        else {
+            // A unique index said no: the same id (a repeated ingress
+            // message), the same idempotency key (a racing repeat), or the
+            // same task fire time (another scheduler fired it).
+            if let Some(key) = new.idempotency_key
+                && let Some(found) = find_by_idempotency_key(tx, new.user_id, key).await?
+            {
+                return Ok(duplicate_or_conflict(found, new.request_hash));
+            }
+            return Ok(Accepted::Duplicate { job_id });
+        };
+        changelog::record(
+            tx,
+            Change {
+                table: "jobs",
+                record_id: job_id.to_string(),
+                action: Action::Insert,
+                old: None,
+                new: Some(&row),
+                changed_by: new.changed_by,
+                node_id: None,
+                reason: Some(if no_node { NO_NODE_REASON } else { "submitted" }),
+            },
+        )
+        .await?;
+        if no_node {
+            sqlx::query(
+                "INSERT INTO task_history (task_id, job_id, attempt, state, is_final, triggered_by, start_time, duration_ms, error)
+                 VALUES ($1, $2, 0, 'dead', true, $3, NULL, 0, $4)",
+            )
+            .bind(new.task.map(|t| t.task_id))
+            .bind(job_id)
+            .bind(new.triggered_by.as_str())
+            .bind(changelog::gzip(NO_NODE_REASON.as_bytes()))
+            .execute(&mut **tx)
+            .await?;
+        } else {
+            let routing_key = match node {
+                Some(id) => format!("node.{id}"),
+                None => new.spec.target.routing_key(),
+            };
+            let run = JobRun {
+                job_id,
+                attempt: 0,
+                command: new.spec.command.clone(),
+                execution_mode: new.spec.execution_mode,
+                timeout_seconds: new.spec.timeout_seconds,
+                env: new.spec.env.clone(),
+                priority: new.spec.priority,
+                submitted_at,
+            };
+            outbox.push(insert_outbox(tx, &routing_key, &run).await?);
+        }
+        job_ids.push(job_id);
+    }
+    Ok(Accepted::Created {
+        job_ids,
+        outbox,
+        status,
+    })
+}
+
+/// A plain submission: no idempotency key, one target (no fan-out), not a
+/// task run. These are the bulk of submissions and are accepted in batches.
+#[derive(Debug, Clone)]
+pub struct PlainJob {
+    /// The job id (UUIDv7, or the ingress message id).
+    pub job_id: Uuid,
+    /// Owner.
+    pub user_id: String,
+    /// The validated request.
+    pub spec: JobSpec,
+    /// What caused it.
+    pub triggered_by: TriggeredBy,
+    /// Recorded as `changed_by` in the change log.
+    pub changed_by: String,
+}
+
+impl PlainJob {
+    /// Whether a submission may take the batched path.
+    pub fn fits(spec: &JobSpec, idempotency_key: Option<&str>) -> bool {
+        idempotency_key.is_none() && spec.target.fanout == Fanout::One
+    }
+}
+
+/// Accepts plain submissions together: one transaction with one INSERT of
+/// the job rows, one of their change rows and one of their outbox rows, so
+/// Postgres does per-batch rather than per-job work. Answers one
+/// [`Accepted`] per job, in order (`Duplicate` when the id exists).
+pub async fn accept_batch(
+    pool: &PgPool,
+    jobs: &[PlainJob],
+) -> Result<Vec<Accepted>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let ids: Vec<Uuid> = jobs.iter().map(|j| j.job_id).collect();
+    let users: Vec<&str> = jobs.iter().map(|j| j.user_id.as_str()).collect();
+    let names: Vec<&str> = jobs.iter().map(|j| j.spec.job_name.as_str()).collect();
+    let commands: Vec<&str> = jobs.iter().map(|j| j.spec.command.as_str()).collect();
+    let descriptions: Vec<&str> = jobs.iter().map(|j| j.spec.description.as_str()).collect();
+    let modes: Vec<&str> = jobs
+        .iter()
+        .map(|j| j.spec.execution_mode.as_str())
+        .collect();
+    let node_ids: Vec<Option<Uuid>> = jobs.iter().map(|j| j.spec.target.node_id).collect();
+    let groups: Vec<Option<&str>> = jobs
+        .iter()
+        .map(|j| j.spec.target.node_group.as_deref())
+        .collect();
+    let roles: Vec<Option<&str>> = jobs
+        .iter()
+        .map(|j| j.spec.target.node_role.as_deref())
+        .collect();
+    let priorities: Vec<i16> = jobs.iter().map(|j| j.spec.priority).collect();
+    let timeouts: Vec<Option<i32>> = jobs.iter().map(|j| j.spec.timeout_seconds).collect();
+    let envs: Vec<Value> = jobs
+        .iter()
+        .map(|j| serde_json::to_value(&j.spec.env).unwrap_or(Value::Null))
+        .collect();
+    let triggers: Vec<&str> = jobs.iter().map(|j| j.triggered_by.as_str()).collect();
+    let inserted: Vec<(Uuid, String, DateTime<Utc>)> = sqlx::query_as(
+        "INSERT INTO jobs (job_id, user_id, job_name, command, description, execution_mode, status,
+                           target_node_id, target_node_group, target_node_role, fanout, priority,
+                           timeout_seconds, env, triggered_by)
+         SELECT id, u, n, c, d, m, 'pending', ni, ng, nr, 'one', p, t, e, tb
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $7::uuid[], $8::text[], $9::text[], $10::int2[], $11::int4[], $12::jsonb[],
+                     $13::text[]) AS x(id, u, n, c, d, m, ni, ng, nr, p, t, e, tb)
+         ON CONFLICT DO NOTHING
+         RETURNING job_id, to_jsonb(jobs.*)::text, submitted_at",
+    )
+    .bind(&ids)
+    .bind(&users)
+    .bind(&names)
+    .bind(&commands)
+    .bind(&descriptions)
+    .bind(&modes)
+    .bind(&node_ids)
+    .bind(&groups)
+    .bind(&roles)
+    .bind(&priorities)
+    .bind(&timeouts)
+    .bind(&envs)
+    .bind(&triggers)
+    .fetch_all(&mut *tx)
+    .await?;
+    let by_id: std::collections::HashMap<Uuid, usize> = inserted
+        .iter()
+        .enumerate()
+        .map(|(k, (id, _, _))| (*id, k))
+        .collect();
+    // Inserted rows, each once (a repeated id in one batch is a duplicate).
+    let mut seen = std::collections::HashSet::new();
+    let fresh: Vec<&PlainJob> = jobs
+        .iter()
+        .filter(|j| by_id.contains_key(&j.job_id) && seen.insert(j.job_id))
+        .collect();
+    let changes: Vec<Change<'_>> = fresh
+        .iter()
+        .map(|j| Change {
+            table: "jobs",
+            record_id: j.job_id.to_string(),
+            action: Action::Insert,
+            old: None,
+            new: Some(&inserted[by_id[&j.job_id]].1),
+            changed_by: &j.changed_by,
+            node_id: None,
+            reason: Some("submitted"),
+        })
+        .collect();
+    changelog::record_many(&mut tx, &changes).await?;
+    let runs: Vec<JobRun> = fresh
+        .iter()
+        .map(|j| JobRun {
+            job_id: j.job_id,
+            attempt: 0,
+            command: j.spec.command.clone(),
+            execution_mode: j.spec.execution_mode,
+            timeout_seconds: j.spec.timeout_seconds,
+            env: j.spec.env.clone(),
+            priority: j.spec.priority,
+            submitted_at: inserted[by_id[&j.job_id]].2,
+        })
+        .collect();
+    let keys: Vec<String> = fresh.iter().map(|j| j.spec.target.routing_key()).collect();
+    let message_ids: Vec<String> = runs.iter().map(|r| format!("{}:0", r.job_id)).collect();
+    let payloads: Vec<Value> = runs
+        .iter()
+        .map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
+        .collect();
+    let run_ids: Vec<Uuid> = runs.iter().map(|r| r.job_id).collect();
+    let run_priorities: Vec<i16> = runs.iter().map(|r| r.priority).collect();
+    let outbox: Vec<OutboxMessage> = sqlx::query_as(
+        "INSERT INTO outbox (exchange, routing_key, message_type, message_id, priority, payload, job_id)
+         SELECT 'work', rk, $2, mid, p, pl, j
+         FROM UNNEST($1::text[], $3::text[], $4::int2[], $5::jsonb[], $6::uuid[]) AS x(rk, mid, p, pl, j)
+         RETURNING outbox_id, exchange, routing_key, message_type, message_id, priority, payload::text AS payload, job_id",
+    )
+    .bind(&keys)
+    .bind(JOB_RUN_V1)
+    .bind(&message_ids)
+    .bind(&run_priorities)
+    .bind(&payloads)
+    .bind(&run_ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    let mut outbox: std::collections::HashMap<Uuid, OutboxMessage> = outbox
+        .into_iter()
+        .filter_map(|m| m.job_id.map(|id| (id, m)))
+        .collect();
+    Ok(jobs
+        .iter()
+        .map(|j| match outbox.remove(&j.job_id) {
+            Some(message) if by_id.contains_key(&j.job_id) => Accepted::Created {
+                job_ids: vec![j.job_id],
+                outbox: vec![message],
+                status: JobStatus::Pending,
+            },
+            _ => Accepted::Duplicate { job_id: j.job_id },
+        })
+        .collect())
+}
+
+fn duplicate_or_conflict(found: (Uuid, Option<String>), hash: Option<&str>) -> Accepted {
+    if found.1.as_deref() == hash {
+        Accepted::Duplicate { job_id: found.0 }
+    } else {
+        Accepted::Conflict
+    }
+}
+
+async fn insert_job_row(
+    tx: &mut Transaction<'_, Postgres>,
+    new: &NewJob<'_>,
+    job_id: Uuid,
+    node: Option<Uuid>,
+    status: JobStatus,
+    first: bool,
+) -> Result<Option<(String, DateTime<Utc>)>, sqlx::Error> {
+    let spec = new.spec;
+    let dead = status == JobStatus::Dead;
+    sqlx::query_as(
+        "INSERT INTO jobs (job_id, user_id, job_name, command, description, execution_mode, status,
+                           status_reason, target_node_id, target_node_group, target_node_role, fanout,
+                           priority, timeout_seconds, env, triggered_by, idempotency_key, request_hash,
+                           completed_at, success, task_id, fire_at, max_retries, retry_delay_seconds,
+                           kill_on_timeout)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
+                 CASE WHEN $19 THEN now() END, CASE WHEN $19 THEN false END, $20, $21, $22, $23, $24)
+         ON CONFLICT DO NOTHING
+         RETURNING to_jsonb(jobs.*)::text, submitted_at",
+    )
+    .bind(job_id)
+    .bind(new.user_id)
+    .bind(&spec.job_name)
+    .bind(&spec.command)
+    .bind(&spec.description)
+    .bind(spec.execution_mode.as_str())
+    .bind(status.as_str())
+    .bind(dead.then_some(NO_NODE_REASON))
+    .bind(node.or(spec.target.node_id))
+    .bind(spec.target.node_group.as_deref())
+    .bind(spec.target.node_role.as_deref())
+    .bind(spec.target.fanout.as_str())
+    .bind(spec.priority)
+    .bind(spec.timeout_seconds)
+    .bind(serde_json::to_value(&spec.env).unwrap_or(Value::Null))
+    .bind(new.triggered_by.as_str())
+    // A fan-out answers with its first job, so only that one carries the
+    // key (the key names one job per user).
+    .bind(new.idempotency_key.filter(|_| first))
+    .bind(new.request_hash.filter(|_| first))
+    .bind(dead)
+    .bind(new.task.map(|t| t.task_id))
+    .bind(new.task.and_then(|t| t.fire_at))
+    .bind(new.task.map_or(0, |t| t.max_retries))
+    .bind(new.task.map_or(0, |t| t.retry_delay_seconds))
+    .bind(new.task.is_none_or(|t| t.kill_on_timeout))
+    .fetch_optional(&mut **tx)
+    .await
+}

@@ -1,0 +1,480 @@
+//! Claiming a job (`queued` → `running`: attempt + 1, a lease), or giving
+//! it up without running it (→ `cancelled` / `dead`). The attempt number
+//! fences every later write, so a worker whose claim was taken over cannot
+//! overwrite the newer attempt.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::types::Json;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::changelog::{self, Action, Change, RowJson};
+use crate::db;
+use crate::messages::JobRun;
+use crate::model::{ExecutionMode, JobStatus, TriggeredBy};
+use crate::tasks;
+
+/// A job this worker now owns, for one attempt.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// The job.
+    pub job_id: Uuid,
+    /// This attempt.
+    pub attempt: i32,
+    /// The recurring task, if a task fired it.
+    pub task_id: Option<Uuid>,
+    /// What caused it.
+    pub triggered_by: TriggeredBy,
+    /// How it runs (from Postgres, the source of truth).
+    pub execution_mode: ExecutionMode,
+    /// The job's command (from Postgres, the source of truth).
+    pub command: String,
+    /// Seconds before the run is killed.
+    pub timeout_seconds: Option<i32>,
+    /// Extra environment.
+    pub env: BTreeMap<String, String>,
+    /// The work queue the job is addressed to.
+    pub routing_key: String,
+    /// Retries allowed after a failed attempt (task runs).
+    pub max_retries: i32,
+    /// First retry delay in seconds, doubled per retry.
+    pub retry_delay_seconds: i32,
+    /// Whether the run is killed at its timeout.
+    pub kill_on_timeout: bool,
+    /// 0..=9.
+    pub priority: i16,
+    /// When the job was accepted.
+    pub submitted_at: DateTime<Utc>,
+}
+
+impl Claimed {
+    /// The work message that runs this job again (a retry): the attempt
+    /// it carries is this one, which the next claim increments.
+    pub fn work_message(&self) -> JobRun {
+        JobRun {
+            job_id: self.job_id,
+            attempt: self.attempt,
+            command: self.command.clone(),
+            execution_mode: self.execution_mode,
+            timeout_seconds: self.timeout_seconds,
+            env: self.env.clone(),
+            priority: self.priority,
+            submitted_at: self.submitted_at,
+        }
+    }
+}
+
+/// The answer to a claim.
+#[derive(Debug)]
+pub enum ClaimResult {
+    /// Ours: run it.
+    Claimed(Claimed),
+    /// Already finished: ack without running.
+    Finished(JobStatus),
+    /// No such job (its result was deleted): ack without running.
+    Missing,
+    /// Another worker holds a live claim: wait and ask again.
+    Busy,
+    /// The job waits for a retry that is not due yet; this delivery is an
+    /// older copy. Ack it without running: the delayed message runs it.
+    NotDue,
+    /// The claim could not be made (Postgres failed): ask again.
+    Again(String),
+    /// Too many attempts: recorded as dead; ack and dead-letter.
+    Dead(String),
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct Current {
+    pub(super) job_id: Uuid,
+    /// The row's JSON text, for the change log.
+    row: String,
+    status: JobStatus,
+    attempt: i32,
+    claimed_by: Option<Uuid>,
+    claim_live: bool,
+    pub(super) task_id: Option<Uuid>,
+    triggered_by: TriggeredBy,
+    execution_mode: ExecutionMode,
+    command: String,
+    timeout_seconds: Option<i32>,
+    env: Json<BTreeMap<String, String>>,
+    target_node_id: Option<Uuid>,
+    target_node_group: Option<String>,
+    target_node_role: Option<String>,
+    max_retries: i32,
+    retry_delay_seconds: i32,
+    cancel_requested: bool,
+    kill_on_timeout: bool,
+    retry_pending: bool,
+    priority: i16,
+    submitted_at: DateTime<Utc>,
+}
+
+pub(super) fn record_job_change<'a>(
+    job_id: Uuid,
+    old: Option<&'a dyn RowJson>,
+    new: &'a dyn RowJson,
+    node_id: Uuid,
+    changed_by: &'a str,
+    reason: &'a str,
+) -> Change<'a> {
+    Change {
+        table: "jobs",
+        record_id: job_id.to_string(),
+        action: Action::Update,
+        old,
+        new: Some(new),
+        changed_by,
+        node_id: Some(node_id),
+        reason: Some(reason),
+    }
+}
+
+/// One claim to make.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimRequest {
+    /// The job.
+    pub job_id: Uuid,
+    /// The job is not running in this process, so a live claim held under
+    /// this node's id is left over from a previous process of the same node
+    /// and may be taken over at once.
+    pub own_stale: bool,
+}
+
+/// What every claim of one worker shares.
+#[derive(Debug, Clone)]
+pub struct Claimer {
+    /// This node.
+    pub node_id: Uuid,
+    /// Its name, for the change log.
+    pub node_name: String,
+    /// How long a claim lasts unless renewed.
+    pub lease: Duration,
+    /// Deliveries of one job before it is dead.
+    pub delivery_limit: u32,
+}
+
+/// What to do with a job a delivery names.
+enum Decision {
+    /// Answer without writing.
+    Answer(ClaimResult),
+    /// Record it as ended (cancelled while its worker died, or out of
+    /// attempts) without running it.
+    GiveUp(JobStatus, String),
+    /// Claim it.
+    Claim,
+}
+
+fn decide(cur: &Current, own_stale: bool, c: &Claimer) -> Decision {
+    let status = cur.status;
+    if status.is_terminal() {
+        return Decision::Answer(ClaimResult::Finished(status));
+    }
+    if status == JobStatus::Running
+        && cur.claim_live
+        && !(own_stale && cur.claimed_by == Some(c.node_id))
+    {
+        return Decision::Answer(ClaimResult::Busy);
+    }
+    if status == JobStatus::Queued && cur.retry_pending && !cur.cancel_requested {
+        return Decision::Answer(ClaimResult::NotDue);
+    }
+    // A cancel requested while the job's previous worker was dying ends it
+    // here instead of running it again.
+    if cur.cancel_requested {
+        return Decision::GiveUp(JobStatus::Cancelled, "cancelled on request".to_owned());
+    }
+    // Retries of a task run are attempts too; the limit is on top of them.
+    if cur.attempt >= c.delivery_limit as i32 + cur.max_retries {
+        return Decision::GiveUp(
+            JobStatus::Dead,
+            format!(
+                "gave up after {} attempts (delivery limit {})",
+                cur.attempt, c.delivery_limit
+            ),
+        );
+    }
+    Decision::Claim
+}
+
+/// The columns a claim decides on, with the row's lock clause appended.
+macro_rules! current_select {
+    ($where_and_lock:literal) => {
+        concat!(
+            "SELECT job_id, to_jsonb(j.*)::text AS row, status, attempt, claimed_by,
+                    coalesce(claim_expiry > now(), false) AS claim_live, task_id, triggered_by,
+                    execution_mode, command, timeout_seconds, env, target_node_id, target_node_group,
+                    target_node_role, max_retries, retry_delay_seconds, cancel_requested,
+                    kill_on_timeout, coalesce(retry_at > now(), false) AS retry_pending,
+                    priority, submitted_at
+             FROM jobs j ",
+            $where_and_lock
+        )
+    };
+}
+
+const CURRENT_ONE: &str = current_select!("WHERE job_id = $1 FOR UPDATE");
+
+// Rows another transaction holds (the api marking them queued, a claim of
+// the same job elsewhere) are skipped here and claimed one by one after the
+// batch, so a batch never waits behind someone else's lock.
+const CURRENT_MANY: &str =
+    current_select!("WHERE job_id = ANY($1) ORDER BY job_id FOR UPDATE SKIP LOCKED");
+
+/// Claims one job in its own transaction, waiting for its row if another
+/// transaction holds it. Losing this commit in a Postgres crash is harmless
+/// (see db::no_fsync_wait), so it does not wait for the disk.
+pub async fn claim(
+    pool: &PgPool,
+    c: &Claimer,
+    request: ClaimRequest,
+) -> Result<ClaimResult, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    db::no_fsync_wait(&mut tx).await?;
+    let current: Option<Current> = sqlx::query_as(CURRENT_ONE)
+        .bind(request.job_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some(cur) = current else {
+        return Ok(ClaimResult::Missing);
+    };
+    let answer = match decide(&cur, request.own_stale, c) {
+        Decision::Answer(a) => return Ok(a),
+        Decision::GiveUp(status, reason) => give_up(&mut tx, c, &cur, status, reason).await?,
+        Decision::Claim => claim_rows(&mut tx, c, vec![cur])
+            .await?
+            .pop()
+            .unwrap_or(ClaimResult::Missing),
+    };
+    tx.commit().await?;
+    Ok(answer)
+}
+
+/// The rows of a batch of claims, read and locked, and what to do with each.
+pub(super) struct ClaimPlan {
+    /// One answer per request, where it is known already.
+    pub(super) answers: Vec<Option<ClaimResult>>,
+    /// Requests whose rows another transaction holds (or that are missing):
+    /// claimed one by one after the batch committed.
+    pub(super) later: Vec<usize>,
+    /// Rows to claim, with the index of their request.
+    pub(super) to_claim: Vec<(usize, Current)>,
+    /// Rows to end without running them.
+    give_ups: Vec<(usize, Current, JobStatus, String)>,
+}
+
+impl ClaimPlan {
+    /// The tasks whose schedule rows this plan writes.
+    pub(super) fn task_ids(&self) -> impl Iterator<Item = Uuid> + '_ {
+        self.to_claim
+            .iter()
+            .map(|(_, cur)| cur)
+            .chain(self.give_ups.iter().map(|(_, cur, _, _)| cur))
+            .filter_map(|cur| cur.task_id)
+    }
+}
+
+/// Reads and locks the rows of `requests`, skipping rows another
+/// transaction holds so a batch never waits behind someone else's lock,
+/// and decides what to do with each.
+pub(super) async fn plan(
+    tx: &mut PgConnection,
+    c: &Claimer,
+    requests: &[ClaimRequest],
+) -> Result<ClaimPlan, sqlx::Error> {
+    let ids: Vec<Uuid> = requests.iter().map(|r| r.job_id).collect();
+    let rows: Vec<Current> = if ids.is_empty() {
+        Vec::new()
+    } else {
+        sqlx::query_as(CURRENT_MANY)
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?
+    };
+    let mut rows: HashMap<Uuid, Current> = rows.into_iter().map(|r| (r.job_id, r)).collect();
+    let mut plan = ClaimPlan {
+        answers: requests.iter().map(|_| None).collect(),
+        later: Vec::new(),
+        to_claim: Vec::new(),
+        give_ups: Vec::new(),
+    };
+    for (i, request) in requests.iter().enumerate() {
+        // A second delivery of a job in the same batch waits for the first.
+        let Some(cur) = rows.remove(&request.job_id) else {
+            if ids[..i].contains(&request.job_id) {
+                plan.answers[i] = Some(ClaimResult::Busy);
+            } else {
+                plan.later.push(i);
+            }
+            continue;
+        };
+        match decide(&cur, request.own_stale, c) {
+            Decision::Answer(a) => plan.answers[i] = Some(a),
+            Decision::GiveUp(status, reason) => plan.give_ups.push((i, cur, status, reason)),
+            Decision::Claim => plan.to_claim.push((i, cur)),
+        }
+    }
+    Ok(plan)
+}
+
+/// Carries out a plan: gives up what it must, claims the rest (one UPDATE
+/// and one change-log INSERT for all of them). Fills in the plan's answers.
+pub(super) async fn carry_out(
+    tx: &mut PgConnection,
+    c: &Claimer,
+    plan: &mut ClaimPlan,
+) -> Result<(), sqlx::Error> {
+    for (i, cur, status, reason) in std::mem::take(&mut plan.give_ups) {
+        plan.answers[i] = Some(give_up(&mut *tx, c, &cur, status, reason).await?);
+    }
+    let (slots, rows): (Vec<usize>, Vec<Current>) =
+        std::mem::take(&mut plan.to_claim).into_iter().unzip();
+    for (i, answer) in slots.into_iter().zip(claim_rows(&mut *tx, c, rows).await?) {
+        plan.answers[i] = Some(answer);
+    }
+    Ok(())
+}
+
+/// Records a job as ended without running it.
+async fn give_up(
+    tx: &mut PgConnection,
+    c: &Claimer,
+    cur: &Current,
+    status: JobStatus,
+    reason: String,
+) -> Result<ClaimResult, sqlx::Error> {
+    let new: String = sqlx::query_scalar(
+        "UPDATE jobs SET status = $2, status_reason = $3, completed_at = now(), success = false,
+                claim_expiry = NULL
+         WHERE job_id = $1 RETURNING to_jsonb(jobs.*)::text",
+    )
+    .bind(cur.job_id)
+    .bind(status)
+    .bind(&reason)
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO task_history (task_id, job_id, node_id, attempt, state, is_final, triggered_by, error, duration_ms)
+         VALUES ($1, $2, $3, $4, $5, true, $6, $7, 0)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(cur.task_id)
+    .bind(cur.job_id)
+    .bind(c.node_id)
+    .bind(cur.attempt + 1)
+    .bind(status)
+    .bind(cur.triggered_by)
+    .bind(changelog::gzip(reason.as_bytes()))
+    .execute(&mut *tx)
+    .await?;
+    changelog::record(
+        &mut *tx,
+        record_job_change(
+            cur.job_id,
+            Some(&cur.row),
+            &new,
+            c.node_id,
+            &c.node_name,
+            &reason,
+        ),
+    )
+    .await?;
+    if let Some(task_id) = cur.task_id {
+        tasks::record_run_end(
+            &mut *tx,
+            task_id,
+            status.as_str(),
+            false,
+            &c.node_name,
+            Some(c.node_id),
+        )
+        .await?;
+    }
+    Ok(if status == JobStatus::Dead {
+        ClaimResult::Dead(reason)
+    } else {
+        ClaimResult::Finished(status)
+    })
+}
+
+/// Claims rows already locked by this transaction: one UPDATE and one
+/// change-log INSERT for all of them (plus the schedule of task runs).
+async fn claim_rows(
+    tx: &mut PgConnection,
+    c: &Claimer,
+    rows: Vec<Current>,
+) -> Result<Vec<ClaimResult>, sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.job_id).collect();
+    let attempts: Vec<i32> = rows.iter().map(|r| r.attempt + 1).collect();
+    let updated: Vec<(Uuid, String)> = sqlx::query_as(
+        "UPDATE jobs SET status = 'running', attempt = v.attempt, claimed_by = $3,
+                claim_expiry = now() + make_interval(secs => $4), started_at = now(), retry_at = NULL
+         FROM UNNEST($1::uuid[], $2::int4[]) AS v(id, attempt)
+         WHERE jobs.job_id = v.id
+         RETURNING jobs.job_id, to_jsonb(jobs.*)::text",
+    )
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(c.node_id)
+    .bind(c.lease.as_secs_f64())
+    .fetch_all(&mut *tx)
+    .await?;
+    let new: HashMap<Uuid, String> = updated.into_iter().collect();
+    let changes: Vec<Change<'_>> = rows
+        .iter()
+        .filter_map(|r| {
+            new.get(&r.job_id).map(|n| {
+                record_job_change(
+                    r.job_id,
+                    Some(&r.row),
+                    n,
+                    c.node_id,
+                    &c.node_name,
+                    "claimed",
+                )
+            })
+        })
+        .collect();
+    changelog::record_many(&mut *tx, &changes).await?;
+    // Schedule rows in task id order, so batches lock them in one order.
+    let mut task_ids: Vec<Uuid> = rows.iter().filter_map(|r| r.task_id).collect();
+    task_ids.sort_unstable();
+    for task_id in task_ids {
+        tasks::record_run_start(&mut *tx, task_id, c.node_id, &c.node_name).await?;
+    }
+    Ok(rows
+        .into_iter()
+        .map(|cur| {
+            let attempt = cur.attempt + 1;
+            ClaimResult::Claimed(Claimed {
+                job_id: cur.job_id,
+                attempt,
+                task_id: cur.task_id,
+                triggered_by: cur.triggered_by,
+                execution_mode: cur.execution_mode,
+                command: cur.command,
+                timeout_seconds: cur.timeout_seconds,
+                env: cur.env.0,
+                routing_key: crate::model::Target {
+                    node_id: cur.target_node_id,
+                    node_group: cur.target_node_group,
+                    node_role: cur.target_node_role,
+                    fanout: crate::model::Fanout::One,
+                }
+                .routing_key(),
+                max_retries: cur.max_retries,
+                retry_delay_seconds: cur.retry_delay_seconds,
+                kill_on_timeout: cur.kill_on_timeout,
+                priority: cur.priority,
+                submitted_at: cur.submitted_at,
+            })
+        })
+        .collect())
+}

@@ -1,0 +1,398 @@
+//! One delivery's steps: slot → claim → run → record → settle. The claim
+//! and the record go through the worker's step batcher
+//! (`taskhost_common::store::settle`), so the claims and run endings of
+//! concurrent deliveries share one transaction; an `inline` job is claimed,
+//! run and recorded in one. A delivery is acked only after the run's end is
+//! committed (`background` jobs: once claimed; their liveness is the lease).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lapin::message::Delivery;
+use taskhost_common::messages::{JOB_RUN_V1, JobRun};
+use taskhost_common::model::{ExecutionMode, JobStatus};
+use taskhost_common::store::{
+    self, ClaimRequest, ClaimResult, Claimed, Finish, FinishRequest, Finished, Step, StepResult,
+};
+use taskhost_common::{CancellationToken, amqp, changelog, events};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::consumer::{ack, requeue};
+use crate::exec::{self, CommandSpec, Ending, Outcome};
+use crate::{Ctx, Running, StopReason, inline};
+
+fn parse_run(delivery: &Delivery) -> Result<JobRun, String> {
+    if let Some(kind) = delivery.properties.kind().as_ref()
+        && kind.as_str() != JOB_RUN_V1
+    {
+        return Err(format!(
+            "unknown message type `{kind}` (expected {JOB_RUN_V1})"
+        ));
+    }
+    serde_json::from_slice(&delivery.data).map_err(|e| format!("invalid {JOB_RUN_V1} message: {e}"))
+}
+
+fn publish_event(
+    ctx: &Ctx,
+    job_id: Uuid,
+    status: JobStatus,
+    attempt: i32,
+    exit_code: Option<i32>,
+) {
+    ctx.events.send(events::job_event(
+        job_id,
+        status,
+        attempt,
+        Some(ctx.node_id),
+        exit_code,
+    ));
+}
+
+/// Counts a delivery as claiming its job while it lives.
+struct Claiming {
+    map: Arc<Mutex<HashMap<Uuid, usize>>>,
+    job_id: Uuid,
+}
+
+impl Claiming {
+    fn enter(map: &Arc<Mutex<HashMap<Uuid, usize>>>, job_id: Uuid) -> Self {
+        if let Ok(mut m) = map.lock() {
+            *m.entry(job_id).or_insert(0) += 1;
+        }
+        Self {
+            map: map.clone(),
+            job_id,
+        }
+    }
+
+    /// No other delivery of this job is being claimed in this process.
+    fn alone(&self) -> bool {
+        self.map
+            .lock()
+            .is_ok_and(|m| m.get(&self.job_id).copied().unwrap_or(0) <= 1)
+    }
+}
+
+impl Drop for Claiming {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.map.lock()
+            && let Some(n) = m.get_mut(&self.job_id)
+        {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.job_id);
+            }
+        }
+    }
+}
+
+/// Sleeps `d` unless shutdown comes first; false on shutdown.
+async fn pause(ctx: &Ctx, d: Duration) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(d) => true,
+        () = ctx.shutdown.cancelled() => false,
+    }
+}
+
+pub(crate) async fn handle(ctx: Arc<Ctx>, delivery: Delivery) {
+    let run = match parse_run(&delivery) {
+        Ok(r) => r,
+        Err(reason) => return amqp::dead_letter(&ctx.publisher, &delivery, &reason).await,
+    };
+    let span = tracing::info_span!("job", job_id = %run.job_id, node_id = %ctx.node_id);
+    process(ctx, delivery, run).instrument(span).await;
+}
+
+async fn process(ctx: Arc<Ctx>, delivery: Delivery, run: JobRun) {
+    let job_id = run.job_id;
+    // Inline jobs take no slot: they run inside their claim's transaction,
+    // bounded by the prefetch window.
+    let slots = match run.execution_mode {
+        ExecutionMode::Background => Some(ctx.background_slots.clone()),
+        ExecutionMode::Pool => Some(ctx.pool_slots.clone()),
+        ExecutionMode::Inline => None,
+    };
+    let permit = match slots {
+        None => None,
+        Some(slots) => tokio::select! {
+            p = slots.acquire_owned() => match p { Ok(p) => Some(p), Err(_) => return requeue(&delivery).await },
+            () = ctx.shutdown.cancelled() => return requeue(&delivery).await,
+        },
+    };
+    let lease = Duration::from_secs(ctx.settings.worker.claim_lease_secs);
+    let mut wait = Duration::from_millis(100);
+    // Held until the job is in `running`: another copy of the same job
+    // delivered meanwhile must not take this process's claim for a stale one.
+    let claiming = Claiming::enter(&ctx.claiming, job_id);
+    let claimed = loop {
+        let own_stale = claiming.alone()
+            && ctx
+                .running
+                .lock()
+                .map_or(true, |r| !r.contains_key(&job_id));
+        let answer = match ctx
+            .steps
+            .call(Step::Claim(ClaimRequest { job_id, own_stale }))
+            .await
+        {
+            Ok(StepResult::Claim(answer)) => answer,
+            Ok(StepResult::Ran {
+                claimed,
+                fin,
+                finished,
+            }) => {
+                // An inline job: claimed, run and recorded in one go.
+                publish_event(&ctx, job_id, JobStatus::Running, claimed.attempt, None);
+                drop(permit);
+                return settled(&ctx, &delivery, &claimed, &fin, finished, false).await;
+            }
+            Ok(StepResult::Finish(_)) => ClaimResult::Again("a claim answered as a finish".into()),
+            Err(error) => ClaimResult::Again(error),
+        };
+        match answer {
+            ClaimResult::Claimed(c) => break c,
+            ClaimResult::Finished(status) => {
+                tracing::debug!(%job_id, %status, "redelivered message for a finished job; acked without running");
+                return ack(&delivery).await;
+            }
+            ClaimResult::NotDue => {
+                tracing::info!(%job_id, "early copy of a job whose retry is not due yet; acked without running");
+                return ack(&delivery).await;
+            }
+            ClaimResult::Missing => {
+                tracing::info!(%job_id, "message for a job that no longer exists; acked");
+                return ack(&delivery).await;
+            }
+            ClaimResult::Dead(reason) => {
+                publish_event(&ctx, job_id, JobStatus::Dead, run.attempt, None);
+                return amqp::dead_letter(&ctx.publisher, &delivery, &reason).await;
+            }
+            ClaimResult::Busy => {
+                // Another worker holds a live claim (e.g. this is a
+                // redelivery after a broker hiccup): wait until it finishes
+                // or its lease runs out.
+                if !pause(&ctx, Duration::from_millis(500)).await {
+                    return requeue(&delivery).await;
+                }
+            }
+            ClaimResult::Again(error) => {
+                tracing::warn!(%error, %job_id, "claim failed; retrying");
+                if !pause(&ctx, wait).await {
+                    return requeue(&delivery).await;
+                }
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+    let background = claimed.execution_mode == ExecutionMode::Background;
+    if background {
+        ack(&delivery).await;
+    }
+    let cancel = CancellationToken::new();
+    let reason = Arc::new(Mutex::new(None));
+    if let Ok(mut r) = ctx.running.lock() {
+        r.insert(
+            job_id,
+            Running {
+                cancel: cancel.clone(),
+                reason: reason.clone(),
+            },
+        );
+    }
+    drop(claiming);
+    publish_event(&ctx, job_id, JobStatus::Running, claimed.attempt, None);
+    tracing::debug!(%job_id, attempt = claimed.attempt, mode = %claimed.execution_mode, "job started");
+    // An inline job that was not run inside its claim (its row was busy
+    // then) runs here; it returns at once and needs no lease renewal.
+    let inline_job = claimed.execution_mode == ExecutionMode::Inline;
+    let renewer = (!inline_job).then(|| tokio::spawn(renew_loop(ctx.clone(), claimed.clone(), lease)));
+    let outcome = if inline_job {
+        inline::run(Some(&ctx), &claimed.command)
+    } else {
+        execute(&ctx, &claimed, cancel).await
+    };
+    if let Some(renewer) = renewer {
+        renewer.abort();
+    }
+    if let Ok(mut r) = ctx.running.lock() {
+        r.remove(&job_id);
+    }
+    drop(permit);
+    let stop = reason.lock().ok().and_then(|r| *r);
+    match stop {
+        Some(StopReason::Lost) => {
+            tracing::warn!(%job_id, attempt = claimed.attempt, "claim was taken over; this attempt's result is dropped");
+            if !background {
+                ack(&delivery).await;
+            }
+            return;
+        }
+        Some(StopReason::Shutdown) => {
+            let republish = background.then(|| claimed.work_message());
+            if let Err(error) = store::release(
+                &ctx.pool,
+                &claimed,
+                ctx.node_id,
+                &ctx.node_name,
+                republish.as_ref(),
+                &claimed.routing_key,
+            )
+            .await
+            {
+                tracing::warn!(%error, %job_id, "could not release the job; its lease will expire");
+            }
+            if !background {
+                requeue(&delivery).await;
+            }
+            return;
+        }
+        Some(StopReason::Cancelled) | None => {}
+    }
+    let fin = finish_of(&outcome, stop == Some(StopReason::Cancelled));
+    let mut wait = Duration::from_millis(100);
+    let finished = loop {
+        let request = FinishRequest {
+            claimed: claimed.clone(),
+            fin: fin.clone(),
+        };
+        match ctx.steps.call(Step::Finish(request)).await {
+            Ok(StepResult::Finish(finished)) => break finished,
+            Ok(other) => tracing::warn!(?other, %job_id, "a finish answered as a claim; retrying"),
+            Err(error) => {
+                // Postgres is away: keep the result and the unacked delivery
+                // until it is back, so nothing is lost.
+                tracing::warn!(%error, %job_id, "recording the result failed; retrying");
+            }
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(5));
+    };
+    settled(&ctx, &delivery, &claimed, &fin, finished, background).await;
+}
+
+/// After a run's end is recorded: tell (event, log) and ack.
+async fn settled(
+    ctx: &Ctx,
+    delivery: &Delivery,
+    claimed: &Claimed,
+    fin: &Finish,
+    finished: Finished,
+    background: bool,
+) {
+    let job_id = claimed.job_id;
+    match finished {
+        Finished::Final => {
+            tracing::debug!(%job_id, status = %fin.status, exit_code = ?fin.exit_code, duration_ms = fin.duration.as_millis() as u64, "job finished");
+            publish_event(ctx, job_id, fin.status, claimed.attempt, fin.exit_code);
+        }
+        Finished::Retry(delay) => {
+            tracing::info!(%job_id, status = %fin.status, attempt = claimed.attempt, retry_in_secs = delay, "attempt failed; retry scheduled");
+            publish_event(
+                ctx,
+                job_id,
+                JobStatus::Queued,
+                claimed.attempt,
+                fin.exit_code,
+            );
+        }
+        Finished::Fenced => {
+            tracing::warn!(%job_id, attempt = claimed.attempt, "result refused: a newer attempt owns the job");
+        }
+    }
+    if !background {
+        ack(delivery).await;
+    }
+}
+
+async fn renew_loop(ctx: Arc<Ctx>, claimed: Claimed, lease: Duration) {
+    let every = (lease / 3).max(Duration::from_millis(200));
+    loop {
+        tokio::time::sleep(every).await;
+        match store::renew(&ctx.pool, claimed.job_id, claimed.attempt, lease).await {
+            Ok(Some(false)) => {}
+            Ok(Some(true)) => stop_running(&ctx, claimed.job_id, StopReason::Cancelled),
+            Ok(None) => stop_running(&ctx, claimed.job_id, StopReason::Lost),
+            Err(error) => tracing::warn!(%error, job_id = %claimed.job_id, "lease renewal failed"),
+        }
+    }
+}
+
+pub(crate) fn stop_running(ctx: &Ctx, job_id: Uuid, reason: StopReason) {
+    if let Some(r) = ctx
+        .running
+        .lock()
+        .ok()
+        .as_ref()
+        .and_then(|m| m.get(&job_id))
+    {
+        r.stop(reason);
+    }
+}
+
+async fn execute(ctx: &Ctx, claimed: &Claimed, cancel: CancellationToken) -> Outcome {
+    let timeout = match (claimed.timeout_seconds, claimed.execution_mode) {
+        (Some(t), _) => Some(Duration::from_secs(t.max(1) as u64)),
+        (None, ExecutionMode::Background) => None,
+        (None, _) => Some(Duration::from_secs(
+            ctx.settings.worker.default_timeout_secs,
+        )),
+    };
+    let shell = ctx.settings.worker.shell_argv();
+    let mut env = claimed.env.clone();
+    env.insert("TASKHOST_JOB_ID".into(), claimed.job_id.to_string());
+    env.insert("TASKHOST_ATTEMPT".into(), claimed.attempt.to_string());
+    env.insert("TASKHOST_NODE_ID".into(), ctx.node_id.to_string());
+    exec::run(
+        CommandSpec {
+            shell: &shell,
+            command: &claimed.command,
+            env: &env,
+            timeout,
+            output_cap: ctx.settings.worker.output_cap_bytes,
+            kill_on_timeout: claimed.kill_on_timeout,
+        },
+        cancel,
+    )
+    .await
+}
+
+/// The built-in commands of `inline` mode, run inside the worker process.
+/// How a run ended, as the store records it.
+pub(crate) fn finish_of(outcome: &Outcome, cancelled: bool) -> Finish {
+    let (status, mut reason) = match outcome.ending {
+        Ending::Exited if outcome.exit_code == Some(0) => (JobStatus::Succeeded, None),
+        Ending::Exited => (
+            JobStatus::Failed,
+            Some(format!(
+                "exited with code {}",
+                outcome.exit_code.unwrap_or(-1)
+            )),
+        ),
+        Ending::TimedOut => (
+            JobStatus::TimedOut,
+            Some("killed at its timeout".to_owned()),
+        ),
+        Ending::Cancelled if cancelled => (
+            JobStatus::Cancelled,
+            Some("cancelled on request".to_owned()),
+        ),
+        Ending::Cancelled => (JobStatus::Failed, Some("stopped".to_owned())),
+        Ending::SpawnFailed => (JobStatus::Failed, Some("could not be started".to_owned())),
+    };
+    if outcome.overran {
+        let note = "ran past its timeout (kill_on_timeout is off)";
+        reason = Some(reason.map_or_else(|| note.to_owned(), |r| format!("{r}; {note}")));
+    }
+    Finish {
+        status,
+        reason,
+        exit_code: outcome.exit_code,
+        output: changelog::gzip(&outcome.stdout),
+        error: changelog::gzip(&outcome.stderr),
+        truncated: outcome.truncated,
+        started_at: outcome.started_at,
+        duration: outcome.duration,
+    }
+}
