@@ -186,6 +186,7 @@ pub async fn tick(
     }
     report.more = due.len() as i64 >= TASK_BATCH;
 
+    let selected = started.elapsed();
     let mut updates: Vec<ScheduleUpdate> = Vec::with_capacity(due.len());
     // Single-target fire times, written together; each points at its
     // row's update.
@@ -321,6 +322,7 @@ pub async fn tick(
         updates.push(update);
     }
 
+    let planned = started.elapsed();
     // One INSERT of every single-target job (plus change and outbox rows).
     let batch: Vec<Fire<'_>> = fires
         .iter()
@@ -332,6 +334,7 @@ pub async fn tick(
         })
         .collect();
     let outcome = fire::fire_batch(&mut tx, &batch, "scheduler").await?;
+    let inserted = started.elapsed();
     for (((index, _, _, run), fired), job) in fires.iter().zip(outcome).zip(&batch) {
         let update = &mut updates[*index];
         match fired {
@@ -366,6 +369,9 @@ pub async fn tick(
             tasks = due.len(),
             elapsed_ms = report.elapsed.as_secs_f64() * 1000.0,
             commit_ms = report.commit.as_secs_f64() * 1000.0,
+            select_ms = selected.as_secs_f64() * 1000.0,
+            plan_ms = (planned - selected).as_secs_f64() * 1000.0,
+            jobs_ms = (inserted - planned).as_secs_f64() * 1000.0,
             "scheduler pass"
         );
     }
