@@ -214,6 +214,8 @@ async fn tick_loop(
                 _ if failed => max_sleep.min(Duration::from_secs(1)),
                 Ok(next) if next.due_now > stuck as i64 => CONTENDED_WAIT,
                 Ok(cron::NextDue { next: Some(at), .. }) => {
+                    // The fire instant on the local monotonic clock (the
+                    // database's clock and ours are assumed to agree).
                     let wait = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
                     if wait <= max_sleep {
                         target = Some(at);
@@ -227,7 +229,7 @@ async fn tick_loop(
                 }
             };
             tokio::select! {
-                () = tokio::time::sleep(wait) => {}
+                () = tokio::time::sleep_until(tokio::time::Instant::now() + wait) => {}
                 () = wake.notified() => {
                     target = None;
                     tracing::debug!("scheduler woken by a task change");
