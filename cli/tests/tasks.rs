@@ -531,7 +531,7 @@ async fn put_with_null_clears_an_optional_field() {
     .await;
     assert_eq!(status, 200, "{upd}");
     let (_, now) = get(&api, &tm, &format!("/tasks/{id}")).await;
-    // Clean up first: the assertion below fails on a known product bug.
+    // Clean up first, so a failing assertion leaves no database behind.
     env.cleanup().await;
     assert_eq!(
         (&now["assignedNodeGroup"], &now["timeoutSeconds"]),
@@ -756,7 +756,7 @@ async fn two_schedulers_fire_each_tick_exactly_once() {
             ));
         }
     }
-    // Clean up first: the assertion below fails on a known product bug.
+    // Clean up first, so a failing assertion leaves no database behind.
     env.cleanup().await;
     assert!(
         problems.is_empty(),
@@ -795,7 +795,7 @@ async fn a_late_tick_within_the_grace_drops_no_fire_time() {
         .into_iter()
         .map(|j| j.1)
         .collect();
-    // Clean up first: the assertion below fails on a known product bug.
+    // Clean up first, so a failing assertion leaves no database behind.
     env.cleanup().await;
     assert_eq!(
         fired,
@@ -1733,5 +1733,301 @@ async fn cli_creates_lists_and_runs_tasks() {
         taskhost(&["tasks", "run", &id_s, "--url", &api.base, "--key", &reader]).await;
     assert_ne!(code, 0);
     assert!(err.contains("403"), "{err}");
+    env.cleanup().await;
+}
+
+// ------------------------------------- 11. catch-up, batches, wake on change
+
+/// A per-second task 5 s behind fires all 5 missed fire times in one pass,
+/// each its own job; with overlap skip only the first fires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_pass_catches_up_every_fire_time_within_the_grace() {
+    let env = TestEnv::new().await;
+    let t = now_s();
+    let now = t - chrono::Duration::milliseconds(500);
+    let secs = |k: i64| t + chrono::Duration::seconds(k);
+
+    let task = new_task(&env, "every-second", "* * * * * *", "UTC", allow).await;
+    set_next_run(&env, task, secs(-5)).await;
+    let r = tick_at(&env.pool, now).await;
+    assert_eq!(r.fired_jobs.len(), 5, "{r:?}");
+    assert_eq!(r.outbox.len(), 5);
+    assert_eq!(r.skipped, 0);
+    assert!(!r.more, "{r:?}");
+    let jobs = task_jobs(&env, task).await;
+    let fire_ats: Vec<Option<DateTime<Utc>>> = jobs.iter().map(|j| j.1).collect();
+    assert_eq!(
+        fire_ats,
+        (-5..0).map(|k| Some(secs(k))).collect::<Vec<_>>(),
+        "five distinct consecutive fire times"
+    );
+    let ids: BTreeSet<Uuid> = jobs.iter().map(|j| j.0).collect();
+    assert_eq!(ids, r.fired_jobs.iter().copied().collect());
+    let s = sched(&env, task).await;
+    assert_eq!(s.next_run, Some(t), "the first fire time after now");
+    assert_eq!(s.last_run, Some(secs(-1)));
+    assert_eq!(s.total_runs, 5);
+    assert_eq!(s.last_state.as_deref(), Some("queued"));
+    // One change row per job, one for the schedule row.
+    assert_eq!(
+        change_counts(&env, jobs[0].0).await,
+        BTreeMap::from([(("jobs".to_owned(), "INSERT".to_owned()), 1)])
+    );
+    let schedule_updates: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM data_change WHERE table_name = 'task_schedule' AND record_id = $1
+         AND action = 'UPDATE' AND changed_by = 'scheduler'",
+    )
+    .bind(task.to_string())
+    .fetch_one(&env.pool)
+    .await
+    .expect("count");
+    assert_eq!(schedule_updates, 1, "one schedule update for the pass");
+    // The same instant again fires nothing.
+    let r = tick_at(&env.pool, now).await;
+    assert!(r.fired_jobs.is_empty(), "{r:?}");
+    disable(&env, task).await;
+
+    // Overlap skip: the first fire time fires and makes the task running,
+    // so the rest of the series is skipped.
+    let skip = new_task(&env, "every-second-skip", "* * * * * *", "UTC", |_| {}).await;
+    set_next_run(&env, skip, secs(-5)).await;
+    let r = tick_at(&env.pool, now).await;
+    assert_eq!(r.fired_jobs.len(), 1, "{r:?}");
+    assert_eq!(r.skipped, 4, "{r:?}");
+    let jobs = task_jobs(&env, skip).await;
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].1, Some(secs(-5)));
+    let s = sched(&env, skip).await;
+    assert_eq!(s.next_run, Some(t));
+    assert!(s.is_running);
+    assert_eq!(s.total_runs, 1);
+    assert_eq!(s.last_state.as_deref(), Some("skipped"));
+    env.cleanup().await;
+}
+
+/// Past the grace the misfire policy decides for the whole backlog:
+/// catch_up fires one run (the oldest fire time), skip none; both resume at
+/// the first fire time after now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_past_the_grace_follows_the_misfire_policy() {
+    let env = TestEnv::new().await;
+    let t = now_s();
+    let now = t - chrono::Duration::milliseconds(500);
+    let old = t - chrono::Duration::seconds(5);
+    let catch_up = new_task(&env, "catch-up", "* * * * * *", "UTC", allow).await;
+    let skip = new_task(&env, "skip", "* * * * * *", "UTC", |r| {
+        allow(r);
+        r.misfire_policy = Some("skip".into());
+    })
+    .await;
+    set_next_run(&env, catch_up, old).await;
+    set_next_run(&env, skip, old).await;
+    // A 3 s grace: t-5 s is 4.5 s old, a misfire.
+    let r = cron::tick(&env.pool, now, policy(3)).await.expect("tick");
+    assert_eq!(r.fired_jobs.len(), 1, "{r:?}");
+    assert_eq!(r.skipped, 1, "{r:?}");
+    let jobs = task_jobs(&env, catch_up).await;
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].0, r.fired_jobs[0]);
+    assert_eq!(
+        jobs[0].1,
+        Some(old),
+        "the catch-up run keeps the missed time"
+    );
+    assert!(task_jobs(&env, skip).await.is_empty());
+    for task in [catch_up, skip] {
+        assert_eq!(sched(&env, task).await.next_run, Some(t), "first after now");
+    }
+    assert_eq!(sched(&env, catch_up).await.total_runs, 1);
+    assert_eq!(
+        sched(&env, skip).await.last_state.as_deref(),
+        Some("skipped")
+    );
+    env.cleanup().await;
+}
+
+/// Inserts `n` enabled per-minute tasks (overlap allow) due at `at`,
+/// straight into `tasks` and `task_schedule`; returns their ids.
+async fn insert_due_tasks(env: &TestEnv, n: i64, at: DateTime<Utc>) -> Vec<Uuid> {
+    sqlx::query_scalar(
+        "WITH t AS (
+             INSERT INTO tasks (task_id, task_name, app_name, command, execution_mode, schedule,
+                                timezone, overlap_policy, created_by)
+             SELECT gen_random_uuid(), 'bulk-' || k, 'bulk', 'noop', 'inline', '* * * * *', 'UTC',
+                    'allow', 'alice'
+             FROM generate_series(1, $1) AS k
+             RETURNING task_id)
+         INSERT INTO task_schedule (task_id, next_run) SELECT task_id, $2 FROM t
+         RETURNING task_id",
+    )
+    .bind(n)
+    .bind(at)
+    .fetch_all(&env.pool)
+    .await
+    .expect("insert tasks")
+}
+
+/// 300 due tasks fire in set-based passes (a few hundred per transaction)
+/// until drained, one job each; two concurrent ticks share the work and
+/// never fire a (task, fire time) twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_due_tasks_fire_in_batches_exactly_once_with_two_ticks() {
+    let env = TestEnv::new().await;
+    let t0 = utc("2026-12-01T00:00:00Z");
+    let ids = insert_due_tasks(&env, 300, t0).await;
+    let now = t0 + chrono::Duration::seconds(1);
+    let mut fired = Vec::new();
+    let mut passes = 0;
+    loop {
+        let r = tick_at(&env.pool, now).await;
+        passes += 1;
+        assert!(
+            r.fired_jobs.len() <= cron::TASK_BATCH as usize,
+            "a pass fires a batch at most: {}",
+            r.fired_jobs.len()
+        );
+        assert_eq!(r.outbox.len(), r.fired_jobs.len());
+        fired.extend(r.fired_jobs);
+        if !r.more {
+            break;
+        }
+        assert!(passes < 10, "passes never drain");
+    }
+    assert_eq!(passes, 2, "300 tasks: a full pass of 250, then 50");
+    let per_task: Vec<(Uuid, i64)> = sqlx::query_as(
+        "SELECT t, count(j.job_id) FROM UNNEST($1::uuid[]) AS t
+         LEFT JOIN jobs j ON j.task_id = t AND j.fire_at = $2 GROUP BY t",
+    )
+    .bind(&ids)
+    .bind(t0)
+    .fetch_all(&env.pool)
+    .await
+    .expect("per task");
+    assert_eq!(per_task.len(), 300);
+    assert!(
+        per_task.iter().all(|(_, n)| *n == 1),
+        "one job per task: {:?}",
+        per_task.iter().filter(|(_, n)| *n != 1).collect::<Vec<_>>()
+    );
+    assert_eq!(fired.iter().collect::<BTreeSet<_>>().len(), 300);
+    let (changes, outbox): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM data_change WHERE table_name = 'jobs' AND action = 'INSERT'),
+                (SELECT count(*) FROM outbox)",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .expect("counts");
+    assert_eq!((changes, outbox), (300, 300));
+    let next: Vec<Option<DateTime<Utc>>> =
+        sqlx::query_scalar("SELECT DISTINCT next_run FROM task_schedule WHERE task_id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&env.pool)
+            .await
+            .expect("next_run");
+    assert_eq!(next, vec![Some(t0 + chrono::Duration::minutes(1))]);
+
+    // Two ticks at once on the same pool, pass after pass until drained.
+    let t1 = t0 + chrono::Duration::minutes(1);
+    let now = t1 + chrono::Duration::seconds(1);
+    let mut a_jobs = Vec::new();
+    let mut b_jobs = Vec::new();
+    for round in 0.. {
+        assert!(round < 20, "two ticks never drain");
+        let (a, b) = tokio::join!(tick_at(&env.pool, now), tick_at(&env.pool, now));
+        let done = !a.more && !b.more && a.fired_jobs.is_empty() && b.fired_jobs.is_empty();
+        a_jobs.extend(a.fired_jobs);
+        b_jobs.extend(b.fired_jobs);
+        if done {
+            break;
+        }
+    }
+    assert_eq!(a_jobs.len() + b_jobs.len(), 300, "together they fire all");
+    let a_set: BTreeSet<Uuid> = a_jobs.iter().copied().collect();
+    assert!(b_jobs.iter().all(|j| !a_set.contains(j)));
+    let dups: Vec<(Uuid, i64)> = sqlx::query_as(
+        "SELECT task_id, count(*) FROM jobs WHERE fire_at = $1 GROUP BY task_id HAVING count(*) <> 1",
+    )
+    .bind(t1)
+    .fetch_all(&env.pool)
+    .await
+    .expect("dups");
+    assert!(dups.is_empty(), "fired twice: {dups:?}");
+    let fired_t1: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT task_id) FROM jobs WHERE fire_at = $1")
+            .bind(t1)
+            .fetch_one(&env.pool)
+            .await
+            .expect("count");
+    assert_eq!(fired_t1, 300);
+    let runs: i64 = sqlx::query_scalar(
+        "SELECT sum(total_runs)::int8 FROM task_schedule WHERE task_id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_one(&env.pool)
+    .await
+    .expect("runs");
+    assert_eq!(runs, 600);
+    sqlx::query("UPDATE tasks SET enabled = false WHERE app_name = 'bulk'")
+        .execute(&env.pool)
+        .await
+        .expect("disable");
+    env.cleanup().await;
+}
+
+/// A running scheduler with a 30 s longest sleep wakes when a task is
+/// created (NOTIFY), then sleeps until each due fire time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creating_a_task_wakes_a_sleeping_scheduler() {
+    let mut env = TestEnv::new().await;
+    env.settings.scheduler.tick_ms = 30_000;
+    let api = env.start_api().await;
+    env.start_scheduler().await;
+    let key = env.key("alice", &[Role::TaskManager]).await;
+    // Let the scheduler run its first pass and go to sleep (nothing is due).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let created = Instant::now();
+    let (id, _) = create_task_api(
+        &api,
+        &key,
+        &json!({"taskName": "wake", "command": "true", "schedule": "* * * * * *",
+                "overlapPolicy": "allow"}),
+    )
+    .await;
+    let pool = env.pool.clone();
+    let count = || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs WHERE task_id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .expect("count")
+        }
+    };
+    poll(Duration::from_secs(2), "the first job within ~2 s", || {
+        let c = count();
+        async move { (c.await >= 1).then_some(()) }
+    })
+    .await;
+    let first = created.elapsed();
+    // Later fire times come without a wake-up: the loop sleeps until each.
+    poll(Duration::from_secs(4), "three jobs within ~4 s", || {
+        let c = count();
+        async move { (c.await >= 3).then_some(()) }
+    })
+    .await;
+    let late: Vec<f64> = sqlx::query_scalar(
+        "SELECT extract(epoch FROM submitted_at - fire_at)::float8 FROM jobs WHERE task_id = $1",
+    )
+    .bind(id)
+    .fetch_all(&env.pool)
+    .await
+    .expect("lateness");
+    assert!(
+        late.iter().all(|s| *s < 0.5),
+        "fired on time, not on a poll: {late:?}"
+    );
+    tracing::info!(?first, ?late, "wake test");
+    disable(&env, id).await;
     env.cleanup().await;
 }

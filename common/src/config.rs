@@ -165,7 +165,10 @@ pub struct SchedulerSettings {
     pub reaper_interval_secs: u64,
     /// Missed heartbeats after which a node is marked dead.
     pub dead_after_missed_heartbeats: u32,
-    /// Milliseconds between passes over due tasks.
+    /// Longest sleep of the scheduler's tick loop, in milliseconds. The
+    /// loop sleeps until the earliest due fire time of an enabled task and
+    /// wakes at once when a task is written (NOTIFY `taskhost_tasks`); this
+    /// bounds the sleep as a safety net (a lost notification, a held task).
     pub tick_ms: u64,
     /// A fire time older than this many seconds counts as missed (misfire).
     pub misfire_grace_secs: u64,

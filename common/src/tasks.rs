@@ -508,6 +508,20 @@ async fn reschedule(
     .map(|_| ())
 }
 
+/// The Postgres channel a task write notifies, so a sleeping scheduler
+/// wakes at once and recomputes its next due time.
+pub const NOTIFY_CHANNEL: &str = "taskhost_tasks";
+
+/// Queues a `NOTIFY taskhost_tasks` with the task id on `conn`; Postgres
+/// delivers it when (and only if) the surrounding transaction commits.
+pub async fn notify_scheduler(conn: &mut PgConnection, task_id: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify('taskhost_tasks', $1)")
+        .bind(task_id.to_string())
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
 /// Creates a task and its schedule row.
 pub async fn create(pool: &PgPool, request: TaskRequest, user: &str) -> Result<Task, TaskError> {
     for (field, present) in [
@@ -539,6 +553,7 @@ pub async fn create(pool: &PgPool, request: TaskRequest, user: &str) -> Result<T
     )
     .await?;
     reschedule(&mut tx, &task, user, "created").await?;
+    notify_scheduler(&mut tx, task.task_id).await?;
     tx.commit().await?;
     Ok(task)
 }
@@ -584,6 +599,7 @@ pub async fn update(
     if schedule_changed {
         reschedule(&mut tx, &task, user, "schedule changed").await?;
     }
+    notify_scheduler(&mut tx, task_id).await?;
     tx.commit().await?;
     Ok(task)
 }
@@ -628,6 +644,7 @@ pub async fn delete(pool: &PgPool, task_id: Uuid, user: &str) -> Result<(), Task
         )
         .await?;
     }
+    notify_scheduler(&mut tx, task_id).await?;
     tx.commit().await?;
     Ok(())
 }
@@ -791,6 +808,7 @@ pub async fn run_now(
         if let (Some(old), Some(new)) = (old, new) {
             log_schedule_update(&mut tx, task.task_id, &old, &new, user, None, "run now").await?;
         }
+        notify_scheduler(&mut tx, task.task_id).await?;
         tx.commit().await?;
     }
     Ok(accepted)

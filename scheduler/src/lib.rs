@@ -5,7 +5,8 @@
 //! `FOR UPDATE SKIP LOCKED`). It never executes commands.
 //!
 //! - [`run`] runs all duties until shutdown.
-//! - [`cron`] fires due tasks, one pass per [`cron::tick`].
+//! - [`cron`] fires due tasks, one pass per [`cron::tick`]; the loop sleeps
+//!   until the next due fire time or a task change (LISTEN `taskhost_tasks`).
 //! - [`ingress`] turns `<p>.submit` messages into jobs.
 //! - [`reaper`] handles dead nodes and expired claims.
 //! - [`retention`] prunes old rows.
@@ -20,10 +21,13 @@ pub mod retention;
 use std::time::Duration;
 
 use anyhow::Context;
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
+use sqlx::postgres::PgListener;
 use taskhost_common::amqp::{Names, Publisher};
-use taskhost_common::jobs;
 use taskhost_common::{CancellationToken, Settings, db};
+use taskhost_common::{jobs, tasks};
+use tokio::sync::Notify;
 
 /// Runs every scheduler duty until `shutdown`.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -138,39 +142,165 @@ async fn reaper_loop(
     }
 }
 
+/// How long the tick loop waits before it looks again when due rows are
+/// locked by another scheduler's pass (that scheduler fires them).
+const CONTENDED_WAIT: Duration = Duration::from_millis(20);
+
+/// Fires due tasks: one pass ([`cron::tick`]), then, unless the pass was
+/// full, sleeps until the earliest `next_run` of an enabled task (at most
+/// `scheduler.tick_ms`), or until a task write wakes it (NOTIFY
+/// `taskhost_tasks`, see [`listen_loop`]). A full pass is followed by the
+/// next one at once while its outbox rows are published.
 async fn tick_loop(
     pool: &PgPool,
     publisher: &Publisher,
     settings: &Settings,
     shutdown: &CancellationToken,
 ) {
-    let every = Duration::from_millis(settings.scheduler.tick_ms);
+    let max_sleep = Duration::from_millis(settings.scheduler.tick_ms);
     let policy = cron::TickPolicy {
         misfire_grace: chrono::Duration::seconds(settings.scheduler.misfire_grace_secs as i64),
     };
-    loop {
-        match cron::tick(pool, chrono::Utc::now(), policy).await {
-            Ok(report) => {
-                let dead: Vec<_> = report
-                    .dead_jobs
-                    .iter()
-                    .map(|id| {
-                        jobs::job_event(*id, taskhost_common::model::JobStatus::Dead, 0, None, None)
-                    })
-                    .collect();
-                jobs::publish_events(publisher, &dead).await;
-                if let Err(error) =
-                    jobs::publish_outbox(pool, publisher, &report.outbox, "scheduler").await
-                {
-                    tracing::warn!(%error, "publishing fired jobs failed; the relay will publish them");
+    let wake = Notify::new();
+    let listener = listen_loop(&settings.database.url, &wake, shutdown);
+    let ticks = async {
+        // The fire time the loop slept until: the pass runs "at" it even if
+        // the local clock reads a hair earlier, so `next_run <= now` holds.
+        let mut target: Option<DateTime<Utc>> = None;
+        // Outbox rows of a full pass, published while the next pass runs.
+        let mut carry: Vec<jobs::OutboxMessage> = Vec::new();
+        loop {
+            let now = target.take().map_or_else(Utc::now, |t| t.max(Utc::now()));
+            let (result, ()) = tokio::join!(
+                cron::tick(pool, now, policy),
+                publish_fired(pool, publisher, std::mem::take(&mut carry)),
+            );
+            let mut stuck = 0;
+            let mut failed = false;
+            let mut fired = Vec::new();
+            match result {
+                Ok(report) => {
+                    let dead: Vec<_> = report
+                        .dead_jobs
+                        .iter()
+                        .map(|id| {
+                            jobs::job_event(
+                                *id,
+                                taskhost_common::model::JobStatus::Dead,
+                                0,
+                                None,
+                                None,
+                            )
+                        })
+                        .collect();
+                    jobs::publish_events(publisher, &dead).await;
+                    if report.more && !shutdown.is_cancelled() {
+                        carry = report.outbox;
+                        continue;
+                    }
+                    stuck = report.stuck;
+                    fired = report.outbox;
+                }
+                Err(error) => {
+                    failed = true;
+                    tracing::warn!(%error, "scheduler tick failed");
                 }
             }
-            Err(error) => tracing::warn!(%error, "scheduler tick failed"),
+            let (next, ()) = tokio::join!(
+                cron::next_due(pool, now),
+                publish_fired(pool, publisher, fired),
+            );
+            let wait = match next {
+                _ if failed => max_sleep.min(Duration::from_secs(1)),
+                Ok(next) if next.due_now > stuck as i64 => CONTENDED_WAIT,
+                Ok(cron::NextDue { next: Some(at), .. }) => {
+                    // The fire instant on the local monotonic clock (the
+                    // database's clock and ours are assumed to agree).
+                    let wait = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+                    if wait <= max_sleep {
+                        target = Some(at);
+                    }
+                    wait.min(max_sleep)
+                }
+                Ok(_) => max_sleep,
+                Err(error) => {
+                    tracing::warn!(%error, "reading the next due time failed");
+                    max_sleep.min(Duration::from_secs(1))
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep_until(tokio::time::Instant::now() + wait) => {}
+                () = wake.notified() => {
+                    target = None;
+                    tracing::debug!("scheduler woken by a task change");
+                }
+                () = shutdown.cancelled() => return,
+            }
+        }
+    };
+    tokio::join!(listener, ticks);
+}
+
+/// Publishes a pass's committed outbox rows; what fails stays for the
+/// relay.
+async fn publish_fired(pool: &PgPool, publisher: &Publisher, rows: Vec<jobs::OutboxMessage>) {
+    if rows.is_empty() {
+        return;
+    }
+    if let Err(error) = jobs::publish_outbox(pool, publisher, &rows, "scheduler").await {
+        tracing::warn!(%error, "publishing fired jobs failed; the relay will publish them");
+    }
+}
+
+/// Listens on the `taskhost_tasks` channel (its own connection) and wakes
+/// the tick loop on every notification. Whenever the connection is
+/// (re)established the loop is woken too, since notifications sent while it
+/// was down are lost; meanwhile the loop falls back to its longest sleep.
+async fn listen_loop(url: &str, wake: &Notify, shutdown: &CancellationToken) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let connect = async {
+            let mut listener = PgListener::connect(url).await?;
+            listener.listen(tasks::NOTIFY_CHANNEL).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        let connected = tokio::select! {
+            r = connect => r,
+            () = shutdown.cancelled() => return,
+        };
+        match connected {
+            Ok(mut listener) => {
+                backoff = Duration::from_millis(250);
+                wake.notify_one();
+                loop {
+                    let received = tokio::select! {
+                        r = listener.try_recv() => r,
+                        () = shutdown.cancelled() => return,
+                    };
+                    match received {
+                        Ok(Some(_)) => wake.notify_one(),
+                        // The connection dropped (and was made again):
+                        // anything sent meanwhile is lost.
+                        Ok(None) => {
+                            tracing::info!("task change listener reconnected");
+                            wake.notify_one();
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "task change listener failed; reconnecting");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "task change listener cannot connect; retrying");
+            }
         }
         tokio::select! {
-            () = tokio::time::sleep(every) => {}
+            () = tokio::time::sleep(backoff) => {}
             () = shutdown.cancelled() => return,
         }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 

@@ -6,6 +6,7 @@
 //! | arrow | function |
 //! |---|---|
 //! | → pending (HTTP, queue) | [`accept::accept`], [`accept::accept_batch`] |
+//! | → pending (a task fires) | [`fire::fire_batch`] |
 //! | pending → queued | [`publish::mark_queued`] |
 //! | queued → running | [`claim::claim`], and claims inside [`settle`] |
 //! | running → running (lease) | [`finish::renew`] |
@@ -25,6 +26,7 @@ pub mod accept;
 pub mod cancel;
 pub mod claim;
 pub mod finish;
+pub mod fire;
 pub mod publish;
 pub mod reap;
 
