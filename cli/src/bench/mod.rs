@@ -118,13 +118,17 @@ pub(crate) struct BenchArgs {
 }
 
 impl BenchArgs {
-    /// The command of job `n`.
-    fn command_for(&self, n: usize) -> String {
-        let base = self.command.as_deref().unwrap_or(match self.mode {
+    /// The command as given (or its default), `{n}` not yet replaced.
+    fn command_template(&self) -> &str {
+        self.command.as_deref().unwrap_or(match self.mode {
             Mode::Inline => "noop",
             Mode::Pool | Mode::Background => "true",
-        });
-        base.replace("{n}", &n.to_string())
+        })
+    }
+
+    /// The command of job `n`.
+    fn command_for(&self, n: usize) -> String {
+        self.command_template().replace("{n}", &n.to_string())
     }
 
     fn seconds_or(&self, default: u64) -> u64 {
