@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use taskhost_common::Settings;
 
-use crate::{client, serve};
+use crate::{bench, client, serve};
 
 /// taskhost: a distributed job and task runner.
 #[derive(Debug, Parser)]
@@ -44,6 +44,9 @@ pub(crate) enum Command {
     /// List, create, run recurring tasks, or show their history.
     #[command(subcommand)]
     Tasks(client::TasksCommand),
+    /// Benchmark on a fresh database and prefix of the local Postgres and
+    /// RabbitMQ (see docs/benchmark.md).
+    Bench(Box<bench::BenchArgs>),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -95,6 +98,7 @@ pub(crate) async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
         Command::Results(a) => return client::results(a).await,
         Command::Job(c) => return client::job(c).await,
         Command::Tasks(c) => return client::tasks(c).await,
+        Command::Bench(a) => return bench::run((**a).clone()).await,
         _ => {}
     }
     let settings = match settings(&args) {
@@ -111,9 +115,11 @@ pub(crate) async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
         Command::Standalone(w) => serve::standalone(apply_worker_args(settings, &w)?).await,
         Command::Migrate => serve::migrate(settings).await,
         Command::Keys(k) => serve::keys(settings, k).await,
-        Command::Submit(_) | Command::Results(_) | Command::Job(_) | Command::Tasks(_) => {
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Submit(_)
+        | Command::Results(_)
+        | Command::Job(_)
+        | Command::Tasks(_)
+        | Command::Bench(_) => Ok(ExitCode::SUCCESS),
     }
 }
 

@@ -1,6 +1,7 @@
 //! `taskhost`: one binary for every process and the client verbs. Parses
 //! arguments and settings, then hands over to the crates.
 
+mod bench;
 mod cli;
 mod client;
 mod serve;
