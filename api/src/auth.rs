@@ -2,7 +2,7 @@
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use taskhost_common::keys::{self, Principal};
+use taskhost_common::keys::Principal;
 use taskhost_common::model::Role;
 
 use crate::error::ApiError;
@@ -26,7 +26,9 @@ impl FromRequestParts<AppState> for Caller {
             .or_else(|| header.strip_prefix("bearer "))
             .map(str::trim)
             .ok_or(ApiError::Unauthorized)?;
-        let principal = keys::authenticate(&state.pool, key)
+        let principal = state
+            .keys
+            .authenticate(&state.pool, key)
             .await?
             .ok_or(ApiError::Unauthorized)?;
         if let Some(key_id) = principal.key_id

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use taskhost_common::amqp::Outgoing;
+use taskhost_common::changelog;
 use taskhost_common::jobs::{self, Accepted, NewJob};
 use taskhost_common::messages::{CONTROL_V1, Control};
 use taskhost_common::model::{JobStatus, SubmitRequest, TriggeredBy};
@@ -17,7 +18,6 @@ use taskhost_common::store::{
     self,
     cancel::{Cancelled, Deleted},
 };
-use taskhost_common::changelog;
 use uuid::Uuid;
 
 use crate::auth::Caller;
@@ -179,25 +179,24 @@ pub(crate) async fn dispatch(
         jobs::publish_events(&state.publisher, &events).await;
         return format!("job recorded as dead: {}", jobs::NO_NODE_REASON);
     }
-    match state.batcher.publish(outbox.to_vec(), user).await {
-        Ok(n) => {
-            Metrics::add(&state.metrics.jobs_published, n as u64);
-            Metrics::add(&state.metrics.publish_failures, (outbox.len() - n) as u64);
-            if n == outbox.len() {
-                "job queued".to_owned()
-            } else {
-                "job accepted; the broker is unavailable, it will be queued when it returns"
-                    .to_owned()
+    // The job is committed: answer now, and publish in the background with
+    // whatever else was accepted meanwhile. What the broker does not
+    // confirm stays in the outbox for the relay.
+    let (batcher, metrics) = (state.batcher.clone(), state.metrics.clone());
+    let (rows, user, count) = (outbox.to_vec(), user.to_owned(), outbox.len());
+    tokio::spawn(async move {
+        match batcher.publish(rows, &user).await {
+            Ok(n) => {
+                Metrics::add(&metrics.jobs_published, n as u64);
+                Metrics::add(&metrics.publish_failures, (count - n) as u64);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "marking published jobs failed; the relay will finish them");
+                Metrics::add(&metrics.publish_failures, count as u64);
             }
         }
-        Err(error) => {
-            // The job and its outbox row are committed; the relay publishes
-            // it, so this is still an accepted job.
-            tracing::warn!(%error, "marking published jobs failed");
-            Metrics::add(&state.metrics.publish_failures, outbox.len() as u64);
-            "job accepted; it will be queued shortly".to_owned()
-        }
-    }
+    });
+    "job accepted".to_owned()
 }
 
 /// A job as users see it: a results entry, or `GET /jobs/{id}`.
@@ -381,25 +380,24 @@ pub(crate) async fn cancel(
     let job_id = parse_job_id(&raw)?;
     // Visibility first, so another user's job answers 404.
     load_visible(&state, &caller, job_id, true).await?;
-    let (message, running_on) = match store::cancel::cancel(&state.pool, job_id, caller.user())
-        .await?
-    {
-        Cancelled::NotFound => return Err(ApiError::NotFound("job")),
-        Cancelled::AlreadyFinished(status) => {
-            return Err(ApiError::Conflict(format!(
-                "job already finished: {status}"
-            )));
-        }
-        Cancelled::BeforeStart { attempt } => {
-            let event = jobs::job_event(job_id, JobStatus::Cancelled, attempt, None, None);
-            jobs::publish_events(&state.publisher, &[event]).await;
-            ("job cancelled before it started", None)
-        }
-        Cancelled::Requested { node, attempt } => (
-            "cancel requested; the job is being stopped",
-            node.map(|n| (n, attempt)),
-        ),
-    };
+    let (message, running_on) =
+        match store::cancel::cancel(&state.pool, job_id, caller.user()).await? {
+            Cancelled::NotFound => return Err(ApiError::NotFound("job")),
+            Cancelled::AlreadyFinished(status) => {
+                return Err(ApiError::Conflict(format!(
+                    "job already finished: {status}"
+                )));
+            }
+            Cancelled::BeforeStart { attempt } => {
+                let event = jobs::job_event(job_id, JobStatus::Cancelled, attempt, None, None);
+                jobs::publish_events(&state.publisher, &[event]).await;
+                ("job cancelled before it started", None)
+            }
+            Cancelled::Requested { node, attempt } => (
+                "cancel requested; the job is being stopped",
+                node.map(|n| (n, attempt)),
+            ),
+        };
     if let Some((node, attempt)) = running_on {
         // The worker also polls cancel_requested with its lease, so a lost
         // control message only delays the kill by one lease renewal.

@@ -49,7 +49,15 @@ pub fn state(settings: &Settings) -> anyhow::Result<AppState> {
         Names::new(settings.amqp.prefix.clone()),
         format!("taskhost-api@{}", taskhost_common::hostname()),
     ));
+    let keys = Arc::new(taskhost_common::keys::KeyCache::new());
+    // Revocations clear the cache as they commit; the listener stops when
+    // the state is dropped.
+    tokio::spawn(taskhost_common::keys::KeyCache::follow_revocations(
+        Arc::downgrade(&keys),
+        settings.database.url.clone(),
+    ));
     Ok(AppState {
+        keys,
         accepter: Arc::new(taskhost_common::jobs::plain_accepter(pool.clone())),
         batcher: taskhost_common::jobs::PublishBatcher::spawn(pool.clone(), publisher.clone()),
         pool,

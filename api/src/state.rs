@@ -26,6 +26,8 @@ pub struct AppState {
     pub watermark: Arc<Watermark>,
     /// Per-key request budget.
     pub limiter: Arc<RateLimiter>,
+    /// Recent authentications, so a request costs no key lookup.
+    pub keys: Arc<taskhost_common::keys::KeyCache>,
     /// Publishes accepted jobs of concurrent requests together.
     pub batcher: taskhost_common::jobs::PublishBatcher,
     /// Accepts plain submissions of concurrent requests together.

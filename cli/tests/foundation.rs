@@ -725,7 +725,18 @@ async fn keys_are_shown_once_stored_hashed_listed_without_secret_and_revocable()
         "keys revoke failed: {}",
         text(&out.stderr)
     );
-    let (status, body) = get(&api, &key, "/jobs/results").await;
+    // The api caches authentications; a revocation reaches it as a
+    // NOTIFY at once, and the cache's TTL bounds it in any case.
+    let revoked_by = tokio::time::Instant::now()
+        + taskhost_common::keys::CACHE_TTL
+        + std::time::Duration::from_secs(1);
+    let (status, body) = loop {
+        let (status, body) = get(&api, &key, "/jobs/results").await;
+        if status == 401 || tokio::time::Instant::now() >= revoked_by {
+            break (status, body);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     assert_eq!(status, 401, "revoked key still accepted: {body}");
 
     let out = run_cli(&["keys", "revoke", &key_id.to_string()], &e, within).await;

@@ -267,7 +267,11 @@ async fn wait_event(
                     assert_eq!(msg.routing_key.as_str(), format!("job.{status}"));
                     assert_eq!(
                         event["eventId"],
-                        format!("{}:{}:{status}", event["jobId"].as_str().unwrap_or_default(), event["attempt"])
+                        format!(
+                            "{}:{}:{status}",
+                            event["jobId"].as_str().unwrap_or_default(),
+                            event["attempt"]
+                        )
                     );
                     seen.push((msg.routing_key.to_string(), event));
                 }
@@ -1504,9 +1508,7 @@ async fn a_repeated_id_in_one_accept_batch_is_one_job() {
     assert!(matches!(&answers[1], Accepted::Created { job_ids, .. } if job_ids == &vec![b]));
     assert_eq!(answers[2], Accepted::Duplicate { job_id: a });
     // A later batch with the same id is a duplicate too.
-    let again = accept_batch(&env.pool, &[job(a)])
-        .await
-        .expect("batch");
+    let again = accept_batch(&env.pool, &[job(a)]).await.expect("batch");
     assert_eq!(again, vec![Accepted::Duplicate { job_id: a }]);
     for (table, sql) in [
         ("jobs", "SELECT count(*) FROM jobs WHERE job_id = $1"),

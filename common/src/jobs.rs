@@ -9,8 +9,8 @@ use sqlx::PgPool;
 
 use crate::amqp::{Outgoing, Publisher};
 use crate::batch::Batcher;
-use crate::messages::JobEvent;
 pub use crate::events::job_event;
+use crate::messages::JobEvent;
 pub use crate::store::accept::{
     Accepted, NO_NODE_REASON, NewJob, OutboxMessage, PlainJob, TaskRun, accept, accept_batch,
     accept_in, insert_outbox, insert_outbox_delayed, matching_active_nodes,
@@ -219,10 +219,6 @@ impl PublishBatcher {
 pub fn plain_accepter(pool: PgPool) -> Batcher<PlainJob, Accepted> {
     Batcher::spawn(256, 2, move |jobs: Vec<PlainJob>| {
         let pool = pool.clone();
-        async move {
-            accept_batch(&pool, &jobs)
-                .await
-                .map_err(|e| e.to_string())
-        }
+        async move { accept_batch(&pool, &jobs).await.map_err(|e| e.to_string()) }
     })
 }

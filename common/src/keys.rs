@@ -148,13 +148,22 @@ pub async fn list(pool: &PgPool) -> Result<Vec<ApiKey>, sqlx::Error> {
 }
 
 /// Revokes a key; false when no active key has that id.
+/// Every api forgets its cached authentications when the revocation commits
+/// (see [`KeyCache`]).
 pub async fn revoke(pool: &PgPool, key_id: Uuid) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
     let done = sqlx::query(
         "UPDATE api_keys SET revoked_at = now() WHERE key_id = $1 AND revoked_at IS NULL",
     )
     .bind(key_id)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(REVOKED_CHANNEL)
+        .bind(key_id.to_string())
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
     Ok(done.rows_affected() == 1)
 }
 
@@ -233,4 +242,115 @@ pub async fn principal_of_user(
         key_id: None,
         roles,
     }))
+}
+
+/// The channel a revocation is announced on (`NOTIFY`, sent when the
+/// revoking transaction commits).
+pub const REVOKED_CHANNEL: &str = "taskhost_keys";
+
+/// How long an authentication is remembered. A revoked key is refused as
+/// soon as the api hears the revocation's `NOTIFY` (milliseconds); this is
+/// the bound when that notification is lost (the listener reconnecting).
+pub const CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Keys remembered at most; past it the cache starts over.
+const CACHE_MAX: usize = 10_000;
+
+type CacheEntry = (std::time::Instant, Option<Principal>);
+
+/// Remembers recent authentications (by the key's SHA-256, never the key),
+/// so the hot path does not query Postgres on every request. Unknown keys
+/// are remembered too, so a flood of made-up keys costs one query per key
+/// per [`CACHE_TTL`].
+#[derive(Debug, Default)]
+pub struct KeyCache {
+    entries: std::sync::Mutex<std::collections::HashMap<String, CacheEntry>>,
+}
+
+impl KeyCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The principal of an active key, from the cache when it is fresh.
+    pub async fn authenticate(
+        &self,
+        pool: &PgPool,
+        key: &str,
+    ) -> Result<Option<Principal>, sqlx::Error> {
+        if !key.starts_with(KEY_PREFIX) || key.len() > 128 {
+            return Ok(None);
+        }
+        let hash = hash_key(key);
+        if let Ok(entries) = self.entries.lock()
+            && let Some((at, principal)) = entries.get(&hash)
+            && at.elapsed() < CACHE_TTL
+        {
+            return Ok(principal.clone());
+        }
+        let principal = authenticate(pool, key).await?;
+        if let Ok(mut entries) = self.entries.lock() {
+            if entries.len() >= CACHE_MAX {
+                entries.clear();
+            }
+            entries.insert(hash, (std::time::Instant::now(), principal.clone()));
+        }
+        Ok(principal)
+    }
+
+    /// Forgets everything (a key was revoked somewhere).
+    pub fn clear(&self) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.clear();
+        }
+    }
+
+    /// Clears `cache` on every revocation announced on
+    /// [`REVOKED_CHANNEL`], for as long as anyone else holds the cache. The
+    /// listener has its own connection and reconnects with a backoff; while
+    /// it is down, entries still expire after [`CACHE_TTL`].
+    pub async fn follow_revocations(cache: std::sync::Weak<Self>, url: String) {
+        use std::time::Duration;
+        let alive = |c: &std::sync::Weak<Self>| c.strong_count() > 0;
+        let clear = |c: &std::sync::Weak<Self>| {
+            if let Some(c) = c.upgrade() {
+                c.clear();
+            }
+        };
+        let mut backoff = Duration::from_millis(250);
+        while alive(&cache) {
+            let connected = async {
+                let mut listener = sqlx::postgres::PgListener::connect(&url).await?;
+                listener.listen(REVOKED_CHANNEL).await?;
+                Ok::<_, sqlx::Error>(listener)
+            }
+            .await;
+            match connected {
+                Ok(mut listener) => {
+                    backoff = Duration::from_millis(250);
+                    // Anything revoked while it was away is forgotten now.
+                    clear(&cache);
+                    while alive(&cache) {
+                        // Wake now and then to notice the api has gone.
+                        match tokio::time::timeout(Duration::from_secs(2), listener.try_recv())
+                            .await
+                        {
+                            Err(_) => {}
+                            Ok(Ok(_)) => clear(&cache),
+                            Ok(Err(error)) => {
+                                tracing::warn!(%error, "key revocation listener failed; reconnecting");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "key revocation listener cannot connect; retrying");
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
 }

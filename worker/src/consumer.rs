@@ -49,7 +49,11 @@ pub(crate) async fn consume(ctx: &Arc<Ctx>) -> Result<(), lapin::Error> {
     // (where priorities apply) rather than in this process. Background jobs
     // are acked once claimed, so they do not hold the window for long.
     let w = &ctx.settings.worker;
-    let prefetch = if w.prefetch == 0 { w.concurrency } else { w.prefetch };
+    let prefetch = if w.prefetch == 0 {
+        w.concurrency
+    } else {
+        w.prefetch
+    };
     let prefetch = prefetch.min(u16::MAX as usize) as u16;
     ch.basic_qos(prefetch, BasicQosOptions { global: true })
         .await?;

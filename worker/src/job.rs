@@ -34,13 +34,7 @@ fn parse_run(delivery: &Delivery) -> Result<JobRun, String> {
     serde_json::from_slice(&delivery.data).map_err(|e| format!("invalid {JOB_RUN_V1} message: {e}"))
 }
 
-fn publish_event(
-    ctx: &Ctx,
-    job_id: Uuid,
-    status: JobStatus,
-    attempt: i32,
-    exit_code: Option<i32>,
-) {
+fn publish_event(ctx: &Ctx, job_id: Uuid, status: JobStatus, attempt: i32, exit_code: Option<i32>) {
     ctx.events.send(events::job_event(
         job_id,
         status,
@@ -207,7 +201,8 @@ async fn process(ctx: Arc<Ctx>, delivery: Delivery, run: JobRun) {
     // An inline job that was not run inside its claim (its row was busy
     // then) runs here; it returns at once and needs no lease renewal.
     let inline_job = claimed.execution_mode == ExecutionMode::Inline;
-    let renewer = (!inline_job).then(|| tokio::spawn(renew_loop(ctx.clone(), claimed.clone(), lease)));
+    let renewer =
+        (!inline_job).then(|| tokio::spawn(renew_loop(ctx.clone(), claimed.clone(), lease)));
     let outcome = if inline_job {
         inline::run(Some(&ctx), &claimed.command)
     } else {

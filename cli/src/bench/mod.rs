@@ -84,6 +84,10 @@ pub(crate) struct BenchArgs {
     /// Slots per worker (`worker.concurrency`).
     #[arg(long, default_value_t = 16)]
     pub(crate) slots: usize,
+    /// Deliveries each worker holds at once (`worker.prefetch`; 0: the
+    /// slots, so waiting jobs stay in the broker where priorities apply).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) prefetch: usize,
     /// Execution mode of the jobs.
     #[arg(long, value_enum, default_value = "inline")]
     pub(crate) mode: Mode,

@@ -54,6 +54,7 @@ pub(super) async fn run(env: &mut TestEnv, args: &BenchArgs) -> anyhow::Result<R
     let p = &mut report.params;
     p.insert("workers".into(), json!(args.workers));
     p.insert("slots".into(), json!(args.slots));
+    p.insert("prefetch".into(), json!(args.prefetch));
     p.insert("db_connections".into(), json!(args.db_connections));
     match args.scenario {
         Scenario::Schedule => {
@@ -100,6 +101,7 @@ pub(super) async fn run(env: &mut TestEnv, args: &BenchArgs) -> anyhow::Result<R
     )?;
     settings.database.max_connections = args.db_connections;
     settings.worker.concurrency = args.slots;
+    settings.worker.prefetch = args.prefetch;
     // One key submits everything: its per-key rate limit would measure the
     // limiter, not the job path.
     settings.api.rate_limit_per_sec = 0;

@@ -313,10 +313,7 @@ impl PlainJob {
 /// the job rows, one of their change rows and one of their outbox rows, so
 /// Postgres does per-batch rather than per-job work. Answers one
 /// [`Accepted`] per job, in order (`Duplicate` when the id exists).
-pub async fn accept_batch(
-    pool: &PgPool,
-    jobs: &[PlainJob],
-) -> Result<Vec<Accepted>, sqlx::Error> {
+pub async fn accept_batch(pool: &PgPool, jobs: &[PlainJob]) -> Result<Vec<Accepted>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let ids: Vec<Uuid> = jobs.iter().map(|j| j.job_id).collect();
     let users: Vec<&str> = jobs.iter().map(|j| j.user_id.as_str()).collect();

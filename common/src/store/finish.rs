@@ -229,8 +229,7 @@ pub(super) async fn finish_many(
         let r = &requests[i];
         let retryable = matches!(r.fin.status, JobStatus::Failed | JobStatus::TimedOut);
         if retryable && r.claimed.max_retries > 0 {
-            answers[i] =
-                Some(finish_in(&mut *tx, &r.claimed, node_id, node_name, &r.fin).await?);
+            answers[i] = Some(finish_in(&mut *tx, &r.claimed, node_id, node_name, &r.fin).await?);
         } else {
             simple.push(i);
         }
