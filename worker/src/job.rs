@@ -252,7 +252,7 @@ async fn process(ctx: Arc<Ctx>, delivery: Delivery, run: JobRun) {
             claimed: claimed.clone(),
             fin: fin.clone(),
         };
-        match ctx.steps.call(Step::Finish(request)).await {
+        match ctx.steps.call(Step::Finish(Box::new(request))).await {
             Ok(StepResult::Finish(finished)) => break finished,
             Ok(other) => tracing::warn!(?other, %job_id, "a finish answered as a claim; retrying"),
             Err(error) => {

@@ -32,17 +32,33 @@ pub enum Cancelled {
     },
 }
 
+#[derive(sqlx::FromRow)]
+struct CancelRow {
+    row: String,
+    status: JobStatus,
+    claimed_by: Option<Uuid>,
+    attempt: i32,
+    task_id: Option<Uuid>,
+}
+
 /// Cancels a job on behalf of `by` (visibility is the caller's check).
 pub async fn cancel(pool: &PgPool, job_id: Uuid, by: &str) -> Result<Cancelled, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let current: Option<(String, JobStatus, Option<Uuid>, i32, Option<Uuid>)> = sqlx::query_as(
-        "SELECT to_jsonb(j.*)::text, status, claimed_by, attempt, task_id FROM jobs j
+    let current: Option<CancelRow> = sqlx::query_as(
+        "SELECT to_jsonb(j.*)::text AS row, status, claimed_by, attempt, task_id FROM jobs j
          WHERE job_id = $1 FOR UPDATE",
     )
     .bind(job_id)
     .fetch_optional(&mut *tx)
     .await?;
-    let Some((old, status, claimed_by, attempt, task_id)) = current else {
+    let Some(CancelRow {
+        row: old,
+        status,
+        claimed_by,
+        attempt,
+        task_id,
+    }) = current
+    else {
         return Ok(Cancelled::NotFound);
     };
     if status.is_terminal() {

@@ -45,7 +45,7 @@ pub enum Step {
     /// Claim the job a delivery names.
     Claim(ClaimRequest),
     /// Record the end of an attempt.
-    Finish(FinishRequest),
+    Finish(Box<FinishRequest>),
 }
 
 /// The answer to a [`Step`].
@@ -99,7 +99,7 @@ pub async fn settle(
     let finishes: Vec<FinishRequest> = steps
         .iter()
         .filter_map(|s| match s {
-            Step::Finish(r) => Some(r.clone()),
+            Step::Finish(r) => Some((**r).clone()),
             Step::Claim(_) => None,
         })
         .collect();
