@@ -1321,6 +1321,117 @@ async fn inline_diagnostics_reports_the_worker_process() {
     env.cleanup().await;
 }
 
+/// An inline job is claimed, run and recorded in one transaction: it goes
+/// from `queued` to its end with one change row, one final history row, and
+/// one event (its end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inline_jobs_run_inside_their_claim() {
+    let mut env = TestEnv::new().await;
+    let api = env.start_api().await;
+    let key = env.key("dev", &[Role::Debug]).await;
+    let (conn, ch, queue) = events_queue(&env).await;
+    // Queued first, so the claim is what moves them.
+    let ok = submit_ok(
+        &api,
+        &key,
+        json!({"jobName": "n", "command": "noop", "executionMode": "inline"}),
+    )
+    .await;
+    let diag = submit_ok(
+        &api,
+        &key,
+        json!({"jobName": "d", "command": "diagnostics", "executionMode": "inline"}),
+    )
+    .await;
+    env.wait_status(ok, "queued", Duration::from_secs(10)).await;
+    env.wait_status(diag, "queued", Duration::from_secs(10))
+        .await;
+    env.start_worker("w1", "default", "worker").await;
+    assert_eq!(
+        env.wait_terminal(ok, Duration::from_secs(20)).await,
+        "succeeded"
+    );
+    assert_eq!(
+        env.wait_terminal(diag, Duration::from_secs(20)).await,
+        "succeeded"
+    );
+
+    let (status, job) = get(&api, &key, &format!("/jobs/{diag}")).await;
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(job["exitCode"], 0, "{job}");
+    assert!(
+        job["output"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("rssBytes"),
+        "the diagnostics report is the output: {job}"
+    );
+    for id in [ok, diag] {
+        assert_eq!(
+            final_states(&env, id).await.len(),
+            1,
+            "one final history row"
+        );
+        let (attempt, started, completed): (i32, bool, bool) = sqlx::query_as(
+            "SELECT attempt, started_at IS NOT NULL, completed_at IS NOT NULL FROM jobs WHERE job_id = $1",
+        )
+        .bind(id)
+        .fetch_one(&env.pool)
+        .await
+        .expect("job row");
+        assert_eq!((attempt, started, completed), (1, true, true));
+        let mut c = env.pool.acquire().await.expect("connection");
+        let changes = changelog::read_since(&mut c, Some("jobs"), 0, 1000)
+            .await
+            .expect("changes");
+        let mine: Vec<_> = changes
+            .iter()
+            .filter(|c| c.record_id == id.to_string())
+            .collect();
+        let steps: Vec<(String, String)> = mine
+            .iter()
+            .map(|c| {
+                let status = |d: &Option<Value>| {
+                    d.as_ref()
+                        .and_then(|v| v["status"].as_str())
+                        .unwrap_or("-")
+                        .to_owned()
+                };
+                (status(&c.old_data), status(&c.new_data))
+            })
+            .collect();
+        let end = "succeeded";
+        assert_eq!(
+            steps,
+            vec![
+                ("-".to_owned(), "pending".to_owned()),
+                ("pending".to_owned(), "queued".to_owned()),
+                ("queued".to_owned(), end.to_owned()),
+            ],
+            "change rows of {id}"
+        );
+    }
+    let mut seen = Vec::new();
+    let done = wait_event(
+        &ch,
+        &queue,
+        &mut seen,
+        ok,
+        "job.succeeded",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(done.is_some(), "no job.succeeded event; saw {seen:?}");
+    assert!(
+        !seen
+            .iter()
+            .any(|(k, e)| k == "job.running" && e["jobId"] == ok.to_string()),
+        "an inline job run in its claim never shows as running: {seen:?}"
+    );
+    let _ = conn.close(200, "done".into()).await;
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_is_cut_at_the_cap_with_a_marker() {
     let mut env = TestEnv::new().await;
@@ -1463,8 +1574,9 @@ async fn a_burst_of_jobs_is_claimed_and_recorded_in_batches_exactly_once() {
     let rows: Vec<(Uuid, i32, i64, i64, Option<i32>)> = sqlx::query_as(
         "SELECT j.job_id, j.attempt,
                 (SELECT count(*) FROM task_history h WHERE h.job_id = j.job_id AND h.is_final),
+                -- An inline job is claimed, run and recorded in one step.
                 (SELECT count(*) FROM data_change d WHERE d.record_id = j.job_id::text
-                   AND d.change_reason = 'claimed'),
+                   AND (d.change_reason = 'claimed' OR d.change_reason LIKE 'ran inline:%')),
                 j.exit_code
          FROM jobs j",
     )

@@ -57,15 +57,28 @@ async fn publish_and_mark(
     publisher: &Publisher,
     groups: &[(&[OutboxMessage], &str)],
 ) -> Result<Vec<usize>, sqlx::Error> {
+    let confirmed = publish_groups(publisher, groups).await;
+    let counts = confirmed.iter().map(|(rows, _)| rows.len()).collect();
+    mark_groups(pool, publisher, &confirmed).await?;
+    Ok(counts)
+}
+
+/// Publishes the rows of every group with their confirms in flight
+/// together; returns each group's confirmed rows with its author.
+async fn publish_groups(
+    publisher: &Publisher,
+    groups: &[(&[OutboxMessage], &str)],
+) -> Vec<(Vec<OutboxMessage>, String)> {
     let outgoing: Vec<Outgoing> = groups
         .iter()
         .flat_map(|(rows, _)| rows.iter().map(OutboxMessage::to_outgoing))
         .collect();
     let mut results = publisher.publish_all(&outgoing).await.into_iter();
-    let confirmed: Vec<Vec<&OutboxMessage>> = groups
+    groups
         .iter()
-        .map(|(rows, _)| {
-            rows.iter()
+        .map(|(rows, by)| {
+            let confirmed = rows
+                .iter()
                 .filter(|row| match results.next() {
                     Some(Ok(())) => true,
                     Some(Err(error)) => {
@@ -74,31 +87,45 @@ async fn publish_and_mark(
                     }
                     None => false,
                 })
-                .collect()
+                .cloned()
+                .collect();
+            (confirmed, (*by).to_owned())
         })
-        .collect();
+        .collect()
+}
+
+/// Marks confirmed rows published (jobs `pending` → `queued`) in one
+/// transaction, then publishes their `job.queued` events.
+async fn mark_groups(
+    pool: &PgPool,
+    publisher: &Publisher,
+    confirmed: &[(Vec<OutboxMessage>, String)],
+) -> Result<(), sqlx::Error> {
+    if confirmed.iter().all(|(rows, _)| rows.is_empty()) {
+        return Ok(());
+    }
     let mut tx = pool.begin().await?;
     // Losing this commit in a Postgres crash is harmless (see
     // crate::db::no_fsync_wait), so it does not wait for the disk.
     crate::db::no_fsync_wait(&mut tx).await?;
     let mut events = Vec::new();
     // One statement set per distinct author (usually one or a few).
-    let mut authors: Vec<&str> = groups.iter().map(|(_, by)| *by).collect();
+    let mut authors: Vec<&str> = confirmed.iter().map(|(_, by)| by.as_str()).collect();
     authors.sort_unstable();
     authors.dedup();
     for author in authors {
-        let rows: Vec<&OutboxMessage> = groups
+        let rows: Vec<&OutboxMessage> = confirmed
             .iter()
-            .zip(&confirmed)
-            .filter(|((_, by), _)| *by == author)
-            .flat_map(|(_, c)| c.iter().copied())
+            .filter(|(_, by)| by == author)
+            .flat_map(|(rows, _)| rows.iter())
             .collect();
         events.extend(mark_queued(&mut tx, &rows, author).await?);
     }
     tx.commit().await?;
     publish_events(publisher, &events).await;
-    Ok(confirmed.iter().map(Vec::len).collect())
+    Ok(())
 }
+
 /// One pass of the outbox relay: publishes unpublished rows older than
 /// `grace_ms`, locking them so several relays never publish the same row at
 /// once. Returns how many were confirmed.
@@ -175,20 +202,28 @@ impl PublishBatcher {
         // One batch at a time, and never a failed batch retried request by
         // request (that would publish its messages again): each request is
         // answered with the batch's outcome.
-        let inner = Batcher::spawn(PUBLISH_BATCH, 1, move |batch: Vec<PublishRequest>| {
+        // Two batches may be out at once. A batch answers once the broker
+        // confirmed its messages; marking them `queued` happens after, off
+        // the answer's path (a lost mark only makes the relay publish the
+        // message again, which the claim absorbs). A failed batch is never
+        // retried request by request (that would publish its messages
+        // again): each request is answered with the batch's outcome.
+        let inner = Batcher::spawn(PUBLISH_BATCH, 2, move |batch: Vec<PublishRequest>| {
             let (pool, publisher) = (pool.clone(), publisher.clone());
             async move {
                 let groups: Vec<(&[OutboxMessage], &str)> = batch
                     .iter()
                     .map(|r| (r.rows.as_slice(), r.changed_by.as_str()))
                     .collect();
-                Ok(match publish_and_mark(&pool, &publisher, &groups).await {
-                    Ok(counts) => counts.into_iter().map(Ok).collect(),
-                    Err(error) => {
+                let confirmed = publish_groups(&publisher, &groups).await;
+                let counts: Vec<Result<usize, String>> =
+                    confirmed.iter().map(|(rows, _)| Ok(rows.len())).collect();
+                tokio::spawn(async move {
+                    if let Err(error) = mark_groups(&pool, &publisher, &confirmed).await {
                         tracing::warn!(%error, "marking published jobs failed; the relay will finish them");
-                        batch.iter().map(|_| Err(error.to_string())).collect()
                     }
-                })
+                });
+                Ok(counts)
             }
         });
         Self {

@@ -128,7 +128,11 @@ async fn process(ctx: Arc<Ctx>, delivery: Delivery, run: JobRun) {
                 .map_or(true, |r| !r.contains_key(&job_id));
         let answer = match ctx
             .steps
-            .call(Step::Claim(ClaimRequest { job_id, own_stale }))
+            .call(Step::Claim(ClaimRequest {
+                job_id,
+                own_stale,
+                inline_hint: run.execution_mode == ExecutionMode::Inline,
+            }))
             .await
         {
             Ok(StepResult::Claim(answer)) => answer,
@@ -137,8 +141,9 @@ async fn process(ctx: Arc<Ctx>, delivery: Delivery, run: JobRun) {
                 fin,
                 finished,
             }) => {
-                // An inline job: claimed, run and recorded in one go.
-                publish_event(&ctx, job_id, JobStatus::Running, claimed.attempt, None);
+                // An inline job: claimed, run and recorded in one
+                // transaction, so `running` was never visible and only its
+                // end is told.
                 drop(permit);
                 return settled(&ctx, &delivery, &claimed, &fin, finished, false).await;
             }

@@ -143,6 +143,9 @@ pub struct ClaimRequest {
     /// this node's id is left over from a previous process of the same node
     /// and may be taken over at once.
     pub own_stale: bool,
+    /// The delivery says the job is `inline`, so the claim will likely
+    /// record its end too (a hint: the row decides).
+    pub inline_hint: bool,
 }
 
 /// What every claim of one worker shares.
@@ -451,30 +454,118 @@ async fn claim_rows(
     }
     Ok(rows
         .into_iter()
-        .map(|cur| {
-            let attempt = cur.attempt + 1;
-            ClaimResult::Claimed(Claimed {
-                job_id: cur.job_id,
-                attempt,
-                task_id: cur.task_id,
-                triggered_by: cur.triggered_by,
-                execution_mode: cur.execution_mode,
-                command: cur.command,
-                timeout_seconds: cur.timeout_seconds,
-                env: cur.env.0,
-                routing_key: crate::model::Target {
-                    node_id: cur.target_node_id,
-                    node_group: cur.target_node_group,
-                    node_role: cur.target_node_role,
-                    fanout: crate::model::Fanout::One,
-                }
-                .routing_key(),
-                max_retries: cur.max_retries,
-                retry_delay_seconds: cur.retry_delay_seconds,
-                kill_on_timeout: cur.kill_on_timeout,
-                priority: cur.priority,
-                submitted_at: cur.submitted_at,
-            })
-        })
+        .map(|cur| ClaimResult::Claimed(cur.claimed()))
         .collect())
+}
+
+impl Current {
+    /// The claim this row becomes (attempt + 1).
+    fn claimed(self) -> Claimed {
+        Claimed {
+            job_id: self.job_id,
+            attempt: self.attempt + 1,
+            task_id: self.task_id,
+            triggered_by: self.triggered_by,
+            execution_mode: self.execution_mode,
+            command: self.command,
+            timeout_seconds: self.timeout_seconds,
+            env: self.env.0,
+            routing_key: crate::model::Target {
+                node_id: self.target_node_id,
+                node_group: self.target_node_group,
+                node_role: self.target_node_role,
+                fanout: crate::model::Fanout::One,
+            }
+            .routing_key(),
+            max_retries: self.max_retries,
+            retry_delay_seconds: self.retry_delay_seconds,
+            kill_on_timeout: self.kill_on_timeout,
+            priority: self.priority,
+            submitted_at: self.submitted_at,
+        }
+    }
+}
+
+/// Takes out of `plan` the claims that can be run inline in one step: an
+/// `inline` job that is not a task run (no schedule row to keep, no retry
+/// to plan). The rest stay for the two-step path.
+pub(super) fn take_inline(plan: &mut ClaimPlan) -> Vec<(usize, Current)> {
+    let (inline, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut plan.to_claim)
+        .into_iter()
+        .partition(|(_, cur)| cur.execution_mode == ExecutionMode::Inline && cur.task_id.is_none());
+    plan.to_claim = rest;
+    inline
+}
+
+/// Claims, runs and records `inline` jobs (rows locked by this
+/// transaction) in one step: the job moves from `queued` to its final
+/// state with one UPDATE, one final history row and one change row each.
+/// The `running` state is never committed, so it gets no change row of its
+/// own. Returns each claim with how it ended, in order.
+pub(super) async fn run_inline(
+    tx: &mut PgConnection,
+    c: &Claimer,
+    rows: Vec<Current>,
+    run: &super::InlineRunner,
+) -> Result<Vec<(Claimed, super::Finish)>, sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let olds: Vec<(Uuid, String)> = rows.iter().map(|r| (r.job_id, r.row.clone())).collect();
+    let ran: Vec<(Claimed, super::Finish)> = rows
+        .into_iter()
+        .map(|cur| {
+            let claimed = cur.claimed();
+            let fin = run(&claimed);
+            (claimed, fin)
+        })
+        .collect();
+    let ids: Vec<Uuid> = ran.iter().map(|(c, _)| c.job_id).collect();
+    let attempts: Vec<i32> = ran.iter().map(|(c, _)| c.attempt).collect();
+    let statuses: Vec<JobStatus> = ran.iter().map(|(_, f)| f.status).collect();
+    let reasons: Vec<Option<&str>> = ran.iter().map(|(_, f)| f.reason.as_deref()).collect();
+    let codes: Vec<Option<i32>> = ran.iter().map(|(_, f)| f.exit_code).collect();
+    let successes: Vec<bool> = ran
+        .iter()
+        .map(|(_, f)| f.status == JobStatus::Succeeded)
+        .collect();
+    let new: Vec<(Uuid, String)> = sqlx::query_as(
+        "UPDATE jobs SET status = v.status, attempt = v.attempt, claimed_by = $7,
+                status_reason = v.reason, exit_code = v.exit_code, success = v.success,
+                started_at = now(), completed_at = now(), claim_expiry = NULL, retry_at = NULL
+         FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::int4[], $6::bool[])
+              AS v(id, attempt, status, reason, exit_code, success)
+         WHERE jobs.job_id = v.id
+         RETURNING jobs.job_id, to_jsonb(jobs.*)::text",
+    )
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(&statuses)
+    .bind(&reasons)
+    .bind(&codes)
+    .bind(&successes)
+    .bind(c.node_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    let new: HashMap<Uuid, String> = new.into_iter().collect();
+    super::finish::insert_final_history(
+        &mut *tx,
+        c.node_id,
+        &ran.iter().map(|(c, f)| (c, f)).collect::<Vec<_>>(),
+    )
+    .await?;
+    let reasons: Vec<String> = ran
+        .iter()
+        .map(|(_, f)| format!("ran inline: {}", f.status))
+        .collect();
+    let changes: Vec<Change<'_>> = olds
+        .iter()
+        .zip(&reasons)
+        .filter_map(|((id, old), why)| {
+            new.get(id)
+                .map(|n| record_job_change(*id, Some(old), n, c.node_id, &c.node_name, why))
+        })
+        .collect();
+    changelog::record_many(&mut *tx, &changes).await?;
+    Ok(ran)
 }

@@ -310,44 +310,14 @@ async fn finish_final(
         .map(pick)
         .filter(|r| written.contains_key(&key(r)))
         .collect();
-    let h_task: Vec<Option<Uuid>> = done.iter().map(|r| r.claimed.task_id).collect();
-    let h_job: Vec<Uuid> = done.iter().map(|r| r.claimed.job_id).collect();
-    let h_attempt: Vec<i32> = done.iter().map(|r| r.claimed.attempt).collect();
-    let h_start: Vec<DateTime<Utc>> = done.iter().map(|r| r.fin.started_at).collect();
-    let h_ms: Vec<i64> = done
-        .iter()
-        .map(|r| r.fin.duration.as_millis() as i64)
-        .collect();
-    let h_state: Vec<&str> = done.iter().map(|r| r.fin.status.as_str()).collect();
-    let h_code: Vec<Option<i32>> = done.iter().map(|r| r.fin.exit_code).collect();
-    let h_out: Vec<&[u8]> = done.iter().map(|r| r.fin.output.as_slice()).collect();
-    let h_err: Vec<&[u8]> = done.iter().map(|r| r.fin.error.as_slice()).collect();
-    let h_trunc: Vec<bool> = done.iter().map(|r| r.fin.truncated).collect();
-    let h_by: Vec<&str> = done
-        .iter()
-        .map(|r| r.claimed.triggered_by.as_str())
-        .collect();
-    sqlx::query(
-        "INSERT INTO task_history (task_id, job_id, node_id, attempt, start_time, end_time, duration_ms,
-                                   state, is_final, exit_code, output, error, output_truncated, triggered_by)
-         SELECT t, j, $3, a, s, now(), d, st, true, e, o, er, tr, tb
-         FROM UNNEST($1::uuid[], $2::uuid[], $4::int4[], $5::timestamptz[], $6::int8[], $7::text[],
-                     $8::int4[], $9::bytea[], $10::bytea[], $11::bool[], $12::text[])
-             AS x(t, j, a, s, d, st, e, o, er, tr, tb)",
+    insert_final_history(
+        &mut *tx,
+        node_id,
+        &done
+            .iter()
+            .map(|r| (&r.claimed, &r.fin))
+            .collect::<Vec<_>>(),
     )
-    .bind(&h_task)
-    .bind(&h_job)
-    .bind(node_id)
-    .bind(&h_attempt)
-    .bind(&h_start)
-    .bind(&h_ms)
-    .bind(&h_state)
-    .bind(&h_code)
-    .bind(&h_out)
-    .bind(&h_err)
-    .bind(&h_trunc)
-    .bind(&h_by)
-    .execute(&mut *tx)
     .await?;
     let changes: Vec<Change<'_>> = done
         .iter()
@@ -384,6 +354,52 @@ async fn finish_final(
         }
     }
     Ok(done.iter().map(|r| key(r)).collect())
+}
+
+/// Inserts the final history rows of attempts that ended, with one
+/// statement.
+pub(super) async fn insert_final_history(
+    tx: &mut PgConnection,
+    node_id: Uuid,
+    done: &[(&Claimed, &Finish)],
+) -> Result<(), sqlx::Error> {
+    let h_task: Vec<Option<Uuid>> = done.iter().map(|(c, _)| c.task_id).collect();
+    let h_job: Vec<Uuid> = done.iter().map(|(c, _)| c.job_id).collect();
+    let h_attempt: Vec<i32> = done.iter().map(|(c, _)| c.attempt).collect();
+    let h_start: Vec<DateTime<Utc>> = done.iter().map(|(_, f)| f.started_at).collect();
+    let h_ms: Vec<i64> = done
+        .iter()
+        .map(|(_, f)| f.duration.as_millis() as i64)
+        .collect();
+    let h_state: Vec<&str> = done.iter().map(|(_, f)| f.status.as_str()).collect();
+    let h_code: Vec<Option<i32>> = done.iter().map(|(_, f)| f.exit_code).collect();
+    let h_out: Vec<&[u8]> = done.iter().map(|(_, f)| f.output.as_slice()).collect();
+    let h_err: Vec<&[u8]> = done.iter().map(|(_, f)| f.error.as_slice()).collect();
+    let h_trunc: Vec<bool> = done.iter().map(|(_, f)| f.truncated).collect();
+    let h_by: Vec<&str> = done.iter().map(|(c, _)| c.triggered_by.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO task_history (task_id, job_id, node_id, attempt, start_time, end_time, duration_ms,
+                                   state, is_final, exit_code, output, error, output_truncated, triggered_by)
+         SELECT t, j, $3, a, s, now(), d, st, true, e, o, er, tr, tb
+         FROM UNNEST($1::uuid[], $2::uuid[], $4::int4[], $5::timestamptz[], $6::int8[], $7::text[],
+                     $8::int4[], $9::bytea[], $10::bytea[], $11::bool[], $12::text[])
+             AS x(t, j, a, s, d, st, e, o, er, tr, tb)",
+    )
+    .bind(&h_task)
+    .bind(&h_job)
+    .bind(node_id)
+    .bind(&h_attempt)
+    .bind(&h_start)
+    .bind(&h_ms)
+    .bind(&h_state)
+    .bind(&h_code)
+    .bind(&h_out)
+    .bind(&h_err)
+    .bind(&h_trunc)
+    .bind(&h_by)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }
 
 /// Gives a claimed job back (the worker is shutting down before it ended):

@@ -103,17 +103,23 @@ pub async fn settle(
             Step::Claim(_) => None,
         })
         .collect();
-    if let ([], [one]) = (finishes.as_slice(), claims.as_slice()) {
-        // A lone claim may wait for its row instead of going round again.
+    if let ([], [one]) = (finishes.as_slice(), claims.as_slice())
+        && !one.inline_hint
+    {
+        // A lone claim may wait for its row instead of going round again
+        // (an inline one takes the batch path, which runs it in one step).
         let answer = claim(pool, c, *one).await?;
         return Ok(vec![StepResult::Claim(answer)]);
     }
     let mut tx = pool.begin().await?;
-    let durable = !finishes.is_empty();
+    // The commit waits for the disk when it records any run's end: the
+    // finishes asked for, or inline jobs the deliveries announce.
+    let durable = !finishes.is_empty() || claims.iter().any(|c| c.inline_hint);
     if !durable {
         db::no_fsync_wait(&mut tx).await?;
     }
     let mut plan = claim::plan(&mut tx, c, &claims).await?;
+    let one_step = claim::take_inline(&mut plan);
     let mut task_ids: Vec<Uuid> = plan
         .task_ids()
         .chain(finishes.iter().filter_map(|f| f.claimed.task_id))
@@ -131,8 +137,11 @@ pub async fn settle(
     let finished = finish::finish_many(&mut tx, c.node_id, &c.node_name, &finishes).await?;
     claim::carry_out(&mut tx, c, &mut plan).await?;
 
-    // Inline jobs run now, inside this transaction, and their ends are
-    // recorded with their claims.
+    // Inline jobs run now, inside this transaction: plain ones in one step
+    // (queued → final), task runs through their claim and a finish, so
+    // their schedule and retries are kept as on any worker.
+    let (slots, rows): (Vec<usize>, Vec<_>) = one_step.into_iter().unzip();
+    let one_step_ran = claim::run_inline(&mut tx, c, rows, inline).await?;
     let mut ran: Vec<(usize, FinishRequest)> = Vec::new();
     for (k, answer) in plan.answers.iter().enumerate() {
         if let Some(ClaimResult::Claimed(claimed)) = answer
@@ -151,14 +160,14 @@ pub async fn settle(
     let ran_finished = if ran.is_empty() {
         Vec::new()
     } else {
-        if !durable {
-            sqlx::query("SET LOCAL synchronous_commit = on")
-                .execute(&mut *tx)
-                .await?;
-        }
         let requests: Vec<FinishRequest> = ran.iter().map(|(_, r)| r.clone()).collect();
         finish::finish_many(&mut tx, c.node_id, &c.node_name, &requests).await?
     };
+    if !durable && (!ran.is_empty() || !one_step_ran.is_empty()) {
+        sqlx::query("SET LOCAL synchronous_commit = on")
+            .execute(&mut *tx)
+            .await?;
+    }
     tx.commit().await?;
 
     // Locked or missing rows: one by one, now that this batch holds nothing.
@@ -174,6 +183,13 @@ pub async fn settle(
         .into_iter()
         .map(|a| a.map(StepResult::Claim))
         .collect();
+    for (k, (claimed, fin)) in slots.into_iter().zip(one_step_ran) {
+        claim_answers[k] = Some(StepResult::Ran {
+            claimed,
+            fin,
+            finished: Finished::Final,
+        });
+    }
     for ((k, request), finished) in ran.into_iter().zip(ran_finished) {
         claim_answers[k] = Some(StepResult::Ran {
             claimed: request.claimed,
