@@ -1867,14 +1867,17 @@ async fn insert_due_tasks(env: &TestEnv, n: i64, at: DateTime<Utc>) -> Vec<Uuid>
     .expect("insert tasks")
 }
 
-/// 300 due tasks fire in set-based passes (a few hundred per transaction)
+/// A full pass and more of due tasks fire in set-based passes
 /// until drained, one job each; two concurrent ticks share the work and
 /// never fire a (task, fire time) twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_due_tasks_fire_in_batches_exactly_once_with_two_ticks() {
     let env = TestEnv::new().await;
     let t0 = utc("2026-12-01T00:00:00Z");
-    let ids = insert_due_tasks(&env, 300, t0).await;
+    // One full pass and a bit more.
+    let n = cron::TASK_BATCH + 50;
+    let ids = insert_due_tasks(&env, n, t0).await;
+    let n = n as usize;
     let now = t0 + chrono::Duration::seconds(1);
     let mut fired = Vec::new();
     let mut passes = 0;
@@ -1893,7 +1896,7 @@ async fn many_due_tasks_fire_in_batches_exactly_once_with_two_ticks() {
         }
         assert!(passes < 10, "passes never drain");
     }
-    assert_eq!(passes, 2, "300 tasks: a full pass of 250, then 50");
+    assert_eq!(passes, 2, "{n} tasks: a full pass, then 50");
     let per_task: Vec<(Uuid, i64)> = sqlx::query_as(
         "SELECT t, count(j.job_id) FROM UNNEST($1::uuid[]) AS t
          LEFT JOIN jobs j ON j.task_id = t AND j.fire_at = $2 GROUP BY t",
@@ -1903,13 +1906,13 @@ async fn many_due_tasks_fire_in_batches_exactly_once_with_two_ticks() {
     .fetch_all(&env.pool)
     .await
     .expect("per task");
-    assert_eq!(per_task.len(), 300);
+    assert_eq!(per_task.len(), n);
     assert!(
         per_task.iter().all(|(_, n)| *n == 1),
         "one job per task: {:?}",
         per_task.iter().filter(|(_, n)| *n != 1).collect::<Vec<_>>()
     );
-    assert_eq!(fired.iter().collect::<BTreeSet<_>>().len(), 300);
+    assert_eq!(fired.iter().collect::<BTreeSet<_>>().len(), n);
     let (changes, outbox): (i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM data_change WHERE table_name = 'jobs' AND action = 'INSERT'),
                 (SELECT count(*) FROM outbox)",
@@ -1917,7 +1920,7 @@ async fn many_due_tasks_fire_in_batches_exactly_once_with_two_ticks() {
     .fetch_one(&env.pool)
     .await
     .expect("counts");
-    assert_eq!((changes, outbox), (300, 300));
+    assert_eq!((changes, outbox), (n as i64, n as i64));
     let next: Vec<Option<DateTime<Utc>>> =
         sqlx::query_scalar("SELECT DISTINCT next_run FROM task_schedule WHERE task_id = ANY($1)")
             .bind(&ids)
@@ -1941,7 +1944,7 @@ async fn many_due_tasks_fire_in_batches_exactly_once_with_two_ticks() {
             break;
         }
     }
-    assert_eq!(a_jobs.len() + b_jobs.len(), 300, "together they fire all");
+    assert_eq!(a_jobs.len() + b_jobs.len(), n, "together they fire all");
     let a_set: BTreeSet<Uuid> = a_jobs.iter().copied().collect();
     assert!(b_jobs.iter().all(|j| !a_set.contains(j)));
     let dups: Vec<(Uuid, i64)> = sqlx::query_as(
@@ -1958,7 +1961,7 @@ async fn many_due_tasks_fire_in_batches_exactly_once_with_two_ticks() {
             .fetch_one(&env.pool)
             .await
             .expect("count");
-    assert_eq!(fired_t1, 300);
+    assert_eq!(fired_t1, n as i64);
     let runs: i64 = sqlx::query_scalar(
         "SELECT sum(total_runs)::int8 FROM task_schedule WHERE task_id = ANY($1)",
     )
@@ -1966,7 +1969,7 @@ async fn many_due_tasks_fire_in_batches_exactly_once_with_two_ticks() {
     .fetch_one(&env.pool)
     .await
     .expect("runs");
-    assert_eq!(runs, 600);
+    assert_eq!(runs, 2 * n as i64);
     sqlx::query("UPDATE tasks SET enabled = false WHERE app_name = 'bulk'")
         .execute(&env.pool)
         .await

@@ -53,9 +53,9 @@ pub struct TickReport {
 }
 
 /// Task rows one pass locks at most.
-pub const TASK_BATCH: i64 = 250;
+pub const TASK_BATCH: i64 = 1000;
 /// Fire times one pass fires (or skips) at most.
-pub const JOB_BUDGET: usize = 500;
+pub const JOB_BUDGET: usize = 2000;
 
 /// Policies a tick decides with.
 #[derive(Debug, Clone, Copy)]
