@@ -5,9 +5,10 @@
 //! on top of the work message, so events travel in batches instead: a
 //! sink gathers whatever events arrive while the previous batch is being
 //! published and sends them as one `job.events.v1` message per status,
-//! routed `job.<status>`, with the events in the order they happened. At
-//! load a batch carries dozens or hundreds of events; a lone event goes out
-//! at once, alone in its batch.
+//! routed `job.<status>`, with the events in the order they happened. A
+//! batch gathers for at most 10 ms after its first event, so at load one
+//! message carries dozens or hundreds of events and a lone event is at most
+//! 10 ms late.
 //!
 //! Events are notifications: they are published without confirms and a
 //! failure is logged, never retried. The durable record is `task_history`
@@ -26,6 +27,8 @@ use crate::model::JobStatus;
 
 /// Events one message carries at most.
 const MAX_PER_MESSAGE: usize = 1000;
+/// How long a batch waits for more events after its first one.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// The body of a `job.events.v1` message.
 #[derive(Debug, Serialize)]
@@ -94,6 +97,17 @@ impl EventSink {
         tokio::spawn(async move {
             let mut batch = Vec::new();
             while rx.recv_many(&mut batch, 4 * MAX_PER_MESSAGE).await > 0 {
+                // Whatever else happens within the linger joins this batch,
+                // so a steady stream costs a few messages a second per
+                // status, not one per burst of claims.
+                let deadline = tokio::time::Instant::now() + LINGER;
+                while batch.len() < 4 * MAX_PER_MESSAGE {
+                    let room = 4 * MAX_PER_MESSAGE - batch.len();
+                    match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
+                        Ok(n) if n > 0 => {}
+                        _ => break,
+                    }
+                }
                 let out = messages(&batch);
                 if let Err(error) = publisher.publish_unconfirmed(&out).await {
                     tracing::debug!(%error, count = batch.len(), "job events not published");

@@ -59,7 +59,8 @@ async fn publish_and_mark(
 ) -> Result<Vec<usize>, sqlx::Error> {
     let confirmed = publish_groups(publisher, groups).await;
     let counts = confirmed.iter().map(|(rows, _)| rows.len()).collect();
-    mark_groups(pool, publisher, &confirmed).await?;
+    let events = mark_groups(pool, &confirmed).await?;
+    publish_events(publisher, &events).await;
     Ok(counts)
 }
 
@@ -95,14 +96,13 @@ async fn publish_groups(
 }
 
 /// Marks confirmed rows published (jobs `pending` → `queued`) in one
-/// transaction, then publishes their `job.queued` events.
+/// transaction; returns their `job.queued` events to publish.
 async fn mark_groups(
     pool: &PgPool,
-    publisher: &Publisher,
     confirmed: &[(Vec<OutboxMessage>, String)],
-) -> Result<(), sqlx::Error> {
+) -> Result<Vec<JobEvent>, sqlx::Error> {
     if confirmed.iter().all(|(rows, _)| rows.is_empty()) {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let mut tx = pool.begin().await?;
     // Losing this commit in a Postgres crash is harmless (see
@@ -122,8 +122,7 @@ async fn mark_groups(
         events.extend(mark_queued(&mut tx, &rows, author).await?);
     }
     tx.commit().await?;
-    publish_events(publisher, &events).await;
-    Ok(())
+    Ok(events)
 }
 
 /// One pass of the outbox relay: publishes unpublished rows older than
@@ -208,8 +207,11 @@ impl PublishBatcher {
         // message again, which the claim absorbs). A failed batch is never
         // retried request by request (that would publish its messages
         // again): each request is answered with the batch's outcome.
+        // Their `job.queued` events travel in batches gathered across
+        // publish batches.
+        let sink = crate::events::EventSink::spawn(publisher.clone());
         let inner = Batcher::spawn(PUBLISH_BATCH, 2, move |batch: Vec<PublishRequest>| {
-            let (pool, publisher) = (pool.clone(), publisher.clone());
+            let (pool, publisher, sink) = (pool.clone(), publisher.clone(), sink.clone());
             async move {
                 let groups: Vec<(&[OutboxMessage], &str)> = batch
                     .iter()
@@ -219,8 +221,11 @@ impl PublishBatcher {
                 let counts: Vec<Result<usize, String>> =
                     confirmed.iter().map(|(rows, _)| Ok(rows.len())).collect();
                 tokio::spawn(async move {
-                    if let Err(error) = mark_groups(&pool, &publisher, &confirmed).await {
-                        tracing::warn!(%error, "marking published jobs failed; the relay will finish them");
+                    match mark_groups(&pool, &confirmed).await {
+                        Ok(events) => sink.send_all(events),
+                        Err(error) => {
+                            tracing::warn!(%error, "marking published jobs failed; the relay will finish them");
+                        }
                     }
                 });
                 Ok(counts)
