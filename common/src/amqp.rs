@@ -461,3 +461,36 @@ pub async fn dead_letter(publisher: &Publisher, delivery: &lapin::message::Deliv
         tracing::debug!(%error, "could not settle a dead-lettered delivery");
     }
 }
+
+/// Runs `connection` (one broker connection's life) again and again until
+/// it returns `Ok` or `shutdown` is cancelled: after a failure it waits
+/// 200 ms, doubling up to 5 s, and a connection that lived more than 30 s
+/// starts the backoff over. Shared by the worker's consumer and the
+/// scheduler's ingress, so both recover from a broker restart alike.
+pub async fn supervise<F, Fut>(
+    what: &str,
+    shutdown: &tokio_util::sync::CancellationToken,
+    mut connection: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), lapin::Error>>,
+{
+    let mut backoff = Duration::from_millis(200);
+    while !shutdown.is_cancelled() {
+        let connected_at = std::time::Instant::now();
+        match connection().await {
+            Ok(()) => return,
+            Err(error) => {
+                if connected_at.elapsed() > Duration::from_secs(30) {
+                    backoff = Duration::from_millis(200);
+                }
+                tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "{what} lost its broker connection; reconnecting");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = shutdown.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}

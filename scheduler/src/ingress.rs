@@ -172,25 +172,10 @@ async fn process(
 pub async fn run(pool: PgPool, settings: &Settings, shutdown: CancellationToken) {
     let names = Names::new(settings.amqp.prefix.clone());
     let ing = Arc::new(Ingress::new(pool, settings));
-    let mut backoff = Duration::from_millis(200);
-    while !shutdown.is_cancelled() {
-        let connected_at = std::time::Instant::now();
-        match consume(&ing, settings, &names, &shutdown).await {
-            Ok(()) => return,
-            Err(error) => {
-                // A connection that lived a while starts the backoff over.
-                if connected_at.elapsed() > Duration::from_secs(30) {
-                    backoff = Duration::from_millis(200);
-                }
-                tracing::warn!(%error, "ingress consumer lost its connection; reconnecting");
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = shutdown.cancelled() => return,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
+    amqp::supervise("the ingress consumer", &shutdown, || {
+        consume(&ing, settings, &names, &shutdown)
+    })
+    .await;
     ing.publisher.close().await;
 }
 

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use taskhost_common::amqp::{Names, Publisher};
+use taskhost_common::amqp::{self, Names, Publisher};
 use taskhost_common::batch::Batcher;
 use taskhost_common::events::EventSink;
 use taskhost_common::store::{self, Claimer, Step, StepResult};
@@ -147,25 +147,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     });
     let _ = inline_ctx.set(Arc::downgrade(&ctx));
     let heartbeat = tokio::spawn(heartbeat_loop(ctx.clone()));
-    let mut backoff = Duration::from_millis(200);
-    while !shutdown.is_cancelled() {
-        let connected_at = Instant::now();
-        match consumer::consume(&ctx).await {
-            Ok(()) => break,
-            Err(error) => {
-                // A connection that lived a while starts the backoff over.
-                if connected_at.elapsed() > Duration::from_secs(30) {
-                    backoff = Duration::from_millis(200);
-                }
-                tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "broker connection lost; reconnecting");
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = shutdown.cancelled() => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
+    amqp::supervise("the worker's consumer", &shutdown, || {
+        consumer::consume(&ctx)
+    })
+    .await;
     // The consumer returned without draining only if it never connected.
     consumer::drain(&ctx).await;
     heartbeat.abort();
