@@ -2,7 +2,8 @@
 //! queues, consume work and control messages until shutdown (then drain
 //! while the channel is still open for acks) or until the connection fails.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -15,6 +16,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use taskhost_common::amqp;
 use taskhost_common::messages::Control;
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::{Ctx, StopReason, job, running_count};
@@ -109,6 +111,7 @@ pub(crate) async fn consume(ctx: &Arc<Ctx>) -> Result<(), lapin::Error> {
         .await?;
     tracing::info!(queues = ?keys, prefetch, "consuming");
     let mut work = select_all(consumers);
+    let acks = Acks::spawn();
     loop {
         tokio::select! {
             () = ctx.shutdown.cancelled() => {
@@ -121,8 +124,9 @@ pub(crate) async fn consume(ctx: &Arc<Ctx>) -> Result<(), lapin::Error> {
             }
             next = work.next() => match next {
                 Some(Ok(delivery)) => {
-                    let ctx2 = ctx.clone();
-                    ctx.tracker.spawn(async move { job::handle(ctx2, delivery).await });
+                    acks.delivered(&delivery);
+                    let (ctx2, acks) = (ctx.clone(), acks.clone());
+                    ctx.tracker.spawn(async move { job::handle(ctx2, acks, delivery).await });
                 }
                 Some(Err(e)) => return Err(e),
                 None => return Err(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed))),
@@ -176,15 +180,123 @@ pub(crate) async fn drain(ctx: &Ctx) {
     }
 }
 
-pub(crate) async fn ack(delivery: &Delivery) {
-    if let Err(error) = delivery.acker.ack(BasicAckOptions::default()).await {
+/// Settles the deliveries of one channel. Acks go through a task that
+/// takes every ack waiting at once: when they cover the oldest deliveries
+/// still out, one `basic.ack` with `multiple` settles them all (a batch of
+/// jobs recorded together is acked with one frame); the rest are acked one
+/// by one at once, so a long job never holds back the acks of later ones.
+pub(crate) struct Acks {
+    /// Delivery tags received and not yet settled, oldest first.
+    outstanding: Mutex<BTreeSet<u64>>,
+    tx: mpsc::UnboundedSender<AckRequest>,
+}
+
+/// One ack to send, and who waits for it to be sent.
+type AckRequest = (u64, lapin::Acker, oneshot::Sender<()>);
+
+impl Acks {
+    /// Starts the ack task of one channel (it ends with the last handle).
+    pub(crate) fn spawn() -> Arc<Self> {
+        let (tx, mut rx) = mpsc::unbounded_channel::<AckRequest>();
+        let acks = Arc::new(Self {
+            outstanding: Mutex::new(BTreeSet::new()),
+            tx,
+        });
+        let weak = Arc::downgrade(&acks);
+        tokio::spawn(async move {
+            let mut batch = Vec::new();
+            while rx.recv_many(&mut batch, 4096).await > 0 {
+                let Some(acks) = weak.upgrade() else { return };
+                batch.sort_unstable_by_key(|(tag, _, _)| *tag);
+                // The longest run of the oldest outstanding tags that this
+                // batch settles.
+                let covered = {
+                    let Ok(mut out) = acks.outstanding.lock() else {
+                        return;
+                    };
+                    let mut covered = 0;
+                    for (tag, oldest) in batch.iter().map(|(t, _, _)| *t).zip(out.iter().copied()) {
+                        if tag != oldest {
+                            break;
+                        }
+                        covered += 1;
+                    }
+                    for (tag, _, _) in &batch {
+                        out.remove(tag);
+                    }
+                    covered
+                };
+                drop(acks);
+                if covered > 1 {
+                    let multiple = BasicAckOptions { multiple: true };
+                    if let Err(error) = batch[covered - 1].1.ack(multiple).await {
+                        tracing::debug!(%error, "ack failed");
+                    }
+                } else if covered == 1 {
+                    settle_one(&batch[0].1).await;
+                }
+                for (_, acker, _) in &batch[covered..] {
+                    settle_one(acker).await;
+                }
+                for (_, _, sent) in batch.drain(..) {
+                    let _ = sent.send(());
+                }
+            }
+        });
+        acks
+    }
+
+    /// Records a delivery as out (the consumer loop calls it in order).
+    pub(crate) fn delivered(&self, delivery: &Delivery) {
+        if let Ok(mut out) = self.outstanding.lock() {
+            out.insert(delivery.delivery_tag);
+        }
+    }
+
+    /// Acks a delivery, possibly together with others; returns once the
+    /// ack is sent (so a drained worker has sent all its acks).
+    pub(crate) async fn ack(&self, delivery: &Delivery) {
+        let (sent, done) = oneshot::channel();
+        let request = (delivery.delivery_tag, delivery.acker.clone(), sent);
+        if self.tx.send(request).is_err() || done.await.is_err() {
+            settle_one(&delivery.acker).await;
+        }
+    }
+
+    /// Gives a delivery back to its queue. It stays outstanding until its
+    /// nack is sent, so no `multiple` ack can cover it meanwhile.
+    pub(crate) async fn requeue(&self, delivery: &Delivery) {
+        requeue(delivery).await;
+        self.forget(delivery);
+    }
+
+    /// Sends a delivery to `<p>.dead` with its reason.
+    pub(crate) async fn dead_letter(
+        &self,
+        publisher: &taskhost_common::amqp::Publisher,
+        delivery: &Delivery,
+        reason: &str,
+    ) {
+        amqp::dead_letter(publisher, delivery, reason).await;
+        self.forget(delivery);
+    }
+
+    fn forget(&self, delivery: &Delivery) {
+        if let Ok(mut out) = self.outstanding.lock() {
+            out.remove(&delivery.delivery_tag);
+        }
+    }
+}
+
+async fn settle_one(acker: &lapin::Acker) {
+    if let Err(error) = acker.ack(BasicAckOptions::default()).await {
         // The channel is gone: the broker redelivers, and the redelivery
         // finds the job finished and is acked without running again.
         tracing::debug!(%error, "ack failed");
     }
 }
 
-pub(crate) async fn requeue(delivery: &Delivery) {
+async fn requeue(delivery: &Delivery) {
     let _ = delivery
         .acker
         .nack(BasicNackOptions {

@@ -15,11 +15,11 @@ use taskhost_common::model::{ExecutionMode, JobStatus};
 use taskhost_common::store::{
     self, ClaimRequest, ClaimResult, Claimed, Finish, FinishRequest, Finished, Step, StepResult,
 };
-use taskhost_common::{CancellationToken, amqp, changelog, events};
+use taskhost_common::{CancellationToken, changelog, events};
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::consumer::{ack, requeue};
+use crate::consumer::Acks;
 use crate::exec::{self, CommandSpec, Ending, Outcome};
 use crate::{Ctx, Running, StopReason, inline};
 
@@ -90,16 +90,16 @@ async fn pause(ctx: &Ctx, d: Duration) -> bool {
     }
 }
 
-pub(crate) async fn handle(ctx: Arc<Ctx>, delivery: Delivery) {
+pub(crate) async fn handle(ctx: Arc<Ctx>, acks: Arc<Acks>, delivery: Delivery) {
     let run = match parse_run(&delivery) {
         Ok(r) => r,
-        Err(reason) => return amqp::dead_letter(&ctx.publisher, &delivery, &reason).await,
+        Err(reason) => return acks.dead_letter(&ctx.publisher, &delivery, &reason).await,
     };
     let span = tracing::info_span!("job", job_id = %run.job_id, node_id = %ctx.node_id);
-    process(ctx, delivery, run).instrument(span).await;
+    process(ctx, &acks, delivery, run).instrument(span).await;
 }
 
-async fn process(ctx: Arc<Ctx>, delivery: Delivery, run: JobRun) {
+async fn process(ctx: Arc<Ctx>, acks: &Acks, delivery: Delivery, run: JobRun) {
     let job_id = run.job_id;
     // Inline jobs take no slot: they run inside their claim's transaction,
     // bounded by the prefetch window.
@@ -111,8 +111,8 @@ async fn process(ctx: Arc<Ctx>, delivery: Delivery, run: JobRun) {
     let permit = match slots {
         None => None,
         Some(slots) => tokio::select! {
-            p = slots.acquire_owned() => match p { Ok(p) => Some(p), Err(_) => return requeue(&delivery).await },
-            () = ctx.shutdown.cancelled() => return requeue(&delivery).await,
+            p = slots.acquire_owned() => match p { Ok(p) => Some(p), Err(_) => return acks.requeue(&delivery).await },
+            () = ctx.shutdown.cancelled() => return acks.requeue(&delivery).await,
         },
     };
     let lease = Duration::from_secs(ctx.settings.worker.claim_lease_secs);
@@ -145,7 +145,7 @@ async fn process(ctx: Arc<Ctx>, delivery: Delivery, run: JobRun) {
                 // transaction, so `running` was never visible and only its
                 // end is told.
                 drop(permit);
-                return settled(&ctx, &delivery, &claimed, &fin, finished, false).await;
+                return settled(&ctx, acks, &delivery, &claimed, &fin, finished, false).await;
             }
             Ok(StepResult::Finish(_)) => ClaimResult::Again("a claim answered as a finish".into()),
             Err(error) => ClaimResult::Again(error),
@@ -154,32 +154,32 @@ async fn process(ctx: Arc<Ctx>, delivery: Delivery, run: JobRun) {
             ClaimResult::Claimed(c) => break c,
             ClaimResult::Finished(status) => {
                 tracing::debug!(%job_id, %status, "redelivered message for a finished job; acked without running");
-                return ack(&delivery).await;
+                return acks.ack(&delivery).await;
             }
             ClaimResult::NotDue => {
                 tracing::info!(%job_id, "early copy of a job whose retry is not due yet; acked without running");
-                return ack(&delivery).await;
+                return acks.ack(&delivery).await;
             }
             ClaimResult::Missing => {
                 tracing::info!(%job_id, "message for a job that no longer exists; acked");
-                return ack(&delivery).await;
+                return acks.ack(&delivery).await;
             }
             ClaimResult::Dead(reason) => {
                 publish_event(&ctx, job_id, JobStatus::Dead, run.attempt, None);
-                return amqp::dead_letter(&ctx.publisher, &delivery, &reason).await;
+                return acks.dead_letter(&ctx.publisher, &delivery, &reason).await;
             }
             ClaimResult::Busy => {
                 // Another worker holds a live claim (e.g. this is a
                 // redelivery after a broker hiccup): wait until it finishes
                 // or its lease runs out.
                 if !pause(&ctx, Duration::from_millis(500)).await {
-                    return requeue(&delivery).await;
+                    return acks.requeue(&delivery).await;
                 }
             }
             ClaimResult::Again(error) => {
                 tracing::warn!(%error, %job_id, "claim failed; retrying");
                 if !pause(&ctx, wait).await {
-                    return requeue(&delivery).await;
+                    return acks.requeue(&delivery).await;
                 }
                 wait = (wait * 2).min(Duration::from_secs(5));
             }
@@ -187,7 +187,7 @@ async fn process(ctx: Arc<Ctx>, delivery: Delivery, run: JobRun) {
     };
     let background = claimed.execution_mode == ExecutionMode::Background;
     if background {
-        ack(&delivery).await;
+        acks.ack(&delivery).await;
     }
     let cancel = CancellationToken::new();
     let reason = Arc::new(Mutex::new(None));
@@ -225,7 +225,7 @@ async fn process(ctx: Arc<Ctx>, delivery: Delivery, run: JobRun) {
         Some(StopReason::Lost) => {
             tracing::warn!(%job_id, attempt = claimed.attempt, "claim was taken over; this attempt's result is dropped");
             if !background {
-                ack(&delivery).await;
+                acks.ack(&delivery).await;
             }
             return;
         }
@@ -244,7 +244,7 @@ async fn process(ctx: Arc<Ctx>, delivery: Delivery, run: JobRun) {
                 tracing::warn!(%error, %job_id, "could not release the job; its lease will expire");
             }
             if !background {
-                requeue(&delivery).await;
+                acks.requeue(&delivery).await;
             }
             return;
         }
@@ -269,12 +269,13 @@ async fn process(ctx: Arc<Ctx>, delivery: Delivery, run: JobRun) {
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_secs(5));
     };
-    settled(&ctx, &delivery, &claimed, &fin, finished, background).await;
+    settled(&ctx, acks, &delivery, &claimed, &fin, finished, background).await;
 }
 
 /// After a run's end is recorded: tell (event, log) and ack.
 async fn settled(
     ctx: &Ctx,
+    acks: &Acks,
     delivery: &Delivery,
     claimed: &Claimed,
     fin: &Finish,
@@ -302,7 +303,7 @@ async fn settled(
         }
     }
     if !background {
-        ack(delivery).await;
+        acks.ack(delivery).await;
     }
 }
 
