@@ -115,7 +115,7 @@ pub(crate) async fn update(
         request
             .execution_mode
             .as_deref()
-            .unwrap_or(&current.execution_mode),
+            .unwrap_or(current.execution_mode.as_str()),
     )?;
     let task = tasks::update(&state.pool, id, request, caller.user()).await?;
     Ok(Json(with_schedule(&state, task).await?))
@@ -237,7 +237,7 @@ pub(crate) async fn run_now(
     let task = tasks::get(&state.pool, task_id(&raw)?)
         .await?
         .ok_or(ApiError::NotFound("task"))?;
-    require_writer(&caller, &task.execution_mode)?;
+    require_writer(&caller, task.execution_mode.as_str())?;
     match tasks::run_now(&state.pool, &task, caller.user()).await? {
         Accepted::Created {
             job_ids,

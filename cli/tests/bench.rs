@@ -50,11 +50,11 @@ fn http_runs_every_job() {
 #[test]
 fn schedule_fires_tasks() {
     let v = bench(&["schedule", "--tasks", "5", "--seconds", "5"]);
-    // Missed and doubled are measured, not asserted: the scheduler polls
-    // once a second today.
+    // Lateness and misses depend on how loaded the machine is, so they are
+    // measured, not asserted; a fire time firing twice is a bug anywhere.
     assert!(figure(&v, "fired") > 0.0, "{v}");
     assert!(figure(&v, "expected") > 0.0, "{v}");
     figure(&v, "missed");
-    figure(&v, "doubled");
+    assert_eq!(figure(&v, "doubled"), 0.0, "{v}");
     figure(&v, "lateness_p99_ms");
 }

@@ -1647,6 +1647,108 @@ async fn a_repeated_id_in_one_accept_batch_is_one_job() {
     env.cleanup().await;
 }
 
+/// A redelivered copy of a job whose end is recorded in the same worker
+/// batch does not claim it again: the claim waits (`Busy`), the job keeps
+/// its one final history row and its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_settled_with_its_jobs_end_does_not_run_it_again() {
+    use taskhost_common::jobs::{PlainJob, accept_batch};
+    use taskhost_common::model::{JobStatus, SubmitRequest, TriggeredBy};
+    use taskhost_common::store::{
+        self, ClaimRequest, ClaimResult, Claimer, Finish, FinishRequest, Finished, Step, StepResult,
+    };
+    let env = TestEnv::new().await;
+    let spec = serde_json::from_value::<SubmitRequest>(json!({"jobName": "j", "command": "true"}))
+        .expect("request")
+        .validate()
+        .expect("valid");
+    let id = Uuid::now_v7();
+    accept_batch(
+        &env.pool,
+        &[PlainJob {
+            job_id: id,
+            user_id: "alice".into(),
+            spec,
+            triggered_by: TriggeredBy::Api,
+            changed_by: "alice".into(),
+        }],
+    )
+    .await
+    .expect("accepted");
+    let claimer = Claimer {
+        node_id: Uuid::now_v7(),
+        node_name: "n1".into(),
+        lease: Duration::from_secs(30),
+        delivery_limit: 5,
+    };
+    let request = ClaimRequest {
+        job_id: id,
+        own_stale: false,
+        inline_hint: false,
+    };
+    let claimed = match store::claim(&env.pool, &claimer, request)
+        .await
+        .expect("claim")
+    {
+        ClaimResult::Claimed(c) => c,
+        other => panic!("not claimed: {other:?}"),
+    };
+    let fin = Finish {
+        status: JobStatus::Succeeded,
+        reason: None,
+        exit_code: Some(0),
+        output: changelog::gzip(b"done\n"),
+        error: changelog::gzip(b""),
+        truncated: false,
+        started_at: chrono::Utc::now(),
+        duration: Duration::from_millis(3),
+    };
+    let no_inline = |_: &store::Claimed| -> Finish { panic!("no inline job here") };
+    let steps = [
+        Step::Finish(Box::new(FinishRequest { claimed, fin })),
+        // The same node's own redelivery of the job, as after a reconnect.
+        Step::Claim(ClaimRequest {
+            own_stale: true,
+            ..request
+        }),
+    ];
+    let answers = store::settle(&env.pool, &claimer, &no_inline, &steps)
+        .await
+        .expect("settle");
+    assert!(
+        matches!(answers[0], StepResult::Finish(Finished::Final)),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(answers[1], StepResult::Claim(ClaimResult::Busy)),
+        "{answers:?}"
+    );
+    let (status, attempt): (String, i32) =
+        sqlx::query_as("SELECT status, attempt FROM jobs WHERE job_id = $1")
+            .bind(id)
+            .fetch_one(&env.pool)
+            .await
+            .expect("job");
+    assert_eq!((status.as_str(), attempt), ("succeeded", 1));
+    assert_eq!(final_states(&env, id).await, vec!["succeeded".to_owned()]);
+    // Asked again, the copy finds the job finished.
+    let again = store::claim(
+        &env.pool,
+        &claimer,
+        ClaimRequest {
+            own_stale: true,
+            ..request
+        },
+    )
+    .await
+    .expect("claim again");
+    assert!(
+        matches!(again, ClaimResult::Finished(JobStatus::Succeeded)),
+        "{again:?}"
+    );
+    env.cleanup().await;
+}
+
 /// Two copies of one job's work message reach the same worker at once (a
 /// redelivery racing the original): the job runs once, on one attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -265,6 +265,9 @@ type CacheEntry = (std::time::Instant, Option<Principal>);
 #[derive(Debug, Default)]
 pub struct KeyCache {
     entries: std::sync::Mutex<std::collections::HashMap<String, CacheEntry>>,
+    /// Bumped by every [`KeyCache::clear`], so a lookup that began before a
+    /// revocation cannot put its stale answer back afterwards.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl KeyCache {
@@ -289,8 +292,11 @@ impl KeyCache {
         {
             return Ok(principal.clone());
         }
+        let generation = self.generation.load(std::sync::atomic::Ordering::SeqCst);
         let principal = authenticate(pool, key).await?;
-        if let Ok(mut entries) = self.entries.lock() {
+        if let Ok(mut entries) = self.entries.lock()
+            && self.generation.load(std::sync::atomic::Ordering::SeqCst) == generation
+        {
             if entries.len() >= CACHE_MAX {
                 entries.clear();
             }
@@ -302,6 +308,8 @@ impl KeyCache {
     /// Forgets everything (a key was revoked somewhere).
     pub fn clear(&self) {
         if let Ok(mut entries) = self.entries.lock() {
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             entries.clear();
         }
     }

@@ -197,6 +197,36 @@ string_enum! {
 }
 
 string_enum! {
+    /// What a task does with a fire time older than the misfire grace.
+    MisfirePolicy {
+        /// Fire one catch-up run, then go on from now.
+        CatchUp = "catch_up",
+        /// Fire nothing for it; go on from now.
+        Skip = "skip",
+    }
+}
+
+string_enum! {
+    /// What a task does with a fire time while its previous run is going.
+    OverlapPolicy {
+        /// Skip the tick.
+        Skip = "skip",
+        /// Fire anyway.
+        Allow = "allow",
+    }
+}
+
+string_enum! {
+    /// What a fan-out task does when no active node matches its target.
+    NoNodePolicy {
+        /// Record the run `dead` with the reason.
+        Fail = "fail",
+        /// Wait, trying the same fire time again, until a node appears.
+        Hold = "hold",
+    }
+}
+
+string_enum! {
     /// Whether a target means one matching node or every one.
     Fanout {
         /// Any one matching node.

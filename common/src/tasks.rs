@@ -12,7 +12,8 @@ use uuid::Uuid;
 
 use crate::changelog::{self, Action, Change};
 use crate::model::{
-    ExecutionMode, Fanout, FieldError, JobSpec, SubmitRequest, Target, TargetRequest,
+    ExecutionMode, Fanout, FieldError, JobSpec, MisfirePolicy, NoNodePolicy, OverlapPolicy,
+    SubmitRequest, Target, TargetRequest,
 };
 use crate::schedule::Schedule;
 
@@ -68,22 +69,22 @@ pub struct Task {
     pub task_name: String,
     pub app_name: String,
     pub command: String,
-    pub execution_mode: String,
+    pub execution_mode: ExecutionMode,
     pub schedule: String,
     pub timezone: String,
     pub enabled: bool,
     pub assigned_node_id: Option<Uuid>,
     pub assigned_node_group: Option<String>,
     pub assigned_node_role: Option<String>,
-    pub fanout: String,
+    pub fanout: Fanout,
     pub priority: i16,
     pub timeout_seconds: Option<i32>,
     pub max_retries: i32,
     pub retry_delay_seconds: i32,
     pub kill_on_timeout: bool,
-    pub misfire_policy: String,
-    pub overlap_policy: String,
-    pub no_node_policy: String,
+    pub misfire_policy: MisfirePolicy,
+    pub overlap_policy: OverlapPolicy,
+    pub no_node_policy: NoNodePolicy,
     pub description: String,
     pub tags: Value,
     pub parameters: Value,
@@ -124,22 +125,22 @@ impl Task {
             task_name: String::new(),
             app_name: "default".into(),
             command: String::new(),
-            execution_mode: "pool".into(),
+            execution_mode: ExecutionMode::Pool,
             schedule: String::new(),
             timezone: "UTC".into(),
             enabled: true,
             assigned_node_id: None,
             assigned_node_group: None,
             assigned_node_role: None,
-            fanout: "one".into(),
+            fanout: Fanout::One,
             priority: 5,
             timeout_seconds: None,
             max_retries: 0,
             retry_delay_seconds: 60,
             kill_on_timeout: true,
-            misfire_policy: "catch_up".into(),
-            overlap_policy: "skip".into(),
-            no_node_policy: "fail".into(),
+            misfire_policy: MisfirePolicy::CatchUp,
+            overlap_policy: OverlapPolicy::Skip,
+            no_node_policy: NoNodePolicy::Fail,
             description: String::new(),
             tags: Value::Array(Vec::new()),
             parameters: Value::Object(Default::default()),
@@ -163,8 +164,7 @@ impl Task {
             self.command = v;
         }
         if let Some(v) = r.execution_mode {
-            let mode: ExecutionMode = v.parse().map_err(|e| err("executionMode", e))?;
-            self.execution_mode = mode.as_str().to_owned();
+            self.execution_mode = v.parse().map_err(|e| err("executionMode", e))?;
         }
         if let Some(v) = r.schedule {
             self.schedule = v.trim().to_owned();
@@ -186,7 +186,7 @@ impl Task {
             self.assigned_node_role = r.assigned_node_role.flatten();
         }
         if let Some(v) = r.fanout {
-            self.fanout = v;
+            self.fanout = v.parse().map_err(|e| err("fanout", e))?;
         }
         if let Some(v) = r.priority {
             self.priority = i16::try_from(v)
@@ -236,15 +236,15 @@ impl Task {
         }
         if let Some(v) = r.misfire_policy {
             one_of("misfirePolicy", &v, &["catch_up", "skip"])?;
-            self.misfire_policy = v;
+            self.misfire_policy = v.parse().map_err(|e| err("misfirePolicy", e))?;
         }
         if let Some(v) = r.overlap_policy {
             one_of("overlapPolicy", &v, &["skip", "allow"])?;
-            self.overlap_policy = v;
+            self.overlap_policy = v.parse().map_err(|e| err("overlapPolicy", e))?;
         }
         if let Some(v) = r.no_node_policy {
             one_of("noNodePolicy", &v, &["fail", "hold"])?;
-            self.no_node_policy = v;
+            self.no_node_policy = v.parse().map_err(|e| err("noNodePolicy", e))?;
         }
         if let Some(v) = r.description {
             self.description = v;
@@ -287,14 +287,14 @@ impl Task {
             job_name: self.task_name.clone(),
             command: self.command.clone(),
             description: Some(self.description.clone()),
-            execution_mode: Some(self.execution_mode.clone()),
+            execution_mode: Some(self.execution_mode.as_str().to_owned()),
             timeout_seconds: self.timeout_seconds.map(i64::from),
             priority: Some(i64::from(self.priority)),
             target: Some(TargetRequest {
                 node_id: self.assigned_node_id,
                 node_group: self.assigned_node_group.clone(),
                 node_role: self.assigned_node_role.clone(),
-                fanout: Some(self.fanout.clone()),
+                fanout: Some(self.fanout.as_str().to_owned()),
             }),
             env: Some(env),
         };
@@ -318,7 +318,7 @@ impl Task {
             node_id: self.assigned_node_id,
             node_group: self.assigned_node_group.clone(),
             node_role: self.assigned_node_role.clone(),
-            fanout: self.fanout.parse().unwrap_or(Fanout::One),
+            fanout: self.fanout,
         }
     }
 
@@ -437,22 +437,22 @@ async fn write_task(conn: &mut PgConnection, t: &Task, insert: bool) -> Result<V
         .bind(&t.task_name)
         .bind(&t.app_name)
         .bind(&t.command)
-        .bind(&t.execution_mode)
+        .bind(t.execution_mode)
         .bind(&t.schedule)
         .bind(&t.timezone)
         .bind(t.enabled)
         .bind(t.assigned_node_id)
         .bind(&t.assigned_node_group)
         .bind(&t.assigned_node_role)
-        .bind(&t.fanout)
+        .bind(t.fanout)
         .bind(t.priority)
         .bind(t.timeout_seconds)
         .bind(t.max_retries)
         .bind(t.retry_delay_seconds)
         .bind(t.kill_on_timeout)
-        .bind(&t.misfire_policy)
-        .bind(&t.overlap_policy)
-        .bind(&t.no_node_policy)
+        .bind(t.misfire_policy)
+        .bind(t.overlap_policy)
+        .bind(t.no_node_policy)
         .bind(&t.description)
         .bind(&t.tags)
         .bind(&t.parameters)

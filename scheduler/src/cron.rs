@@ -20,7 +20,9 @@ use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 use taskhost_common::changelog::{self, Action, Change};
 use taskhost_common::jobs::{self, Accepted, NewJob, OutboxMessage, TaskRun};
-use taskhost_common::model::{Fanout, JobSpec, JobStatus, TriggeredBy};
+use taskhost_common::model::{
+    Fanout, JobSpec, JobStatus, MisfirePolicy, NoNodePolicy, OverlapPolicy, TriggeredBy,
+};
 use taskhost_common::schedule::Schedule;
 use taskhost_common::store::fire::{self, Fire};
 use taskhost_common::tasks::{TASK_COLUMNS, Task};
@@ -107,13 +109,13 @@ fn plan(
     grace: Duration,
     budget: usize,
 ) -> (Vec<Step>, Option<DateTime<Utc>>) {
-    let overlap_skip = task.overlap_policy == "skip";
+    let overlap_skip = task.overlap_policy == OverlapPolicy::Skip;
     if now - first > grace {
         // Missed: the whole backlog is one misfire. catch_up fires one run
         // (at the oldest missed fire time), skip fires none; either way the
         // task resumes at the first fire time after now.
         let next = schedule.next_after(now);
-        let step = if task.misfire_policy == "skip" {
+        let step = if task.misfire_policy == MisfirePolicy::Skip {
             Step::Skip(first, "misfire: fire time missed; policy skip")
         } else if is_running && overlap_skip {
             Step::Skip(first, "overlap: previous run still going; policy skip")
@@ -233,7 +235,7 @@ pub async fn tick(
             }
         };
         let fanout_all = spec.target.fanout == Fanout::All;
-        if task.no_node_policy == "hold"
+        if task.no_node_policy == NoNodePolicy::Hold
             && fanout_all
             && jobs::matching_active_nodes(&mut tx, &spec.target)
                 .await?
@@ -391,7 +393,7 @@ async fn fire_fanout(
     update: &mut ScheduleUpdate,
     report: &mut TickReport,
 ) -> Result<(), sqlx::Error> {
-    let overlap_skip = task.overlap_policy == "skip";
+    let overlap_skip = task.overlap_policy == OverlapPolicy::Skip;
     let mut running = is_running;
     let mut any = false;
     for step in steps {

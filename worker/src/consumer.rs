@@ -124,7 +124,6 @@ pub(crate) async fn consume(ctx: &Arc<Ctx>) -> Result<(), lapin::Error> {
             }
             next = work.next() => match next {
                 Some(Ok(delivery)) => {
-                    acks.delivered(&delivery);
                     let (ctx2, acks) = (ctx.clone(), acks.clone());
                     ctx.tracker.spawn(async move { job::handle(ctx2, acks, delivery).await });
                 }
@@ -181,14 +180,54 @@ pub(crate) async fn drain(ctx: &Ctx) {
 }
 
 /// Settles the deliveries of one channel. Acks go through a task that
-/// takes every ack waiting at once: when they cover the oldest deliveries
-/// still out, one `basic.ack` with `multiple` settles them all (a batch of
-/// jobs recorded together is acked with one frame); the rest are acked one
-/// by one at once, so a long job never holds back the acks of later ones.
+/// takes every ack waiting at once: when they continue the run of settled
+/// delivery tags (tags are consecutive on a channel, from 1), one
+/// `basic.ack` with `multiple` settles them all (a batch of jobs recorded
+/// together is acked with one frame); the rest are acked one by one at
+/// once, so a long job never holds back the acks of later ones. A
+/// `multiple` ack never covers a tag that is not settled: every tag below
+/// the one it names is either in the same batch or already settled.
 pub(crate) struct Acks {
-    /// Delivery tags received and not yet settled, oldest first.
-    outstanding: Mutex<BTreeSet<u64>>,
+    settled: Mutex<Settled>,
     tx: mpsc::UnboundedSender<AckRequest>,
+}
+
+/// Which delivery tags of the channel are settled.
+#[derive(Default)]
+struct Settled {
+    /// Every tag up to here is settled.
+    floor: u64,
+    /// Settled tags above the floor.
+    above: BTreeSet<u64>,
+}
+
+impl Settled {
+    fn settle(&mut self, tag: u64) {
+        if tag > self.floor {
+            self.above.insert(tag);
+        }
+        while self.above.remove(&(self.floor + 1)) {
+            self.floor += 1;
+        }
+    }
+
+    /// How many of `sorted` (ascending, unsettled) continue the settled
+    /// run from the floor, each tag in between being settled already.
+    fn continuing(&self, sorted: &[u64]) -> usize {
+        let mut next = self.floor + 1;
+        let mut covered = 0;
+        for &tag in sorted {
+            while next < tag && self.above.contains(&next) {
+                next += 1;
+            }
+            if tag != next {
+                break;
+            }
+            covered += 1;
+            next += 1;
+        }
+        covered
+    }
 }
 
 /// One ack to send, and who waits for it to be sent.
@@ -199,7 +238,7 @@ impl Acks {
     pub(crate) fn spawn() -> Arc<Self> {
         let (tx, mut rx) = mpsc::unbounded_channel::<AckRequest>();
         let acks = Arc::new(Self {
-            outstanding: Mutex::new(BTreeSet::new()),
+            settled: Mutex::new(Settled::default()),
             tx,
         });
         let weak = Arc::downgrade(&acks);
@@ -208,25 +247,8 @@ impl Acks {
             while rx.recv_many(&mut batch, 4096).await > 0 {
                 let Some(acks) = weak.upgrade() else { return };
                 batch.sort_unstable_by_key(|(tag, _, _)| *tag);
-                // The longest run of the oldest outstanding tags that this
-                // batch settles.
-                let covered = {
-                    let Ok(mut out) = acks.outstanding.lock() else {
-                        return;
-                    };
-                    let mut covered = 0;
-                    for (tag, oldest) in batch.iter().map(|(t, _, _)| *t).zip(out.iter().copied()) {
-                        if tag != oldest {
-                            break;
-                        }
-                        covered += 1;
-                    }
-                    for (tag, _, _) in &batch {
-                        out.remove(tag);
-                    }
-                    covered
-                };
-                drop(acks);
+                let tags: Vec<u64> = batch.iter().map(|(t, _, _)| *t).collect();
+                let covered = acks.settled.lock().map_or(0, |s| s.continuing(&tags));
                 if covered > 1 {
                     let multiple = BasicAckOptions { multiple: true };
                     if let Err(error) = batch[covered - 1].1.ack(multiple).await {
@@ -238,19 +260,18 @@ impl Acks {
                 for (_, acker, _) in &batch[covered..] {
                     settle_one(acker).await;
                 }
+                if let Ok(mut s) = acks.settled.lock() {
+                    for tag in tags {
+                        s.settle(tag);
+                    }
+                }
+                drop(acks);
                 for (_, _, sent) in batch.drain(..) {
                     let _ = sent.send(());
                 }
             }
         });
         acks
-    }
-
-    /// Records a delivery as out (the consumer loop calls it in order).
-    pub(crate) fn delivered(&self, delivery: &Delivery) {
-        if let Ok(mut out) = self.outstanding.lock() {
-            out.insert(delivery.delivery_tag);
-        }
     }
 
     /// Acks a delivery, possibly together with others; returns once the
@@ -263,11 +284,11 @@ impl Acks {
         }
     }
 
-    /// Gives a delivery back to its queue. It stays outstanding until its
-    /// nack is sent, so no `multiple` ack can cover it meanwhile.
+    /// Gives a delivery back to its queue. It counts as settled only once
+    /// its nack is sent, so no `multiple` ack can cover it meanwhile.
     pub(crate) async fn requeue(&self, delivery: &Delivery) {
         requeue(delivery).await;
-        self.forget(delivery);
+        self.settle(delivery);
     }
 
     /// Sends a delivery to `<p>.dead` with its reason.
@@ -278,12 +299,12 @@ impl Acks {
         reason: &str,
     ) {
         amqp::dead_letter(publisher, delivery, reason).await;
-        self.forget(delivery);
+        self.settle(delivery);
     }
 
-    fn forget(&self, delivery: &Delivery) {
-        if let Ok(mut out) = self.outstanding.lock() {
-            out.remove(&delivery.delivery_tag);
+    fn settle(&self, delivery: &Delivery) {
+        if let Ok(mut s) = self.settled.lock() {
+            s.settle(delivery.delivery_tag);
         }
     }
 }
@@ -304,4 +325,32 @@ async fn requeue(delivery: &Delivery) {
             ..BasicNackOptions::default()
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Settled;
+
+    #[test]
+    fn a_multiple_ack_covers_only_settled_tags() {
+        let mut s = Settled::default();
+        // 1 and 2 settle together: both covered.
+        assert_eq!(s.continuing(&[1, 2]), 2);
+        s.settle(1);
+        s.settle(2);
+        // 4 and 5 while 3 is out (running, or not yet handed to a job):
+        // nothing may be acked with `multiple`.
+        assert_eq!(s.continuing(&[4, 5]), 0);
+        s.settle(4);
+        s.settle(5);
+        assert_eq!(s.floor, 2);
+        // 3 settles: the run continues over 4 and 5 (already settled) to 6.
+        assert_eq!(s.continuing(&[3, 6, 8]), 2);
+        s.settle(3);
+        s.settle(6);
+        s.settle(8);
+        assert_eq!(s.floor, 6);
+        // 7 is still out, so 9 is acked alone.
+        assert_eq!(s.continuing(&[9]), 0);
+    }
 }

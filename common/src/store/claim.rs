@@ -245,7 +245,17 @@ pub async fn claim(
     let Some(cur) = current else {
         return Ok(ClaimResult::Missing);
     };
-    let answer = match decide(&cur, request.own_stale, c) {
+    let decision = decide(&cur, request.own_stale, c);
+    // An end recorded without running (acked right after) and a background
+    // claim (acked once claimed) must survive a Postgres crash.
+    if matches!(decision, Decision::GiveUp(..))
+        || (matches!(decision, Decision::Claim) && cur.execution_mode == ExecutionMode::Background)
+    {
+        sqlx::query("SET LOCAL synchronous_commit = on")
+            .execute(&mut *tx)
+            .await?;
+    }
+    let answer = match decision {
         Decision::Answer(a) => return Ok(a),
         Decision::GiveUp(status, reason) => give_up(&mut tx, c, &cur, status, reason).await?,
         Decision::Claim => claim_rows(&mut tx, c, vec![cur])
@@ -271,6 +281,40 @@ pub(super) struct ClaimPlan {
 }
 
 impl ClaimPlan {
+    /// Answers `Busy` for claims of jobs in `finishing` (their run's end is
+    /// recorded in the same transaction; the claim asks again, then finds
+    /// the job finished).
+    pub(super) fn defer(&mut self, finishing: &std::collections::HashSet<Uuid>) {
+        if finishing.is_empty() {
+            return;
+        }
+        let (busy, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.to_claim)
+            .into_iter()
+            .partition(|(_, cur)| finishing.contains(&cur.job_id));
+        self.to_claim = keep;
+        for (i, _) in busy {
+            self.answers[i] = Some(ClaimResult::Busy);
+        }
+        let (busy, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.give_ups)
+            .into_iter()
+            .partition(|(_, cur, _, _)| finishing.contains(&cur.job_id));
+        self.give_ups = keep;
+        for (i, ..) in busy {
+            self.answers[i] = Some(ClaimResult::Busy);
+        }
+    }
+
+    /// Whether carrying the plan out records an end that is acked at once
+    /// (a give-up) or claims a `background` job (acked once claimed): then
+    /// the commit must wait for the disk.
+    pub(super) fn needs_durable_commit(&self) -> bool {
+        !self.give_ups.is_empty()
+            || self
+                .to_claim
+                .iter()
+                .any(|(_, cur)| cur.execution_mode == ExecutionMode::Background)
+    }
+
     /// The tasks whose schedule rows this plan writes.
     pub(super) fn task_ids(&self) -> impl Iterator<Item = Uuid> + '_ {
         self.to_claim

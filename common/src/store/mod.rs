@@ -119,7 +119,13 @@ pub async fn settle(
         db::no_fsync_wait(&mut tx).await?;
     }
     let mut plan = claim::plan(&mut tx, c, &claims).await?;
+    // A redelivered copy of a job whose end this batch records must not
+    // claim it in the same transaction: it asks again and finds it ended.
+    let finishing: std::collections::HashSet<Uuid> =
+        finishes.iter().map(|f| f.claimed.job_id).collect();
+    plan.defer(&finishing);
     let one_step = claim::take_inline(&mut plan);
+    let plan_durable = plan.needs_durable_commit();
     let mut task_ids: Vec<Uuid> = plan
         .task_ids()
         .chain(finishes.iter().filter_map(|f| f.claimed.task_id))
@@ -163,7 +169,7 @@ pub async fn settle(
         let requests: Vec<FinishRequest> = ran.iter().map(|(_, r)| r.clone()).collect();
         finish::finish_many(&mut tx, c.node_id, &c.node_name, &requests).await?
     };
-    if !durable && (!ran.is_empty() || !one_step_ran.is_empty()) {
+    if !durable && (plan_durable || !ran.is_empty() || !one_step_ran.is_empty()) {
         sqlx::query("SET LOCAL synchronous_commit = on")
             .execute(&mut *tx)
             .await?;
@@ -199,11 +205,18 @@ pub async fn settle(
     }
     let mut claim_answers = claim_answers.into_iter();
     let mut finished = finished.into_iter();
+    // Every step has its answer; a missing one is answered as a failed
+    // claim (asked again) rather than shifting the others.
     Ok(steps
         .iter()
-        .filter_map(|s| match s {
-            Step::Claim(_) => claim_answers.next().flatten(),
-            Step::Finish(_) => finished.next().map(StepResult::Finish),
+        .map(|s| match s {
+            Step::Claim(_) => claim_answers.next().flatten().unwrap_or_else(|| {
+                StepResult::Claim(ClaimResult::Again("no answer for this claim".into()))
+            }),
+            Step::Finish(_) => finished.next().map_or(
+                StepResult::Claim(ClaimResult::Again("no answer".into())),
+                StepResult::Finish,
+            ),
         })
         .collect())
 }
