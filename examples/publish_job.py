@@ -3,7 +3,7 @@
 
 taskhost's ingress for other systems is the durable queue ``<prefix>.submit``,
 bound to the direct exchange ``<prefix>.submit`` with routing key ``submit``
-(see DESIGN.md, "RabbitMQ topology"). The scheduler consumes that queue,
+(see README.md, "Submitting over RabbitMQ"). The scheduler consumes that queue,
 records the job in Postgres and dispatches it to a worker.
 
 The message body is the same JSON as ``POST /api/v1/jobs/submit`` plus

@@ -423,6 +423,18 @@ impl Publisher {
     }
 }
 
+/// Gives a delivery back to its queue (nack with requeue). A failure means
+/// the channel is gone, and the broker requeues the delivery itself.
+pub async fn requeue(delivery: &lapin::message::Delivery) {
+    let requeue = lapin::options::BasicNackOptions {
+        requeue: true,
+        ..lapin::options::BasicNackOptions::default()
+    };
+    if let Err(error) = delivery.acker.nack(requeue).await {
+        tracing::debug!(%error, "could not requeue a delivery");
+    }
+}
+
 /// Sends a delivery to `<p>.dead` with the reason in the
 /// `x-taskhost-reason` header, keeping its body, type and id, then acks it.
 /// If that publish fails the delivery is rejected without requeue, so the

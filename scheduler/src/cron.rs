@@ -91,6 +91,23 @@ struct ScheduleUpdate {
     reason: &'static str,
 }
 
+impl ScheduleUpdate {
+    /// A new `next_run` for a due row, nothing else changed yet.
+    fn next_run(row: &DueRow, next_run: Option<DateTime<Utc>>, reason: &'static str) -> Self {
+        Self {
+            task_id: row.task.task_id,
+            old: row.schedule_row.clone(),
+            next_run,
+            last_run: None,
+            last_state: None,
+            running: false,
+            runs: 0,
+            failures: 0,
+            reason,
+        }
+    }
+}
+
 /// What a pass does with one fire time of a task.
 enum Step {
     Fire(DateTime<Utc>),
@@ -208,17 +225,7 @@ pub async fn tick(
             if next.is_none() {
                 report.stuck += 1;
             }
-            updates.push(ScheduleUpdate {
-                task_id: task.task_id,
-                old: row.schedule_row.clone(),
-                next_run: next,
-                last_run: None,
-                last_state: None,
-                running: false,
-                runs: 0,
-                failures: 0,
-                reason: "scheduled",
-            });
+            updates.push(ScheduleUpdate::next_run(row, next, "scheduled"));
             continue;
         };
         if budget == 0 {
@@ -263,17 +270,7 @@ pub async fn tick(
             report.more = true;
         }
         let index = updates.len();
-        let mut update = ScheduleUpdate {
-            task_id: task.task_id,
-            old: row.schedule_row.clone(),
-            next_run: next,
-            last_run: None,
-            last_state: None,
-            running: false,
-            runs: 0,
-            failures: 0,
-            reason: "fired",
-        };
+        let mut update = ScheduleUpdate::next_run(row, next, "fired");
         if fanout_all {
             fire_fanout(
                 &mut tx,

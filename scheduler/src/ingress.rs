@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use serde_json::Value;
 use sqlx::PgPool;
@@ -242,13 +242,7 @@ async fn handle(ing: &Ingress, delivery: lapin::message::Delivery) {
         Verdict::Retry(error) => {
             tracing::warn!(%error, "ingress cannot reach Postgres; message requeued");
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let _ = delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                })
-                .await;
+            amqp::requeue(&delivery).await;
         }
     }
 }

@@ -10,8 +10,8 @@ use futures_util::StreamExt;
 use futures_util::stream::select_all;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use taskhost_common::amqp;
@@ -142,15 +142,8 @@ pub(crate) async fn consume(ctx: &Arc<Ctx>) -> Result<(), lapin::Error> {
 fn on_control(ctx: &Ctx, data: &[u8]) {
     match serde_json::from_slice::<Control>(data) {
         Ok(Control::Cancel { job_id }) => {
-            if let Some(r) = ctx
-                .running
-                .lock()
-                .ok()
-                .as_ref()
-                .and_then(|m| m.get(&job_id))
-            {
+            if job::stop_running(ctx, job_id, StopReason::Cancelled) {
                 tracing::info!(%job_id, "cancel received");
-                r.stop(StopReason::Cancelled);
             }
         }
         Err(error) => tracing::warn!(%error, "ignoring malformed control message"),
@@ -287,7 +280,7 @@ impl Acks {
     /// Gives a delivery back to its queue. It counts as settled only once
     /// its nack is sent, so no `multiple` ack can cover it meanwhile.
     pub(crate) async fn requeue(&self, delivery: &Delivery) {
-        requeue(delivery).await;
+        amqp::requeue(delivery).await;
         self.settle(delivery);
     }
 
@@ -315,16 +308,6 @@ async fn settle_one(acker: &lapin::Acker) {
         // finds the job finished and is acked without running again.
         tracing::debug!(%error, "ack failed");
     }
-}
-
-async fn requeue(delivery: &Delivery) {
-    let _ = delivery
-        .acker
-        .nack(BasicNackOptions {
-            requeue: true,
-            ..BasicNackOptions::default()
-        })
-        .await;
 }
 
 #[cfg(test)]

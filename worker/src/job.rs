@@ -313,23 +313,25 @@ async fn renew_loop(ctx: Arc<Ctx>, claimed: Claimed, lease: Duration) {
         tokio::time::sleep(every).await;
         match store::renew(&ctx.pool, claimed.job_id, claimed.attempt, lease).await {
             Ok(Some(false)) => {}
-            Ok(Some(true)) => stop_running(&ctx, claimed.job_id, StopReason::Cancelled),
-            Ok(None) => stop_running(&ctx, claimed.job_id, StopReason::Lost),
+            Ok(Some(true)) => {
+                stop_running(&ctx, claimed.job_id, StopReason::Cancelled);
+            }
+            Ok(None) => {
+                stop_running(&ctx, claimed.job_id, StopReason::Lost);
+            }
             Err(error) => tracing::warn!(%error, job_id = %claimed.job_id, "lease renewal failed"),
         }
     }
 }
 
-pub(crate) fn stop_running(ctx: &Ctx, job_id: Uuid, reason: StopReason) {
-    if let Some(r) = ctx
-        .running
-        .lock()
-        .ok()
-        .as_ref()
-        .and_then(|m| m.get(&job_id))
-    {
-        r.stop(reason);
-    }
+/// Stops a running job of this process; false when it is not running here.
+pub(crate) fn stop_running(ctx: &Ctx, job_id: Uuid, reason: StopReason) -> bool {
+    let running = ctx.running.lock();
+    let Some(r) = running.as_ref().ok().and_then(|m| m.get(&job_id)) else {
+        return false;
+    };
+    r.stop(reason);
+    true
 }
 
 async fn execute(ctx: &Ctx, claimed: &Claimed, cancel: CancellationToken) -> Outcome {

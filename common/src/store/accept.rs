@@ -286,6 +286,67 @@ pub async fn accept_in(
     })
 }
 
+/// The columns a job takes from its [`JobSpec`], as arrays for one
+/// set-based INSERT (`UNNEST`), bound as parameters `$3` to `$12`: name,
+/// command, description, mode, node id, group, role, priority, timeout,
+/// env. Shared by [`accept_batch`] and [`super::fire::fire_batch`].
+pub(super) struct SpecColumns<'a> {
+    names: Vec<&'a str>,
+    commands: Vec<&'a str>,
+    descriptions: Vec<&'a str>,
+    modes: Vec<&'static str>,
+    node_ids: Vec<Option<Uuid>>,
+    groups: Vec<Option<&'a str>>,
+    roles: Vec<Option<&'a str>>,
+    priorities: Vec<i16>,
+    timeouts: Vec<Option<i32>>,
+    envs: Vec<Value>,
+}
+
+impl<'a> SpecColumns<'a> {
+    /// The columns of `specs`, in order.
+    pub(super) fn of(specs: impl Iterator<Item = &'a JobSpec> + Clone) -> Self {
+        Self {
+            names: specs.clone().map(|s| s.job_name.as_str()).collect(),
+            commands: specs.clone().map(|s| s.command.as_str()).collect(),
+            descriptions: specs.clone().map(|s| s.description.as_str()).collect(),
+            modes: specs.clone().map(|s| s.execution_mode.as_str()).collect(),
+            node_ids: specs.clone().map(|s| s.target.node_id).collect(),
+            groups: specs
+                .clone()
+                .map(|s| s.target.node_group.as_deref())
+                .collect(),
+            roles: specs
+                .clone()
+                .map(|s| s.target.node_role.as_deref())
+                .collect(),
+            priorities: specs.clone().map(|s| s.priority).collect(),
+            timeouts: specs.clone().map(|s| s.timeout_seconds).collect(),
+            envs: specs
+                .map(|s| serde_json::to_value(&s.env).unwrap_or(Value::Null))
+                .collect(),
+        }
+    }
+
+    /// Binds the ten arrays, in their order, after the query's first two.
+    pub(super) fn bind<'q, O>(
+        &'q self,
+        query: sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.names)
+            .bind(&self.commands)
+            .bind(&self.descriptions)
+            .bind(&self.modes)
+            .bind(&self.node_ids)
+            .bind(&self.groups)
+            .bind(&self.roles)
+            .bind(&self.priorities)
+            .bind(&self.timeouts)
+            .bind(&self.envs)
+    }
+}
+
 /// A plain submission: no idempotency key, one target (no fan-out), not a
 /// task run. These are the bulk of submissions and are accepted in batches.
 #[derive(Debug, Clone)]
@@ -317,30 +378,9 @@ pub async fn accept_batch(pool: &PgPool, jobs: &[PlainJob]) -> Result<Vec<Accept
     let mut tx = pool.begin().await?;
     let ids: Vec<Uuid> = jobs.iter().map(|j| j.job_id).collect();
     let users: Vec<&str> = jobs.iter().map(|j| j.user_id.as_str()).collect();
-    let names: Vec<&str> = jobs.iter().map(|j| j.spec.job_name.as_str()).collect();
-    let commands: Vec<&str> = jobs.iter().map(|j| j.spec.command.as_str()).collect();
-    let descriptions: Vec<&str> = jobs.iter().map(|j| j.spec.description.as_str()).collect();
-    let modes: Vec<&str> = jobs
-        .iter()
-        .map(|j| j.spec.execution_mode.as_str())
-        .collect();
-    let node_ids: Vec<Option<Uuid>> = jobs.iter().map(|j| j.spec.target.node_id).collect();
-    let groups: Vec<Option<&str>> = jobs
-        .iter()
-        .map(|j| j.spec.target.node_group.as_deref())
-        .collect();
-    let roles: Vec<Option<&str>> = jobs
-        .iter()
-        .map(|j| j.spec.target.node_role.as_deref())
-        .collect();
-    let priorities: Vec<i16> = jobs.iter().map(|j| j.spec.priority).collect();
-    let timeouts: Vec<Option<i32>> = jobs.iter().map(|j| j.spec.timeout_seconds).collect();
-    let envs: Vec<Value> = jobs
-        .iter()
-        .map(|j| serde_json::to_value(&j.spec.env).unwrap_or(Value::Null))
-        .collect();
+    let spec = SpecColumns::of(jobs.iter().map(|j| &j.spec));
     let triggers: Vec<&str> = jobs.iter().map(|j| j.triggered_by.as_str()).collect();
-    let inserted: Vec<(Uuid, String, DateTime<Utc>)> = sqlx::query_as(
+    let inserted = sqlx::query_as(
         "INSERT INTO jobs (job_id, user_id, job_name, command, description, execution_mode, status,
                            target_node_id, target_node_group, target_node_role, fanout, priority,
                            timeout_seconds, env, triggered_by)
@@ -352,20 +392,12 @@ pub async fn accept_batch(pool: &PgPool, jobs: &[PlainJob]) -> Result<Vec<Accept
          RETURNING job_id, to_jsonb(jobs.*)::text, submitted_at",
     )
     .bind(&ids)
-    .bind(&users)
-    .bind(&names)
-    .bind(&commands)
-    .bind(&descriptions)
-    .bind(&modes)
-    .bind(&node_ids)
-    .bind(&groups)
-    .bind(&roles)
-    .bind(&priorities)
-    .bind(&timeouts)
-    .bind(&envs)
-    .bind(&triggers)
-    .fetch_all(&mut *tx)
-    .await?;
+    .bind(&users);
+    let inserted: Vec<(Uuid, String, DateTime<Utc>)> = spec
+        .bind(inserted)
+        .bind(&triggers)
+        .fetch_all(&mut *tx)
+        .await?;
     let by_id: std::collections::HashMap<Uuid, usize> = inserted
         .iter()
         .enumerate()

@@ -196,23 +196,10 @@ pub struct FinishRequest {
     pub fin: Finish,
 }
 
-/// Records the ends of several attempts in one transaction that waits for
-/// the disk once. Attempts that may be retried take the one-by-one path
-/// above; the rest share one UPDATE, one history INSERT and one change-log
-/// INSERT. Returns one answer per request, in order.
-pub async fn finish_batch(
-    pool: &PgPool,
-    node_id: Uuid,
-    node_name: &str,
-    requests: &[FinishRequest],
-) -> Result<Vec<Finished>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let answers = finish_many(&mut tx, node_id, node_name, requests).await?;
-    tx.commit().await?;
-    Ok(answers)
-}
-
-/// [`finish_batch`] inside the caller's transaction.
+/// Records the ends of several attempts inside the caller's transaction
+/// (a worker's `settle` batch). Attempts that may be retried take the
+/// one-by-one path above; the rest share one UPDATE, one history INSERT
+/// and one change-log INSERT. Returns one answer per request, in order.
 pub(super) async fn finish_many(
     tx: &mut PgConnection,
     node_id: Uuid,

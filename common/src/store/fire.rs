@@ -19,6 +19,7 @@ use crate::changelog::{self, Action, Change};
 use crate::jobs::{OutboxMessage, TaskRun};
 use crate::messages::{JOB_RUN_V1, JobRun};
 use crate::model::{Fanout, JobSpec};
+use crate::store::accept::SpecColumns;
 
 /// One fire time of a task, to become one job routed by the task's target.
 /// Only single-target tasks (`fanout` one) take this path; a fan-out to
@@ -50,34 +51,13 @@ pub async fn fire_batch(
     debug_assert!(fires.iter().all(|f| f.spec.target.fanout == Fanout::One));
     let ids: Vec<Uuid> = fires.iter().map(|f| f.job_id).collect();
     let users: Vec<&str> = fires.iter().map(|f| f.user_id).collect();
-    let names: Vec<&str> = fires.iter().map(|f| f.spec.job_name.as_str()).collect();
-    let commands: Vec<&str> = fires.iter().map(|f| f.spec.command.as_str()).collect();
-    let descriptions: Vec<&str> = fires.iter().map(|f| f.spec.description.as_str()).collect();
-    let modes: Vec<&str> = fires
-        .iter()
-        .map(|f| f.spec.execution_mode.as_str())
-        .collect();
-    let node_ids: Vec<Option<Uuid>> = fires.iter().map(|f| f.spec.target.node_id).collect();
-    let groups: Vec<Option<&str>> = fires
-        .iter()
-        .map(|f| f.spec.target.node_group.as_deref())
-        .collect();
-    let roles: Vec<Option<&str>> = fires
-        .iter()
-        .map(|f| f.spec.target.node_role.as_deref())
-        .collect();
-    let priorities: Vec<i16> = fires.iter().map(|f| f.spec.priority).collect();
-    let timeouts: Vec<Option<i32>> = fires.iter().map(|f| f.spec.timeout_seconds).collect();
-    let envs: Vec<Value> = fires
-        .iter()
-        .map(|f| serde_json::to_value(&f.spec.env).unwrap_or(Value::Null))
-        .collect();
+    let spec = SpecColumns::of(fires.iter().map(|f| f.spec));
     let task_ids: Vec<Uuid> = fires.iter().map(|f| f.task.task_id).collect();
     let fire_ats: Vec<Option<DateTime<Utc>>> = fires.iter().map(|f| f.task.fire_at).collect();
     let max_retries: Vec<i32> = fires.iter().map(|f| f.task.max_retries).collect();
     let delays: Vec<i32> = fires.iter().map(|f| f.task.retry_delay_seconds).collect();
     let kills: Vec<bool> = fires.iter().map(|f| f.task.kill_on_timeout).collect();
-    let inserted: Vec<(Uuid, String, DateTime<Utc>)> = sqlx::query_as(
+    let inserted = sqlx::query_as(
         "INSERT INTO jobs (job_id, user_id, job_name, command, description, execution_mode, status,
                            target_node_id, target_node_group, target_node_role, fanout, priority,
                            timeout_seconds, env, triggered_by, task_id, fire_at, max_retries,
@@ -91,24 +71,16 @@ pub async fn fire_batch(
          RETURNING job_id, to_jsonb(jobs.*)::text, submitted_at",
     )
     .bind(&ids)
-    .bind(&users)
-    .bind(&names)
-    .bind(&commands)
-    .bind(&descriptions)
-    .bind(&modes)
-    .bind(&node_ids)
-    .bind(&groups)
-    .bind(&roles)
-    .bind(&priorities)
-    .bind(&timeouts)
-    .bind(&envs)
-    .bind(&task_ids)
-    .bind(&fire_ats)
-    .bind(&max_retries)
-    .bind(&delays)
-    .bind(&kills)
-    .fetch_all(&mut *conn)
-    .await?;
+    .bind(&users);
+    let inserted: Vec<(Uuid, String, DateTime<Utc>)> = spec
+        .bind(inserted)
+        .bind(&task_ids)
+        .bind(&fire_ats)
+        .bind(&max_retries)
+        .bind(&delays)
+        .bind(&kills)
+        .fetch_all(&mut *conn)
+        .await?;
     let by_id: HashMap<Uuid, usize> = inserted
         .iter()
         .enumerate()

@@ -10,7 +10,7 @@
 //! | pending → queued | [`publish::mark_queued`] |
 //! | queued → running | [`claim::claim`], and claims inside [`settle`] |
 //! | running → running (lease) | [`finish::renew`] |
-//! | running → terminal | [`finish::finish_batch`], and finishes inside [`settle`] |
+//! | running → terminal | finishes inside [`settle`] |
 //! | running → queued (retry) | inside the finishes (`retry_at`, a delayed outbox row) |
 //! | running → queued (shutdown) | [`finish::release`] |
 //! | queued → cancelled / dead without running | inside the claims (give up) |
@@ -34,7 +34,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 pub use claim::{ClaimRequest, ClaimResult, Claimed, Claimer, claim};
-pub use finish::{Finish, FinishRequest, Finished, finish_batch, release, renew};
+pub use finish::{Finish, FinishRequest, Finished, release, renew};
 
 use crate::db;
 use crate::model::ExecutionMode;
