@@ -176,6 +176,20 @@ impl Run<'_> {
         self.env.pool.clone()
     }
 
+    /// Waits until every accepted job has ended, reads the jobs and counts
+    /// them by outcome into the report.
+    async fn finished_rows(
+        &mut self,
+        label: &str,
+        sub: &Submitted,
+        within: Duration,
+    ) -> anyhow::Result<Vec<Row>> {
+        wait_count(&self.pool(), label, "done", TERMINAL, sub.accepted, within).await?;
+        let rows = read_rows(&self.pool()).await?;
+        job_counts(&mut self.report, sub, &rows);
+        Ok(rows)
+    }
+
     /// Queue N jobs with no worker, then drain them with the workers.
     async fn burn(&mut self) -> anyhow::Result<usize> {
         let n = self.args.jobs;
@@ -203,18 +217,8 @@ impl Run<'_> {
             "bench: workers started in {:.1} s",
             workers_started.elapsed().as_secs_f64()
         );
-        wait_count(
-            &self.pool(),
-            "burn",
-            "done",
-            TERMINAL,
-            sub.accepted,
-            deadline(n),
-        )
-        .await?;
-        let rows = read_rows(&self.pool()).await?;
+        let rows = self.finished_rows("burn", &sub, deadline(n)).await?;
         let r = &mut self.report;
-        job_counts(r, &sub, &rows);
         r.add(
             "submit_accepted_per_sec",
             "queueing phase accepted/s (HTTP)",
@@ -331,18 +335,8 @@ impl Run<'_> {
             rejected: 0,
             secs,
         };
-        wait_count(
-            &self.pool(),
-            "queue",
-            "done",
-            TERMINAL,
-            sub.accepted,
-            deadline(n),
-        )
-        .await?;
-        let rows = read_rows(&self.pool()).await?;
+        let rows = self.finished_rows("queue", &sub, deadline(n)).await?;
         let r = &mut self.report;
-        job_counts(r, &sub, &rows);
         r.add_full(
             "accepted_per_sec",
             "publish to <p>.submit, confirmed/s",
@@ -428,18 +422,8 @@ impl Run<'_> {
             http_ms,
             secs: send_secs,
         };
-        wait_count(
-            &self.pool(),
-            "latency",
-            "done",
-            TERMINAL,
-            sub.accepted,
-            deadline(total),
-        )
-        .await?;
-        let rows = read_rows(&self.pool()).await?;
+        let rows = self.finished_rows("latency", &sub, deadline(total)).await?;
         let r = &mut self.report;
-        job_counts(r, &sub, &rows);
         r.add_full(
             "offered_per_sec",
             "offered rate (requests sent/s)",
