@@ -4,6 +4,7 @@
 //! and drops the database and the prefix's broker objects at the end, also
 //! after an error, a panic or Ctrl-C. See docs/benchmark.md.
 
+mod cpu;
 mod meter;
 mod probes;
 mod report;
@@ -174,7 +175,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     env.cleanup().await;
     let report = outcome?;
     if args.json {
-        println!("{}", report.to_json());
+        outln!("{}", report.to_json());
     } else {
         report.print_table();
     }

@@ -17,6 +17,7 @@ use taskhost_common::{Settings, amqp, db};
 use taskhost_testkit::{AMQP_URL, Api, TestEnv};
 use uuid::Uuid;
 
+use super::cpu::{CpuSnap, CpuUse};
 use super::meter::{self, Costs, Meter};
 use super::probes::{self, CONFIRM_WINDOW};
 use super::report::{Report, max, percentile};
@@ -43,6 +44,8 @@ struct Run<'a> {
     started: usize,
     report: Report,
     key: String,
+    /// CPU use of the scenario's measured phase, with the jobs it ran.
+    cpu: Option<(CpuUse, usize)>,
 }
 
 /// Runs the probes, then the scenario; returns the report.
@@ -122,6 +125,7 @@ pub(super) async fn run(env: &mut TestEnv, args: &BenchArgs) -> anyhow::Result<R
         started: 0,
         report,
         key,
+        cpu: None,
     };
     let meter = Meter::start(&run.env.db_name, &run.env.names()).await?;
     let jobs = match args.scenario {
@@ -137,6 +141,7 @@ pub(super) async fn run(env: &mut TestEnv, args: &BenchArgs) -> anyhow::Result<R
     run.env.pool.close().await;
     let costs = meter.finish().await?;
     run.costs(costs, jobs);
+    run.cpu_figures();
     if !args.skip_probes {
         run.idle_rss().await;
     }
@@ -212,12 +217,14 @@ impl Run<'_> {
             );
         }
         let workers_started = Instant::now();
+        let cpu = CpuSnap::take();
         self.workers(self.args.workers).await;
         eprintln!(
             "bench: workers started in {:.1} s",
             workers_started.elapsed().as_secs_f64()
         );
         let rows = self.finished_rows("burn", &sub, deadline(n)).await?;
+        self.cpu = Some((cpu.until(&CpuSnap::take()), sub.accepted));
         let r = &mut self.report;
         r.add(
             "submit_accepted_per_sec",
@@ -279,6 +286,7 @@ impl Run<'_> {
         if !self.args.no_workers {
             self.workers(self.args.workers).await;
         }
+        let cpu = CpuSnap::take();
         let sub = submit_closed(&api, &self.key, self.args, n, "http").await?;
         let (sql, what) = if self.args.no_workers {
             (QUEUED, "queued")
@@ -286,6 +294,7 @@ impl Run<'_> {
             (TERMINAL, "done")
         };
         wait_count(&self.pool(), "http", what, sql, sub.accepted, deadline(n)).await?;
+        self.cpu = Some((cpu.until(&CpuSnap::take()), sub.accepted));
         let rows = read_rows(&self.pool()).await?;
         let r = &mut self.report;
         job_counts(r, &sub, &rows);
@@ -327,6 +336,7 @@ impl Run<'_> {
         self.workers(self.args.workers).await;
         let started_at = Utc::now();
         let t = Instant::now();
+        let cpu = CpuSnap::take();
         let confirm_ms = publish_to_ingress(self.env, self.args).await?;
         let secs = t.elapsed().as_secs_f64();
         let sub = Submitted {
@@ -336,6 +346,7 @@ impl Run<'_> {
             secs,
         };
         let rows = self.finished_rows("queue", &sub, deadline(n)).await?;
+        self.cpu = Some((cpu.until(&CpuSnap::take()), sub.accepted));
         let r = &mut self.report;
         r.add_full(
             "accepted_per_sec",
@@ -389,6 +400,7 @@ impl Run<'_> {
         let sent = Arc::new(AtomicUsize::new(0));
         let progress = progress_task("latency", "sent", sent.clone(), total);
         let t0 = tokio::time::Instant::now();
+        let cpu = CpuSnap::take();
         let mut set = tokio::task::JoinSet::new();
         for i in 0..total {
             tokio::time::sleep_until(t0 + Duration::from_secs_f64(i as f64 / rate)).await;
@@ -423,6 +435,7 @@ impl Run<'_> {
             secs: send_secs,
         };
         let rows = self.finished_rows("latency", &sub, deadline(total)).await?;
+        self.cpu = Some((cpu.until(&CpuSnap::take()), sub.accepted));
         let r = &mut self.report;
         r.add_full(
             "offered_per_sec",
@@ -654,6 +667,72 @@ impl Run<'_> {
              the bench's own queries are subtracted; messages are counted by \
              temporary queues bound to <p>.work (key any), <p>.events (#), \
              <p>.control (#) and <p>.dead"
+                .into(),
+        );
+    }
+
+    /// Where the CPU went in the measured phase, per job, and the rate the
+    /// machine's cores would allow at that cost: when the machine was near
+    /// fully busy, the CPU is the ceiling and these say who spends it.
+    fn cpu_figures(&mut self) {
+        let Some((u, jobs)) = self.cpu else {
+            return;
+        };
+        if jobs == 0 || u.secs <= 0.0 {
+            return;
+        }
+        let r = &mut self.report;
+        let cores = r.limit(probes::CPUS).unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
+        });
+        let per = |cpu_s: f64| Some(cpu_s * 1e3 / jobs as f64);
+        r.add_full(
+            "cpu_busy_pct",
+            "machine CPU busy (measured phase)",
+            Some(u.busy_share * 100.0),
+            "%",
+            format!("{cores:.0} cores"),
+            "",
+        );
+        r.add(
+            "cpu_ms_per_job_taskhost",
+            "CPU/job: taskhost process",
+            per(u.own),
+            "ms",
+        );
+        r.add(
+            "cpu_ms_per_job_children",
+            "CPU/job: job processes (sh -c)",
+            per(u.children),
+            "ms",
+        );
+        r.add(
+            "cpu_ms_per_job_postgres",
+            "CPU/job: postgres",
+            per(u.postgres),
+            "ms",
+        );
+        r.add(
+            "cpu_ms_per_job_broker",
+            "CPU/job: rabbitmq",
+            per(u.broker),
+            "ms",
+        );
+        let total_ms = u.total() * 1e3 / jobs as f64;
+        let ceiling = (total_ms > 0.0).then(|| cores * 1e3 / total_ms);
+        r.add_full(
+            "cpu_ceiling_jobs_per_sec",
+            "CPU ceiling (cores ÷ CPU/job)",
+            ceiling,
+            "jobs/s",
+            format!("{total_ms:.3} ms CPU/job in all"),
+            "",
+        );
+        r.notes.push(
+            "CPU figures cover the measured phase (burn: workers start → last \
+             done; http, queue, latency: first submission → last done), read \
+             from /proc; \"taskhost process\" is the in-process api, scheduler \
+             and workers together with the bench's own HTTP client"
                 .into(),
         );
     }
