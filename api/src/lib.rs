@@ -33,7 +33,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use taskhost_common::amqp::{Names, Publisher};
-use taskhost_common::{CancellationToken, Settings, db};
+use taskhost_common::{CancellationToken, Settings, db, startup};
 use tokio::net::TcpListener;
 
 pub use error::ApiError;
@@ -163,11 +163,19 @@ fn json_errors(response: axum::response::Response, max_body: usize) -> axum::res
 
 /// Serves on the configured address until `shutdown`.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(&settings.api.bind)
-        .await
-        .with_context(|| format!("cannot listen on api.bind = {}", settings.api.bind))?;
+    let listener = startup::bind(&settings.api.bind).await?;
+    run_on(listener, settings, shutdown).await
+}
+
+/// [`run`] on a listener the caller bound (`standalone` binds first, so a
+/// busy port stops it before anything else starts).
+pub async fn run_on(
+    listener: TcpListener,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    startup::check_services(&settings, "taskhost-api start-up check").await?;
     let state = state(&settings)?;
-    db::ensure_current(&state.pool).await?;
     serve(listener, state, shutdown).await
 }
 

@@ -159,6 +159,8 @@ struct HistoryEntry {
     history_id: i64,
     job_id: Uuid,
     node_id: Option<Uuid>,
+    /// The node's name (people read names; the id stays for machines).
+    node_name: Option<String>,
     attempt: i32,
     start_time: Option<DateTime<Utc>>,
     end_time: DateTime<Utc>,
@@ -199,11 +201,12 @@ pub(crate) async fn history(
         .await?
         .ok_or(ApiError::NotFound("task"))?;
     let rows: Vec<HistoryEntry> = sqlx::query_as(
-        "SELECT history_id, job_id, node_id, attempt, start_time, end_time, duration_ms, state, is_final,
-                exit_code, triggered_by, output_truncated, output AS raw_output, error AS raw_error
-         FROM task_history
-         WHERE task_id = $1 AND ($2::bigint IS NULL OR history_id < $2)
-         ORDER BY history_id DESC
+        "SELECT h.history_id, h.job_id, h.node_id, n.node_name, h.attempt, h.start_time, h.end_time,
+                h.duration_ms, h.state, h.is_final, h.exit_code, h.triggered_by, h.output_truncated,
+                h.output AS raw_output, h.error AS raw_error
+         FROM task_history h LEFT JOIN nodes n ON n.node_id = h.node_id
+         WHERE h.task_id = $1 AND ($2::bigint IS NULL OR h.history_id < $2)
+         ORDER BY h.history_id DESC
          LIMIT $3",
     )
     .bind(id)

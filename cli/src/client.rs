@@ -14,9 +14,24 @@ pub(crate) struct Conn {
     /// API base URL.
     #[arg(long, env = "TASKHOST_URL", default_value = "http://127.0.0.1:8080")]
     url: String,
-    /// API key.
+    /// API key (create one with `taskhost keys create`).
     #[arg(long, env = "TASKHOST_API_KEY", hide_env_values = true)]
-    key: String,
+    key: Option<String>,
+}
+
+impl Conn {
+    /// The key, or an error that says both ways to give one.
+    fn key(&self) -> anyhow::Result<&str> {
+        self.key
+            .as_deref()
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no API key: pass --key KEY or set TASKHOST_API_KEY \
+                 (an admin creates one with `taskhost keys create --user NAME --roles ...`)"
+                )
+            })
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -111,7 +126,7 @@ fn http() -> anyhow::Result<reqwest::Client> {
 /// own message.
 async fn call(req: reqwest::RequestBuilder, conn: &Conn) -> anyhow::Result<Value> {
     let resp = req
-        .bearer_auth(&conn.key)
+        .bearer_auth(conn.key()?)
         .send()
         .await
         .with_context(|| format!("cannot reach the api at {}", conn.url))?;
@@ -177,7 +192,7 @@ pub(crate) async fn submit(a: &SubmitArgs) -> anyhow::Result<ExitCode> {
     let resp = call(req, &a.conn).await?;
     let job_id = resp["jobId"].as_str().unwrap_or_default().to_owned();
     eprintln!("{}", resp["message"].as_str().unwrap_or("accepted"));
-    println!("{job_id}");
+    outln!("{job_id}");
     if !a.wait {
         return Ok(ExitCode::SUCCESS);
     }
@@ -230,15 +245,19 @@ pub(crate) async fn results(a: &ResultsArgs) -> anyhow::Result<ExitCode> {
     )
     .await?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&resp)?);
+        outln!("{}", serde_json::to_string_pretty(&resp)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    outln!(
         "{:<36}  {:<10}  {:>4}  {:>8}  {:<20}  NAME",
-        "JOB ID", "STATUS", "EXIT", "SECONDS", "COMPLETED"
+        "JOB ID",
+        "STATUS",
+        "EXIT",
+        "SECONDS",
+        "COMPLETED"
     );
     for r in resp["results"].as_array().into_iter().flatten() {
-        println!(
+        outln!(
             "{:<36}  {:<10}  {:>4}  {:>8}  {:<20}  {}",
             r["jobId"].as_str().unwrap_or("-"),
             r["status"].as_str().unwrap_or("-"),
@@ -272,7 +291,7 @@ pub(crate) async fn job(cmd: &JobCommand) -> anyhow::Result<ExitCode> {
         }
     };
     match cmd {
-        JobCommand::Get { .. } => println!("{}", serde_json::to_string_pretty(&resp)?),
+        JobCommand::Get { .. } => outln!("{}", serde_json::to_string_pretty(&resp)?),
         _ => eprintln!("{}", resp["message"].as_str().unwrap_or("done")),
     }
     Ok(ExitCode::SUCCESS)
@@ -353,9 +372,13 @@ pub(crate) async fn tasks(cmd: &TasksCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         TasksCommand::List { conn } => {
             let resp = call(client.get(url(conn, "/tasks")), conn).await?;
-            println!(
+            outln!(
                 "{:<36}  {:<24}  {:<16}  {:<20}  {:<22}  TARGET",
-                "TASK ID", "NAME", "SCHEDULE", "NEXT RUN", "LAST"
+                "TASK ID",
+                "NAME",
+                "SCHEDULE",
+                "NEXT RUN",
+                "LAST"
             );
             for t in resp["tasks"].as_array().into_iter().flatten() {
                 let target = [
@@ -371,7 +394,7 @@ pub(crate) async fn tasks(cmd: &TasksCommand) -> anyhow::Result<ExitCode> {
                 )))
                 .collect::<Vec<_>>()
                 .join(" ");
-                println!(
+                outln!(
                     "{:<36}  {:<24}  {:<16}  {:<20}  {:<22}  {}{}",
                     t["taskId"].as_str().unwrap_or("-"),
                     t["taskName"].as_str().unwrap_or("-"),
@@ -420,29 +443,36 @@ pub(crate) async fn tasks(cmd: &TasksCommand) -> anyhow::Result<ExitCode> {
                 resp["task"]["taskName"].as_str().unwrap_or("-"),
                 resp["task"]["nextRun"].as_str().unwrap_or("-")
             );
-            println!("{}", resp["taskId"].as_str().unwrap_or_default());
+            outln!("{}", resp["taskId"].as_str().unwrap_or_default());
         }
         TasksCommand::Run { conn, id } => {
             let resp = call(client.post(url(conn, &format!("/tasks/{id}/run"))), conn).await?;
             eprintln!("{}", resp["message"].as_str().unwrap_or("queued"));
-            println!("{}", resp["jobId"].as_str().unwrap_or_default());
+            outln!("{}", resp["jobId"].as_str().unwrap_or_default());
         }
         TasksCommand::History { conn, id } => {
             let resp = call(client.get(url(conn, &format!("/tasks/{id}/history"))), conn).await?;
-            println!(
-                "{:<36}  {:>7}  {:<10}  {:>4}  {:<36}  ENDED",
-                "JOB ID", "ATTEMPT", "STATE", "EXIT", "NODE"
+            outln!(
+                "{:<36}  {:>7}  {:<10}  {:>4}  {:<20}  ENDED",
+                "JOB ID",
+                "ATTEMPT",
+                "STATE",
+                "EXIT",
+                "NODE"
             );
             for h in resp["history"].as_array().into_iter().flatten() {
-                println!(
-                    "{:<36}  {:>7}  {:<10}  {:>4}  {:<36}  {}",
+                outln!(
+                    "{:<36}  {:>7}  {:<10}  {:>4}  {:<20}  {}",
                     h["jobId"].as_str().unwrap_or("-"),
                     h["attempt"].as_i64().unwrap_or(0),
                     h["state"].as_str().unwrap_or("-"),
                     h["exitCode"]
                         .as_i64()
                         .map_or_else(|| "-".to_owned(), |c| c.to_string()),
-                    h["nodeId"].as_str().unwrap_or("-"),
+                    h["nodeName"]
+                        .as_str()
+                        .or_else(|| h["nodeId"].as_str())
+                        .unwrap_or("-"),
                     h["endTime"]
                         .as_str()
                         .map_or("-", |d| d.get(..19).unwrap_or(d)),

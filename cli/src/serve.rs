@@ -2,9 +2,8 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
 use chrono::{DateTime, Utc};
-use taskhost_common::{Settings, db, keys, shutdown, telemetry};
+use taskhost_common::{Settings, db, keys, shutdown, startup, telemetry};
 
 use crate::cli::KeysCommand;
 
@@ -32,34 +31,51 @@ pub(crate) async fn scheduler(settings: Settings) -> anyhow::Result<ExitCode> {
 }
 
 /// All three services in one process, after applying pending migrations.
+/// Everything that can stop it is checked first (the API port, Postgres,
+/// RabbitMQ), so a mistake ends in one line within seconds; once running,
+/// a service that fails stops the other two.
 pub(crate) async fn standalone(settings: Settings) -> anyhow::Result<ExitCode> {
     let stop = start(&settings);
+    let listener = startup::bind(&settings.api.bind).await?;
     let report = db::migrate(&settings.database)
         .await
-        .context("applying migrations")?;
+        .map_err(|e| startup::StartupError(startup::explain(&settings.database.url, &e)))?;
     tracing::info!(
         applied = report.applied,
         created_database = report.created_database,
         "schema ready"
     );
-    let (a, s, w) = tokio::join!(
-        taskhost_api::run(settings.clone(), stop.clone()),
-        taskhost_scheduler::run(settings.clone(), stop.clone()),
-        taskhost_worker::run(settings.clone(), stop.clone()),
-    );
-    // One failing service stops the others.
-    for r in [a, s, w] {
-        if let Err(e) = r {
-            stop.cancel();
-            return Err(e);
+    startup::reach_broker(&settings.amqp.url, "taskhost-standalone start-up check").await?;
+    let mut services = tokio::task::JoinSet::new();
+    services.spawn(taskhost_api::run_on(
+        listener,
+        settings.clone(),
+        stop.clone(),
+    ));
+    services.spawn(taskhost_scheduler::run(settings.clone(), stop.clone()));
+    services.spawn(taskhost_worker::run(settings, stop.clone()));
+    let mut failed = None;
+    while let Some(done) = services.join_next().await {
+        // The first service to end, for whatever reason, ends the others.
+        stop.cancel();
+        let result = done.map_err(anyhow::Error::from).and_then(|r| r);
+        if let Err(e) = result
+            && failed.is_none()
+        {
+            failed = Some(e);
         }
     }
-    Ok(ExitCode::SUCCESS)
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(ExitCode::SUCCESS),
+    }
 }
 
 pub(crate) async fn migrate(settings: Settings) -> anyhow::Result<ExitCode> {
     telemetry::init(&settings.log);
-    let report = db::migrate(&settings.database).await?;
+    let report = db::migrate(&settings.database)
+        .await
+        .map_err(|e| startup::StartupError(startup::explain(&settings.database.url, &e)))?;
     if report.created_database {
         eprintln!("created database");
     }
@@ -71,8 +87,7 @@ pub(crate) async fn migrate(settings: Settings) -> anyhow::Result<ExitCode> {
 }
 
 pub(crate) async fn keys(settings: Settings, cmd: KeysCommand) -> anyhow::Result<ExitCode> {
-    let pool = db::pool(&settings.database)?;
-    db::ensure_current(&pool).await?;
+    let pool = startup::database(&settings.database, 2).await?;
     match cmd {
         KeysCommand::Create { user, roles, name } => {
             let roles = match keys::parse_roles(&roles) {
@@ -96,12 +111,16 @@ pub(crate) async fn keys(settings: Settings, cmd: KeysCommand) -> anyhow::Result
                 key.user_id,
                 key.roles.join(",")
             );
-            println!("{secret}");
+            outln!("{secret}");
         }
         KeysCommand::List => {
-            println!(
+            outln!(
                 "{:<36}  {:<16}  {:<28}  {:<20}  {:<20}  REVOKED",
-                "ID", "USER", "ROLES", "CREATED", "LAST USED"
+                "ID",
+                "USER",
+                "ROLES",
+                "CREATED",
+                "LAST USED"
             );
             let fmt = |t: Option<DateTime<Utc>>| {
                 t.map_or_else(
@@ -110,7 +129,7 @@ pub(crate) async fn keys(settings: Settings, cmd: KeysCommand) -> anyhow::Result
                 )
             };
             for k in keys::list(&pool).await? {
-                println!(
+                outln!(
                     "{:<36}  {:<16}  {:<28}  {:<20}  {:<20}  {}",
                     k.key_id,
                     k.user_id,

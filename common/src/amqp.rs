@@ -481,6 +481,7 @@ pub async fn dead_letter(publisher: &Publisher, delivery: &lapin::message::Deliv
 /// scheduler's ingress, so both recover from a broker restart alike.
 pub async fn supervise<F, Fut>(
     what: &str,
+    url: &str,
     shutdown: &tokio_util::sync::CancellationToken,
     mut connection: F,
 ) where
@@ -488,6 +489,7 @@ pub async fn supervise<F, Fut>(
     Fut: std::future::Future<Output = Result<(), lapin::Error>>,
 {
     let mut backoff = Duration::from_millis(200);
+    let endpoint = crate::startup::redact(url);
     while !shutdown.is_cancelled() {
         let connected_at = std::time::Instant::now();
         match connection().await {
@@ -496,7 +498,7 @@ pub async fn supervise<F, Fut>(
                 if connected_at.elapsed() > Duration::from_secs(30) {
                     backoff = Duration::from_millis(200);
                 }
-                tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "{what} lost its broker connection; reconnecting");
+                tracing::warn!(%error, %endpoint, retry_in_ms = backoff.as_millis() as u64, "{what} lost its broker connection; reconnecting");
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
                     () = shutdown.cancelled() => return,

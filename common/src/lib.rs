@@ -12,6 +12,7 @@
 //! - [`events`]: job events, published in batches.
 //! - [`jobs`]: accepting a job (row + change + outbox in one transaction).
 //! - [`shutdown`]: SIGTERM/SIGINT as a cancellation token.
+//! - [`startup`]: start-up checks that fail fast with the fix in one line.
 //! - [`store`]: the job store, the one owner of the `jobs` row.
 //! - [`sync`]: the change feed's safe head, consumer cursors, the events relay.
 
@@ -27,6 +28,7 @@ pub mod messages;
 pub mod model;
 pub mod schedule;
 pub mod shutdown;
+pub mod startup;
 pub mod store;
 pub mod sync;
 pub mod tasks;

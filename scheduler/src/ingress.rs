@@ -172,9 +172,12 @@ async fn process(
 pub async fn run(pool: PgPool, settings: &Settings, shutdown: CancellationToken) {
     let names = Names::new(settings.amqp.prefix.clone());
     let ing = Arc::new(Ingress::new(pool, settings));
-    amqp::supervise("the ingress consumer", &shutdown, || {
-        consume(&ing, settings, &names, &shutdown)
-    })
+    amqp::supervise(
+        "the ingress consumer",
+        &settings.amqp.url,
+        &shutdown,
+        || consume(&ing, settings, &names, &shutdown),
+    )
     .await;
     ing.publisher.close().await;
 }

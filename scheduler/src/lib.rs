@@ -31,8 +31,9 @@ use tokio::sync::Notify;
 
 /// Runs every scheduler duty until `shutdown`.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    taskhost_common::startup::check_services(&settings, "taskhost-scheduler start-up check")
+        .await?;
     let pool = db::pool(&settings.database).context("database.url")?;
-    db::ensure_current(&pool).await?;
     let names = Names::new(settings.amqp.prefix.clone());
     let publisher = Publisher::new(settings.amqp.url.clone(), names, "taskhost-scheduler");
     tracing::info!("scheduler started");

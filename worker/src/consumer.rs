@@ -32,6 +32,28 @@ fn queue_keys(ctx: &Ctx) -> Vec<String> {
     ]
 }
 
+/// Declares the node's control queue, exclusive to this connection: while
+/// one process holds it, another with the same node id is refused
+/// (`RESOURCE_LOCKED`). Returns its name.
+pub(crate) async fn declare_control_queue(
+    ch: &lapin::Channel,
+    names: &amqp::Names,
+    node_id: Uuid,
+) -> Result<String, lapin::Error> {
+    let queue = names.control_queue(node_id);
+    ch.queue_declare(
+        queue.clone().into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..QueueDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    Ok(queue)
+}
+
 /// One connection's life: declare, consume until shutdown (then drain while
 /// the channel is still open for acks) or until the connection fails.
 pub(crate) async fn consume(ctx: &Arc<Ctx>) -> Result<(), lapin::Error> {
@@ -42,6 +64,21 @@ pub(crate) async fn consume(ctx: &Arc<Ctx>) -> Result<(), lapin::Error> {
     .await?;
     let ch = conn.create_channel().await?;
     amqp::declare_topology(&ch, &ctx.names).await?;
+    // The node's exclusive control queue first: when another process holds
+    // it (a second worker with this node name), fail before consuming work.
+    let control_ch = conn.create_channel().await?;
+    let control_queue = declare_control_queue(&control_ch, &ctx.names, ctx.node_id).await?;
+    for key in [format!("node.{}", ctx.node_id), "all".to_owned()] {
+        control_ch
+            .queue_bind(
+                control_queue.clone().into(),
+                ctx.names.control().into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
     let keys = queue_keys(ctx);
     for key in &keys {
         amqp::declare_work_queue(&ch, &ctx.names, key).await?;
@@ -73,30 +110,6 @@ pub(crate) async fn consume(ctx: &Arc<Ctx>) -> Result<(), lapin::Error> {
             .await?;
         tags.push(tag);
         consumers.push(c);
-    }
-    let control_ch = conn.create_channel().await?;
-    let control_queue = ctx.names.control_queue(ctx.node_id);
-    control_ch
-        .queue_declare(
-            control_queue.clone().into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    for key in [format!("node.{}", ctx.node_id), "all".to_owned()] {
-        control_ch
-            .queue_bind(
-                control_queue.clone().into(),
-                ctx.names.control().into(),
-                key.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
     }
     let mut control = control_ch
         .basic_consume(

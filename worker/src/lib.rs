@@ -29,7 +29,7 @@ use taskhost_common::amqp::{self, Names, Publisher};
 use taskhost_common::batch::Batcher;
 use taskhost_common::events::EventSink;
 use taskhost_common::store::{self, Claimer, Step, StepResult};
-use taskhost_common::{CancellationToken, Settings, db};
+use taskhost_common::{CancellationToken, Settings, db, startup};
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -90,15 +90,28 @@ const BATCH_RUNNERS: usize = 2;
 /// `worker.drain_timeout_secs` to finish, after which they are killed and
 /// handed back to the queue.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    startup::check_services(&settings, "taskhost-worker start-up check").await?;
     let pool = db::pool(&settings.database).context("database.url")?;
-    db::ensure_current(&pool).await?;
+    let node_name = settings.worker.node_name.clone();
+    let names = Names::new(settings.amqp.prefix.clone());
+    // One process per node: a second worker with this name is refused
+    // before it changes the node's row, and checked again after a first
+    // registration (two new workers racing for one name).
+    let identity = startup::broker(
+        &settings.amqp.url,
+        &format!("taskhost-worker@{node_name} identity check"),
+    )
+    .await?;
+    if let Some(id) = node::id_of(&pool, &node_name).await? {
+        node::ensure_not_running(&identity, &names, id, &node_name).await?;
+    }
     let node_id = node::register(&pool, &settings.worker)
         .await
         .context("registering the node")?;
-    let node_name = settings.worker.node_name.clone();
+    node::ensure_not_running(&identity, &names, node_id, &node_name).await?;
+    let _ = identity.close(200, "identity checked".into()).await;
     tracing::info!(%node_id, node_name, group = settings.worker.group, role = settings.worker.role,
         concurrency = settings.worker.concurrency, "worker registered");
-    let names = Names::new(settings.amqp.prefix.clone());
     let claimer = Claimer {
         node_id,
         node_name: node_name.clone(),
@@ -147,9 +160,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     });
     let _ = inline_ctx.set(Arc::downgrade(&ctx));
     let heartbeat = tokio::spawn(heartbeat_loop(ctx.clone()));
-    amqp::supervise("the worker's consumer", &shutdown, || {
-        consumer::consume(&ctx)
-    })
+    amqp::supervise(
+        "the worker's consumer",
+        &ctx.settings.amqp.url,
+        &shutdown,
+        || consumer::consume(&ctx),
+    )
     .await;
     // The consumer returned without draining only if it never connected.
     consumer::drain(&ctx).await;

@@ -6,6 +6,7 @@ use sqlx::PgPool;
 use taskhost_common::changelog::{self, Action, Change};
 use taskhost_common::config::WorkerSettings;
 use taskhost_common::db;
+use taskhost_common::startup::StartupError;
 use uuid::Uuid;
 
 fn change<'a>(
@@ -25,6 +26,50 @@ fn change<'a>(
         changed_by: by,
         node_id: Some(node_id),
         reason: Some(reason),
+    }
+}
+
+/// The id of the node named `name`, if it was ever registered.
+pub(crate) async fn id_of(pool: &PgPool, name: &str) -> Result<Option<Uuid>, sqlx::Error> {
+    sqlx::query_scalar("SELECT node_id FROM nodes WHERE node_name = $1")
+        .bind(name)
+        .fetch_optional(pool)
+        .await
+}
+
+/// Refuses to run as a node another live process runs as: that process
+/// holds the node's exclusive control queue on the broker. A process that
+/// died (even by SIGKILL) lost its connection, and with it the queue, so a
+/// restart under the same name is not refused.
+pub(crate) async fn ensure_not_running(
+    conn: &lapin::Connection,
+    names: &taskhost_common::amqp::Names,
+    node_id: Uuid,
+    node_name: &str,
+) -> Result<(), StartupError> {
+    let held = async {
+        let ch = conn.create_channel().await?;
+        let queue = crate::consumer::declare_control_queue(&ch, names, node_id).await;
+        // The queue goes away with this channel's connection; close the
+        // channel so nothing else is left behind.
+        let _ = ch.close(200, "identity check".into()).await;
+        queue.map(|_| ())
+    }
+    .await;
+    match held {
+        Ok(()) => Ok(()),
+        Err(e)
+            if e.to_string().contains("RESOURCE_LOCKED")
+                || format!("{e:?}").contains("RESOURCELOCKED") =>
+        {
+            Err(StartupError(format!(
+                "node name {node_name:?} is in use: another running worker is node {node_id}; \
+                 give this one its own name with --node-name (worker.node_name, TASKHOST__WORKER__NODE_NAME)"
+            )))
+        }
+        Err(e) => Err(StartupError(format!(
+            "checking that node name {node_name:?} is free failed: {e}"
+        ))),
     }
 }
 

@@ -71,11 +71,11 @@ impl Report {
 
     /// Prints the probed limits (stdout), as soon as they are known.
     pub(crate) fn print_limits(&self) {
-        println!("machine limits (each probe ~1.5 s)");
+        outln!("machine limits (each probe ~1.5 s)");
         for l in &self.limits {
-            println!("  {:<52} {:>12}", l.label, fmt_value(Some(l.value), ""));
+            outln!("  {:<52} {:>12}", l.label, fmt_value(Some(l.value), ""));
         }
-        println!();
+        outln!("");
     }
 
     /// Prints the figures as a table.
@@ -88,14 +88,16 @@ impl Report {
                 other => format!("{k}={other}"),
             })
             .collect();
-        println!("scenario {}: {}", self.scenario, params.join(" "));
-        println!(
+        outln!("scenario {}: {}", self.scenario, params.join(" "));
+        outln!(
             "{:<40} | {:>14} | {:<44} | target",
-            "figure", "value", "this machine's limit"
+            "figure",
+            "value",
+            "this machine's limit"
         );
-        println!("{}", "-".repeat(120));
+        outln!("{}", "-".repeat(120));
         for f in &self.figures {
-            println!(
+            outln!(
                 "{:<40} | {:>14} | {:<44} | {}",
                 f.label,
                 fmt_value(f.value, f.unit),
@@ -104,7 +106,7 @@ impl Report {
             );
         }
         for n in &self.notes {
-            println!("note: {n}");
+            outln!("note: {n}");
         }
     }
 
