@@ -32,6 +32,21 @@ and ``TASKHOST_PREFIX`` (default ``taskhost``, the server's
 
 The job id is printed alone on one line on stdout; follow it with
 ``GET /api/v1/jobs/<jobId>`` or ``taskhost results``.
+
+A confirmed publish only means the broker has the message: taskhost may
+still refuse it (an unknown ``userId``, an invalid body), and then it goes to
+``<prefix>.dead`` with the reason in the ``x-taskhost-reason`` header. So
+before publishing, the script binds a private queue to ``<prefix>.dead`` and
+to the job's events on ``<prefix>.events`` and waits (``--wait``, default
+10 s) for the verdict. Exit codes:
+
+* 0: taskhost accepted the job (its ``job.*`` or ``change.jobs.insert``
+  event was seen);
+* 1: taskhost refused it (the reason is printed);
+* 2: it could not be published at all;
+* 3: published, but no verdict within ``--wait`` seconds (``--wait 0``
+  does not wait): check with ``GET /api/v1/jobs/<jobId>`` (404 means it was
+  not accepted) or look in ``<prefix>.dead``.
 """
 
 from __future__ import annotations
@@ -40,6 +55,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import uuid
 
 import pika
@@ -81,12 +97,44 @@ def build_body(args: argparse.Namespace) -> dict:
     return body
 
 
+def watch(channel, prefix: str) -> str:
+    """A private queue that sees dead letters and job events; its name."""
+    queue = channel.queue_declare(queue="", exclusive=True, auto_delete=True).method.queue
+    channel.queue_bind(queue, f"{prefix}.dead")
+    for key in ("job.#", "change.jobs.insert"):
+        channel.queue_bind(queue, f"{prefix}.events", routing_key=key)
+    return queue
+
+
+def verdict(channel, queue: str, job_id: str, wait: float) -> tuple[str, str]:
+    """("accepted" | "refused" | "unknown", detail) for the job, within wait s."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        method, props, body = channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            channel.connection.sleep(0.05)
+            continue
+        if method.exchange.endswith(".dead"):
+            if props.message_id == job_id:
+                headers = props.headers or {}
+                reason = headers.get("x-taskhost-reason", "no reason given")
+                if isinstance(reason, bytes):
+                    reason = reason.decode("utf-8", "replace")
+                return "refused", str(reason)
+            continue
+        if job_id.encode() in body:
+            return "accepted", method.routing_key
+    return "unknown", ""
+
+
 def publish(amqp_url: str, prefix: str, body: dict, job_id: str,
-            priority: int | None) -> None:
-    """Publish one persistent, confirmed, mandatory message; raise on failure."""
+            priority: int | None, wait: float) -> tuple[str, str]:
+    """Publish one persistent, confirmed, mandatory message (raise on
+    failure), then wait up to ``wait`` seconds for taskhost's verdict."""
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     try:
         channel = connection.channel()
+        queue = watch(channel, prefix) if wait > 0 else ""
         # Every basic_publish now waits for the broker's ack and raises
         # NackError / UnroutableError instead of silently dropping the job.
         channel.confirm_delivery()
@@ -103,6 +151,9 @@ def publish(amqp_url: str, prefix: str, body: dict, job_id: str,
             ),
             mandatory=True,
         )
+        if wait <= 0:
+            return "unknown", ""
+        return verdict(channel, queue, job_id, wait)
     finally:
         if connection.is_open:
             connection.close()
@@ -158,6 +209,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--amqp-url",
                         default=os.environ.get("AMQP_URL", DEFAULT_AMQP_URL),
                         help="broker URL (env AMQP_URL)")
+    parser.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
+                        help="how long to wait for taskhost to accept or refuse "
+                             "the job (default 10; 0: do not wait)")
     parser.add_argument("--prefix",
                         default=os.environ.get("TASKHOST_PREFIX", DEFAULT_PREFIX),
                         help="exchange/queue prefix (env TASKHOST_PREFIX)")
@@ -169,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     job_id = str(uuid.uuid4())  # the job id and idempotency key
     body = build_body(args)
     try:
-        publish(args.amqp_url, args.prefix, body, job_id, args.priority)
+        outcome, detail = publish(args.amqp_url, args.prefix, body, job_id,
+                                  args.priority, args.wait)
     except UnroutableError:
         print(f"error: {args.prefix}.submit did not route the message; is "
               f"taskhost running with prefix {args.prefix!r}?", file=sys.stderr)
@@ -188,7 +243,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: AMQP: {exc!r}", file=sys.stderr)
         return 2
     print(job_id)
-    return 0
+    if outcome == "accepted":
+        return 0
+    if outcome == "refused":
+        print(f"error: taskhost refused the job: {detail}", file=sys.stderr)
+        return 1
+    if args.wait > 0:
+        print(f"published, but taskhost said nothing within {args.wait:g} s; "
+              f"check GET /api/v1/jobs/{job_id} (404: not accepted) or the "
+              f"queue {args.prefix}.dead", file=sys.stderr)
+    else:
+        print(f"published (not waiting for the verdict); check GET "
+              f"/api/v1/jobs/{job_id}", file=sys.stderr)
+    return 3
 
 
 if __name__ == "__main__":

@@ -106,12 +106,27 @@ pub fn init_logs() {
         .try_init();
 }
 
+/// A fresh test database name: `th_test_<run>_<tag><random>`, where
+/// `<run>` is `TASKHOST_TEST_RUN` (set by `scripts/test`, so it can drop
+/// exactly its own leftovers and never another run's), or `local`.
+pub fn test_db_name(tag: &str) -> String {
+    let run: String = std::env::var("TASKHOST_TEST_RUN")
+        .unwrap_or_default()
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(20)
+        .collect();
+    let run = if run.is_empty() { "local".to_owned() } else { run };
+    let id = Uuid::new_v4().simple().to_string();
+    format!("th_test_{run}_{tag}{}", &id[..16])
+}
+
 impl TestEnv {
     /// A fresh, migrated database and a unique prefix.
     pub async fn new() -> Self {
         init_logs();
         let id = Uuid::new_v4().simple().to_string();
-        let db_name = format!("th_test_{}", &id[..16]);
+        let db_name = test_db_name("");
         let prefix = format!("t{}", &id[..12]);
         let url = format!("{PG_SERVER}/{db_name}");
         let settings = Settings::load_from(None, &env_map(&url, &prefix)).expect("test settings");

@@ -1131,6 +1131,11 @@ async fn a_scheduled_task_runs_on_a_worker_and_reads_back() {
     assert_eq!(ours["isFinal"], true);
     assert_eq!(ours["attempt"], 1);
     assert_eq!(ours["nodeId"], json!(worker_node));
+    assert_eq!(
+        ours["nodeName"],
+        json!(format!("{}-p1", env.prefix)),
+        "people read node names"
+    );
     // Paging.
     let (status, page) = get(&api, &key, &format!("/tasks/{id}/history?limit=1")).await;
     assert_eq!(status, 200, "{page}");

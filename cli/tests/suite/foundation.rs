@@ -36,10 +36,7 @@ fn env_of(pairs: &[(&str, &str)]) -> HashMap<String, String> {
 
 /// A database name that does not exist yet.
 fn fresh_db_name(tag: &str) -> String {
-    format!(
-        "th_test_{tag}_{}",
-        &Uuid::new_v4().simple().to_string()[..16]
-    )
+    taskhost_testkit::test_db_name(&format!("{tag}_"))
 }
 
 /// Runs `taskhost <args>` with exactly `env` (plus PATH), capturing stdout

@@ -1,0 +1,17 @@
+//! The test suite of the built `taskhost` binary and its services, as one
+//! test binary (one link of every dependency instead of one per file). Each
+//! module is one area a user checks; `chaos` (which restarts the shared
+//! broker and kills Postgres connections) is its own binary and runs alone.
+
+mod api_edges;
+mod bench;
+mod dashboard;
+mod examples;
+mod foundation;
+mod jobs;
+mod openapi;
+mod routing;
+mod smoke;
+mod startup;
+mod sync;
+mod tasks;
