@@ -15,7 +15,8 @@ use lapin::{
 };
 use tokio::sync::Mutex;
 
-/// Priority ceiling of the work queues (DESIGN.md: priorities 0-9).
+/// Priority ceiling of the work queues: job priorities are 0-9
+/// (docs/contract.md, "Queue topology").
 pub const MAX_PRIORITY: u8 = 9;
 
 /// Exchange and queue names under one prefix.

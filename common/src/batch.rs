@@ -1,7 +1,7 @@
 //! Group commit: requests from many tasks that arrive together are handled
-//! as one batch (one transaction, a few set-based statements; DESIGN
-//! "Performance shape": no per-job commit at load). The api batches plain
-//! submissions; the worker batches claims and run endings.
+//! as one batch (one transaction, a few set-based statements; no per-job
+//! commit at load, see docs/contract.md, "Performance targets"). The api
+//! batches plain submissions; the worker batches claims and run endings.
 //!
 //! A [`Batcher`] takes requests from many tasks. Whenever a runner is free
 //! it takes everything waiting (up to a maximum) as one batch, so batches

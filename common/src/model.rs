@@ -135,7 +135,7 @@ impl JobStatus {
 }
 
 string_enum! {
-    /// How a worker runs a job (DESIGN.md, "Execution modes").
+    /// How a worker runs a job (README, "Execution modes and roles").
     ExecutionMode {
         /// A child process in the worker's bounded pool.
         Pool = "pool" | "Runspace",

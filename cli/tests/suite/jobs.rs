@@ -1154,8 +1154,8 @@ async fn job_state_changes_are_published_as_events() {
     env.cleanup().await;
 }
 
-/// DESIGN.md: `job.<status>` on every job state change, not only the ones a
-/// worker makes.
+/// `job.<status>` events on every job state change, not only the ones a
+/// worker makes (README, "Submitting over RabbitMQ"; docs/asyncapi.json).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_side_state_changes_are_published_as_events_too() {
     let mut env = TestEnv::new().await;
