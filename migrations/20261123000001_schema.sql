@@ -1,4 +1,4 @@
--- The whole taskhost schema (DESIGN.md, "Postgres schema").
+-- The whole taskhost schema (described for users in docs/contract.md, "Schema").
 -- Only files in migrations/ change the schema; services refuse to start on a
 -- database that is behind and ask for `taskhost migrate`.
 

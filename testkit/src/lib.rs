@@ -116,7 +116,11 @@ pub fn test_db_name(tag: &str) -> String {
         .filter(char::is_ascii_alphanumeric)
         .take(20)
         .collect();
-    let run = if run.is_empty() { "local".to_owned() } else { run };
+    let run = if run.is_empty() {
+        "local".to_owned()
+    } else {
+        run
+    };
     let id = Uuid::new_v4().simple().to_string();
     format!("th_test_{run}_{tag}{}", &id[..16])
 }

@@ -52,6 +52,9 @@ async fn publish_job_py_exits_non_zero_when_taskhost_refuses_the_job() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(1), "refused job: {stderr}");
     assert!(stderr.contains("refused"), "{stderr}");
-    assert!(stderr.contains("nobody"), "the reason names the user: {stderr}");
+    assert!(
+        stderr.contains("nobody"),
+        "the reason names the user: {stderr}"
+    );
     env.cleanup().await;
 }

@@ -115,10 +115,12 @@ async fn start_up_mistakes_end_in_one_line_with_the_endpoint_and_the_fix() {
     assert_eq!(nodes, 0, "a failed start registered a node");
 
     // A schema behind the binary.
-    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = (SELECT max(version) FROM _sqlx_migrations)")
-        .execute(&env.pool)
-        .await
-        .expect("forget a migration");
+    sqlx::query(
+        "DELETE FROM _sqlx_migrations WHERE version = (SELECT max(version) FROM _sqlx_migrations)",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("forget a migration");
     let (out, _) = run(&env, &["worker"], &[]).await;
     let line = one_error("worker on an old schema", &out);
     assert!(line.contains("behind"), "{line}");
@@ -168,7 +170,12 @@ async fn a_second_worker_with_a_running_nodes_name_is_refused_and_leaves_it_alon
     let mut first = env.spawn_binary(BIN, &["worker", "--node-name", &name], &[]);
     let node = env.wait_node(&name).await;
 
-    let (out, took) = run(&env, &["worker", "--node-name", &name, "--group", "other"], &[]).await;
+    let (out, took) = run(
+        &env,
+        &["worker", "--node-name", &name, "--group", "other"],
+        &[],
+    )
+    .await;
     let line = one_error("a second worker with the same name", &out);
     assert!(took < Duration::from_secs(10), "took {took:?}");
     assert!(line.contains(&name), "{line}");
@@ -176,7 +183,10 @@ async fn a_second_worker_with_a_running_nodes_name_is_refused_and_leaves_it_alon
     // The running node is untouched: still active, same group, and after a
     // heartbeat or two it is still active.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert!(node_active(&env, &name).await, "the refused worker stopped the node");
+    assert!(
+        node_active(&env, &name).await,
+        "the refused worker stopped the node"
+    );
     let group: String = sqlx::query_scalar("SELECT node_group FROM nodes WHERE node_id = $1")
         .bind(node)
         .fetch_one(&env.pool)
@@ -208,7 +218,10 @@ async fn a_second_worker_with_a_running_nodes_name_is_refused_and_leaves_it_alon
         if beat {
             break;
         }
-        assert!(Instant::now() < deadline, "the replacement never took the node");
+        assert!(
+            Instant::now() < deadline,
+            "the replacement never took the node"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let _ = second.kill();
@@ -244,8 +257,49 @@ async fn the_cli_survives_a_closed_pipe_and_names_the_key_variable() {
         .expect("exits")
         .expect("output");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "closed pipe: {:?} {stderr}", out.status);
+    assert!(
+        out.status.success(),
+        "closed pipe: {:?} {stderr}",
+        out.status
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(!stderr.contains("Broken pipe"), "{stderr}");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_database_migrated_before_the_comment_fix_still_migrates() {
+    let env = TestEnv::new().await;
+    // The checksum the first migration had when its first comment named a
+    // file outside the repository.
+    let original = "4f8676b3451fbd27a3f97d199c810ac13d2bdc49d2b347a773b5c41516d3d055a13ea16631456f3a7f09cddf54254cfa";
+    let set = |checksum: &'static str| {
+        sqlx::query(
+            "UPDATE _sqlx_migrations SET checksum = decode($1, 'hex') WHERE version = 20261123000001",
+        )
+        .bind(checksum)
+    };
+    set(original)
+        .execute(&env.pool)
+        .await
+        .expect("old checksum");
+    let (out, _) = run(&env, &["migrate"], &[]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let now: String = sqlx::query_scalar(
+        "SELECT encode(checksum, 'hex') FROM _sqlx_migrations WHERE version = 20261123000001",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .expect("checksum");
+    assert_ne!(now, original, "re-recorded as the file's checksum");
+    // Any other difference is still refused.
+    set("00").execute(&env.pool).await.expect("odd checksum");
+    let (out, _) = run(&env, &["migrate"], &[]).await;
+    let line = one_error("migrate over a modified migration", &out);
+    assert!(line.contains("migrat"), "{line}");
     env.cleanup().await;
 }
