@@ -129,7 +129,7 @@ async fn call(req: reqwest::RequestBuilder, conn: &Conn) -> anyhow::Result<Value
         .bearer_auth(conn.key()?)
         .send()
         .await
-        .with_context(|| format!("cannot reach the api at {}", conn.url))?;
+        .with_context(|| format!("cannot reach the api at {} (--url, TASKHOST_URL)", conn.url))?;
     let status = resp.status();
     let body: Value = resp.json().await.unwrap_or(Value::Null);
     if !status.is_success() {
