@@ -53,6 +53,14 @@ pub(crate) async fn list(
     let since = match (&q.consumer, q.since) {
         (Some(consumer), Some(since)) => {
             valid_consumer(consumer)?;
+            // A stored cursor beyond the head would skip every change up to
+            // it; /sync/trigger refuses the same.
+            let head = state.watermark.safe_head(&mut conn).await?;
+            if since > head {
+                return Err(ApiError::Invalid(format!(
+                    "since must be at most the head of the feed ({head}) when it moves consumer {consumer}'s cursor"
+                )));
+            }
             sync::set_cursor(&mut conn, consumer, cursor_table, since).await?;
             since
         }

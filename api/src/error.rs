@@ -6,6 +6,14 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+/// What [`ApiError::Unavailable`] names when Postgres cannot be reached.
+pub(crate) const DATABASE: &str = "the database";
+
+/// Marks a response that found Postgres unreachable, so the api answers
+/// the next requests at once until it is back (see `crate::health`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DatabaseDown;
+
 /// Every way a request can fail.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -63,7 +71,14 @@ impl From<sqlx::Error> for ApiError {
         match e {
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
                 tracing::warn!(error = %e, "postgres unavailable");
-                ApiError::Unavailable("the database")
+                ApiError::Unavailable(DATABASE)
+            }
+            sqlx::Error::Database(ref d)
+                if d.code()
+                    .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) =>
+            {
+                tracing::warn!(error = %e, "postgres unavailable");
+                ApiError::Unavailable(DATABASE)
             }
             other => ApiError::Internal(other.to_string()),
         }
@@ -81,6 +96,15 @@ impl IntoResponse for ApiError {
             "error": { "code": code, "message": self.to_string() },
         });
         let mut response = (status, Json(body)).into_response();
+        if let ApiError::Unavailable(what) = &self {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(1u64),
+            );
+            if *what == DATABASE {
+                response.extensions_mut().insert(DatabaseDown);
+            }
+        }
         if let ApiError::RateLimited(wait) = &self {
             // Whole seconds, rounded up, as HTTP wants.
             let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);

@@ -29,7 +29,19 @@ use crate::state::AppState;
 const IDEMPOTENCY_KEY_MAX: usize = 200;
 
 /// Parses a JSON body, telling 400 (not JSON) from 422 (wrong fields).
+/// A string holding NUL (the escape `\u0000`) is refused with 422 naming its
+/// field, for every body (see `taskhost_common::text`).
 pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if taskhost_common::text::may_hold_nul(body) {
+        match serde_json::from_slice::<Value>(body) {
+            Ok(v) => {
+                if let Some(path) = taskhost_common::text::nul_path(&v) {
+                    return Err(ApiError::Invalid(taskhost_common::text::nul_refusal(&path)));
+                }
+            }
+            Err(e) => return Err(ApiError::BadRequest(format!("body is not valid JSON: {e}"))),
+        }
+    }
     let mut de = serde_json::Deserializer::from_slice(body);
     match T::deserialize(&mut de).and_then(|v| de.end().map(|()| v)) {
         Ok(v) => Ok(v),
@@ -101,8 +113,13 @@ async fn submit_inner(
             changed_by: caller.user().to_owned(),
         };
         state.accepter.call(plain).await.map_err(|error| {
-            tracing::warn!(%error, "accepting a job failed");
-            ApiError::Unavailable("the database")
+            match error.strip_prefix(taskhost_common::db::TRANSIENT) {
+                Some(error) => {
+                    tracing::warn!(%error, "accepting a job failed: postgres unavailable");
+                    ApiError::Unavailable(crate::error::DATABASE)
+                }
+                None => ApiError::Internal(format!("accepting a job failed: {error}")),
+            }
         })?
     } else {
         jobs::accept(

@@ -15,6 +15,7 @@ mod auth;
 mod changes;
 mod dashboard;
 mod error;
+mod health;
 mod jobs;
 mod metrics;
 mod nodes;
@@ -59,6 +60,7 @@ pub fn state(settings: &Settings) -> anyhow::Result<AppState> {
     Ok(AppState {
         keys,
         accepter: Arc::new(taskhost_common::jobs::plain_accepter(pool.clone())),
+        db_health: Arc::default(),
         batcher: taskhost_common::jobs::PublishBatcher::spawn(pool.clone(), publisher.clone()),
         pool,
         publisher,
@@ -98,7 +100,11 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/tasks/{task_id}/history", get(tasks::history))
         .route("/tasks/{task_id}/schedule", get(tasks::schedule))
-        .route("/tasks/{task_id}/run", post(tasks::run_now));
+        .route("/tasks/{task_id}/run", post(tasks::run_now))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            health::guard,
+        ));
     Router::new()
         .nest("/api/v1", v1)
         .route("/livez", get(ops::livez))
@@ -109,6 +115,7 @@ pub fn router(state: AppState) -> Router {
         .route("/dashboard", get(dashboard::page))
         .route("/", get(dashboard::root))
         .fallback(|| async { ApiError::NotFound("route") })
+        .layer(axum::middleware::from_fn(refuse_nul_in_url))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
@@ -120,6 +127,25 @@ pub fn router(state: AppState) -> Router {
             json_errors(r, max_body)
         }))
         .with_state(state)
+}
+
+/// A NUL (`%00`) in the path or query string is refused before any handler
+/// turns it into a value (the same rule as for bodies, `taskhost_common::text`).
+async fn refuse_nul_in_url(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let uri = request.uri();
+    let holds_nul = |s: &str| {
+        s.as_bytes()
+            .windows(3)
+            .any(|w| w.eq_ignore_ascii_case(b"%00"))
+    };
+    if holds_nul(uri.path()) || uri.query().is_some_and(holds_nul) {
+        return ApiError::Invalid(taskhost_common::text::nul_refusal("the URL")).into_response();
+    }
+    next.run(request).await
 }
 
 /// Errors axum or tower produce themselves (413 oversized body, 405 wrong

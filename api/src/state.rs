@@ -30,6 +30,8 @@ pub struct AppState {
     pub keys: Arc<taskhost_common::keys::KeyCache>,
     /// Publishes accepted jobs of concurrent requests together.
     pub batcher: taskhost_common::jobs::PublishBatcher,
+    /// Whether Postgres is known to be down (requests answered 503 at once).
+    pub db_health: Arc<crate::health::DbHealth>,
     /// Accepts plain submissions of concurrent requests together.
     pub accepter: Arc<
         taskhost_common::batch::Batcher<

@@ -81,7 +81,13 @@ pub(crate) async fn trigger(
     let req: TriggerRequest = if body.iter().all(u8::is_ascii_whitespace) {
         TriggerRequest::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::Invalid(e.to_string()))?
+        let v: Value = crate::jobs::parse_json(&body)?;
+        if v.get("resetTo").is_some_and(Value::is_null) {
+            return Err(ApiError::Invalid(
+                "resetTo must be an integer (leave it out to keep the cursor)".into(),
+            ));
+        }
+        serde_json::from_value(v).map_err(|e| ApiError::Invalid(format!("invalid body: {e}")))?
     };
     let consumer = req.consumer.as_deref().unwrap_or(EVENTS_CONSUMER);
     valid_consumer(consumer)?;

@@ -110,13 +110,12 @@ pub(crate) async fn update(
     let current = tasks::get(&state.pool, id)
         .await?
         .ok_or(ApiError::NotFound("task"))?;
-    require_writer(
-        &caller,
-        request
-            .execution_mode
-            .as_deref()
-            .unwrap_or(current.execution_mode.as_str()),
-    )?;
+    // Changing a task needs the roles of the mode it has and of the mode
+    // it gets (an inline task stays debug's, even when turned into pool).
+    require_writer(&caller, current.execution_mode.as_str())?;
+    if let Some(mode) = request.execution_mode.as_deref() {
+        require_writer(&caller, mode)?;
+    }
     let task = tasks::update(&state.pool, id, request, caller.user()).await?;
     Ok(Json(with_schedule(&state, task).await?))
 }
@@ -128,6 +127,10 @@ pub(crate) async fn delete(
 ) -> Result<Json<Value>, ApiError> {
     let id = task_id(&raw)?;
     caller.require_any(WRITERS, "deleting tasks")?;
+    let current = tasks::get(&state.pool, id)
+        .await?
+        .ok_or(ApiError::NotFound("task"))?;
+    require_writer(&caller, current.execution_mode.as_str())?;
     tasks::delete(&state.pool, id, caller.user()).await?;
     Ok(Json(
         json!({ "success": true, "taskId": id, "message": "task deleted" }),
@@ -241,7 +244,14 @@ pub(crate) async fn run_now(
         .await?
         .ok_or(ApiError::NotFound("task"))?;
     require_writer(&caller, task.execution_mode.as_str())?;
-    match tasks::run_now(&state.pool, &task, caller.user()).await? {
+    let ran = match tasks::run_now(&state.pool, &task, caller.user()).await {
+        // Deleted between the read above and the job's insert.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23503") => {
+            return Err(ApiError::NotFound("task"));
+        }
+        other => other?,
+    };
+    match ran {
         Accepted::Created {
             job_ids,
             outbox,

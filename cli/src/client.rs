@@ -125,11 +125,10 @@ fn http() -> anyhow::Result<reqwest::Client> {
 /// Sends a request and returns the JSON body, or an error with the api's
 /// own message.
 async fn call(req: reqwest::RequestBuilder, conn: &Conn) -> anyhow::Result<Value> {
-    let resp = req
-        .bearer_auth(conn.key()?)
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the api at {} (--url, TASKHOST_URL)", conn.url))?;
+    let resp =
+        req.bearer_auth(conn.key()?).send().await.with_context(|| {
+            format!("cannot reach the api at {} (--url, TASKHOST_URL)", conn.url)
+        })?;
     let status = resp.status();
     let body: Value = resp.json().await.unwrap_or(Value::Null);
     if !status.is_success() {

@@ -157,6 +157,41 @@ pub async fn ensure_current(pool: &PgPool) -> Result<(), DbError> {
     Ok(())
 }
 
+/// Whether `error` is about reaching Postgres (worth trying again later)
+/// rather than about the data (trying again would fail the same way): I/O,
+/// pool and protocol failures, and the SQLSTATE classes 08 (connection),
+/// 53 (resources), 57P (shutdown), 58 (system), 40001/40P01 (serialization,
+/// deadlock).
+pub fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(e) => e.code().is_some_and(|c| {
+            ["08", "53", "57P", "58"].iter().any(|p| c.starts_with(p))
+                || c == "40001"
+                || c == "40P01"
+        }),
+        _ => false,
+    }
+}
+
+/// How a batch reports a transient failure in its error text (batch errors
+/// travel as strings): this prefix, then the error.
+pub const TRANSIENT: &str = "transient: ";
+
+/// `error` as text, prefixed with [`TRANSIENT`] when [`is_transient`].
+pub fn describe(error: &sqlx::Error) -> String {
+    if is_transient(error) {
+        format!("{TRANSIENT}{error}")
+    } else {
+        error.to_string()
+    }
+}
+
 /// Lets the current transaction commit without waiting for its WAL to reach
 /// disk (`SET LOCAL synchronous_commit = off`). Only for transactions whose
 /// loss in a Postgres crash is harmless because what they record is

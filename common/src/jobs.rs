@@ -259,6 +259,10 @@ impl PublishBatcher {
 pub fn plain_accepter(pool: PgPool) -> Batcher<PlainJob, Accepted> {
     Batcher::spawn(256, 2, move |jobs: Vec<PlainJob>| {
         let pool = pool.clone();
-        async move { accept_batch(&pool, &jobs).await.map_err(|e| e.to_string()) }
+        async move {
+            accept_batch(&pool, &jobs)
+                .await
+                .map_err(|e| crate::db::describe(&e))
+        }
     })
 }

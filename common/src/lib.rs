@@ -14,6 +14,7 @@
 //! - [`shutdown`]: SIGTERM/SIGINT as a cancellation token.
 //! - [`startup`]: start-up checks that fail fast with the fix in one line.
 //! - [`store`]: the job store, the one owner of the `jobs` row.
+//! - [`text`]: the one rule for text fields (no NUL), at every entry point.
 //! - [`sync`]: the change feed's safe head, consumer cursors, the events relay.
 
 pub mod amqp;
@@ -33,6 +34,7 @@ pub mod store;
 pub mod sync;
 pub mod tasks;
 pub mod telemetry;
+pub mod text;
 
 pub use config::Settings;
 pub use tokio_util::sync::CancellationToken;

@@ -17,10 +17,10 @@ use sqlx::PgPool;
 use taskhost_common::amqp::{self, Names, Publisher};
 use taskhost_common::batch::Batcher;
 use taskhost_common::jobs::{self, Accepted, NewJob, PlainJob, PublishBatcher};
-use taskhost_common::keys;
 use taskhost_common::messages::JOB_SUBMIT_V1;
 use taskhost_common::model::{JobStatus, SubmitRequest, TriggeredBy};
 use taskhost_common::{CancellationToken, Settings};
+use taskhost_common::{db, keys, text};
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -28,12 +28,23 @@ use uuid::Uuid;
 /// Deliveries handled at once (and the consumer's prefetch).
 const IN_FLIGHT: u16 = 64;
 
+/// Tries of one message while Postgres is unreachable before it goes to
+/// `<p>.dead` with the last error: with the pauses of [`handle`], about
+/// ten minutes.
+const RETRY_LIMIT: u32 = 65;
+
+/// Messages counted by [`Ingress::retried`] at most; beyond, the counts
+/// start over (a bound on memory, not on the tries).
+const RETRY_TRACKED: usize = 100_000;
+
 /// What the deliveries handled at once share.
 struct Ingress {
     pool: PgPool,
     publisher: Arc<Publisher>,
     accepter: Batcher<PlainJob, Accepted>,
     published: PublishBatcher,
+    /// Tries so far of messages that could not reach Postgres, by message id.
+    retries: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
 
 impl Ingress {
@@ -50,7 +61,21 @@ impl Ingress {
             publisher,
             accepter,
             published,
+            retries: std::sync::Mutex::default(),
         }
+    }
+
+    /// Counts one more try of message `id`; returns the tries so far.
+    fn retried(&self, id: &str) -> u32 {
+        let Ok(mut retries) = self.retries.lock() else {
+            return 1;
+        };
+        if retries.len() >= RETRY_TRACKED && !retries.contains_key(id) {
+            retries.clear();
+        }
+        let tries = retries.entry(id.to_owned()).or_insert(0);
+        *tries += 1;
+        *tries
     }
 }
 
@@ -93,6 +118,10 @@ async fn process(
         Ok(_) => return Verdict::Refused("body must be a JSON object".into()),
         Err(e) => return Verdict::Refused(format!("body is not valid JSON: {e}")),
     };
+    // The one rule for text fields, as for HTTP bodies.
+    if let Some(path) = text::nul_path(&Value::Object(object.clone())) {
+        return Verdict::Refused(text::nul_refusal(&path));
+    }
     let user_id = match object.remove("userId") {
         Some(Value::String(u)) if !u.trim().is_empty() => u,
         Some(_) => return Verdict::Refused("userId must be a non-empty string".into()),
@@ -111,7 +140,7 @@ async fn process(
         Ok(None) => {
             return Verdict::Refused(format!("unknown user `{user_id}` (no active API key)"));
         }
-        Err(e) => return Verdict::Retry(e.to_string()),
+        Err(e) => return failed(&db::describe(&e)),
     };
     if !principal.has_any(spec.execution_mode.allowed_roles()) {
         return Verdict::Refused(format!(
@@ -143,7 +172,7 @@ async fn process(
             },
         )
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| db::describe(&e))
     };
     match accepted {
         Ok(Accepted::Created {
@@ -162,9 +191,32 @@ async fn process(
             }
             Verdict::Accepted(job_ids[0])
         }
-        Ok(Accepted::Duplicate { job_id }) => Verdict::Accepted(job_id),
+        Ok(Accepted::Duplicate { job_id }) => {
+            // A repeated message is the same job, but only for its owner: a
+            // message_id naming another user's job is refused.
+            match sqlx::query_scalar::<_, String>("SELECT user_id FROM jobs WHERE job_id = $1")
+                .bind(job_id)
+                .fetch_optional(&ing.pool)
+                .await
+            {
+                Ok(Some(owner)) if owner != user_id => Verdict::Refused(format!(
+                    "message_id {job_id} is the id of another user's job"
+                )),
+                Ok(_) => Verdict::Accepted(job_id),
+                Err(e) => failed(&db::describe(&e)),
+            }
+        }
         Ok(Accepted::Conflict) => Verdict::Refused("conflicting duplicate".into()),
-        Err(e) => Verdict::Retry(e),
+        Err(e) => failed(&e),
+    }
+}
+
+/// A failed statement: tried again later only when Postgres could not be
+/// reached; anything the message's data caused is refused with the reason.
+fn failed(error: &str) -> Verdict {
+    match error.strip_prefix(db::TRANSIENT) {
+        Some(e) => Verdict::Retry(e.to_owned()),
+        None => Verdict::Refused(format!("Postgres refused the job: {error}")),
     }
 }
 
@@ -243,8 +295,18 @@ async fn handle(ing: &Ingress, delivery: lapin::message::Delivery) {
         }
         Verdict::Refused(reason) => amqp::dead_letter(&ing.publisher, &delivery, &reason).await,
         Verdict::Retry(error) => {
-            tracing::warn!(%error, "ingress cannot reach Postgres; message requeued");
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            let tries = id.as_deref().map_or(RETRY_LIMIT, |id| ing.retried(id));
+            if tries >= RETRY_LIMIT {
+                let reason = format!(
+                    "not accepted after {tries} tries while Postgres was unreachable: {error}"
+                );
+                amqp::dead_letter(&ing.publisher, &delivery, &reason).await;
+                return;
+            }
+            tracing::warn!(%error, tries, "ingress cannot reach Postgres; message requeued");
+            // 1 s, 2 s, ... up to 10 s between tries: RETRY_LIMIT tries span
+            // about ten minutes before the message is given up.
+            tokio::time::sleep(Duration::from_secs(u64::from(tries.clamp(1, 10)))).await;
             amqp::requeue(&delivery).await;
         }
     }

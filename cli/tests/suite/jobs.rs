@@ -115,10 +115,10 @@ fn error_message(body: &Value) -> String {
 
 /// A dead-lettered message as read back from `<p>.dead`.
 #[derive(Debug, Clone)]
-struct DeadMsg {
-    message_id: String,
-    reason: Option<String>,
-    body: Vec<u8>,
+pub(crate) struct DeadMsg {
+    pub(crate) message_id: String,
+    pub(crate) reason: Option<String>,
+    pub(crate) body: Vec<u8>,
 }
 
 fn reason_of(headers: Option<&FieldTable>) -> Option<String> {
@@ -134,7 +134,7 @@ fn reason_of(headers: Option<&FieldTable>) -> Option<String> {
 
 /// Polls `<p>.dead` until a message with `message_id` arrives; messages for
 /// other ids are kept in `seen` for later calls.
-async fn wait_dead(
+pub(crate) async fn wait_dead(
     env: &TestEnv,
     seen: &mut Vec<DeadMsg>,
     message_id: &str,
