@@ -155,6 +155,62 @@ async fn postgres_dropping_connections_loses_nothing() {
     env.cleanup().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_resource_alarm_answers_fast_reports_blocked_and_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let mut env = TestEnv::new().await;
+    let api = env.start_api().await;
+    env.start_scheduler().await;
+    env.start_worker("w1", "default", "worker").await;
+    let key = env.key("alice", &[Role::TaskManager]).await;
+
+    // A disk alarm: free space is below the limit, so the broker blocks
+    // every publishing connection.
+    rabbitmqctl(&["set_disk_free_limit", "100000GB"]);
+    let cleared = scopeguard(|| rabbitmqctl(&["set_disk_free_limit", "50MB"]));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let t = Instant::now();
+        let (status, body) = submit(
+            &api,
+            &key,
+            &json!({"jobName": format!("alarm-{i}"), "command": "echo ok"}),
+        )
+        .await;
+        assert_eq!(status, 202, "accepted during the alarm: {body}");
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "a submit waited {:?} on the blocked broker",
+            t.elapsed()
+        );
+        ids.push(job_id(&body));
+    }
+    // /readyz names the blocked broker.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let resp = api
+            .http
+            .get(format!("{}/readyz", api.base))
+            .send()
+            .await
+            .expect("readyz");
+        let code = resp.status().as_u16();
+        let body: serde_json::Value = resp.json().await.unwrap_or_default();
+        if code == 503 && body["down"] == json!(["rabbitmq"]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "readyz during the alarm: {code} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    drop(cleared);
+    all_finished_once(&env, &ids, Duration::from_secs(90)).await;
+    env.cleanup().await;
+}
+
 /// Runs `f` when dropped, so a failing assertion still restarts the broker.
 fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
     struct Guard<F: FnOnce()>(Option<F>);

@@ -230,6 +230,9 @@ pub enum PublishError {
     /// Publishing took too long.
     #[error("publish timed out")]
     Timeout,
+    /// The broker blocked publishing (a disk or memory alarm).
+    #[error("the broker blocks publishing (a disk or memory resource alarm)")]
+    Blocked,
 }
 
 struct Live {
@@ -296,9 +299,22 @@ impl Publisher {
         }
     }
 
-    /// Connects if needed; used by readiness checks.
+    /// Whether the broker has blocked this publisher's connection
+    /// (`connection.blocked`: a disk or memory alarm). Publishes would wait
+    /// until the alarm clears, so they are not tried.
+    pub async fn blocked(&self) -> bool {
+        self.live
+            .lock()
+            .await
+            .as_ref()
+            .is_some_and(|l| l.connection.status().blocked())
+    }
+
+    /// Connects if needed; used by readiness checks. A blocked connection
+    /// is not ready.
     pub async fn ensure_connected(&self) -> Result<(), PublishError> {
         match tokio::time::timeout(Duration::from_secs(3), self.channel()).await {
+            Ok(Ok(_)) if self.blocked().await => Err(PublishError::Blocked),
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(PublishError::Broker(e.to_string())),
             Err(_) => Err(PublishError::Timeout),
@@ -308,6 +324,13 @@ impl Publisher {
     /// Publishes every message with confirms in flight together and returns
     /// one result per message, in order.
     pub async fn publish_all(&self, messages: &[Outgoing]) -> Vec<Result<(), PublishError>> {
+        if self.blocked().await {
+            // The outbox keeps them; the relay publishes once unblocked.
+            return messages
+                .iter()
+                .map(|_| Err(PublishError::Blocked))
+                .collect();
+        }
         match tokio::time::timeout(Duration::from_secs(10), self.publish_all_inner(messages)).await
         {
             Ok(Ok(results)) => {
