@@ -150,6 +150,21 @@ pub struct WorkerSettings {
     pub default_timeout_secs: u64,
     /// Seconds a SIGTERM waits for running jobs before they are killed.
     pub drain_timeout_secs: u64,
+    /// The user jobs run as. Empty: `nobody` when the worker runs as root,
+    /// else the worker's own user. `root` keeps root (an explicit opt-in).
+    pub run_as: String,
+    /// CPU seconds one job may use (RLIMIT_CPU); 0: no limit.
+    pub job_cpu_secs: u64,
+    /// Address space of one job's processes in MiB (RLIMIT_AS); 0: no limit.
+    pub job_memory_mb: u64,
+    /// Open files of one job's processes (RLIMIT_NOFILE); 0: inherit.
+    pub job_max_files: u64,
+    /// Processes of the job's user (RLIMIT_NPROC, counted per user, so it
+    /// bounds a fork bomb; root ignores it); 0: inherit.
+    pub job_max_processes: u64,
+    /// Where each run gets its own working directory (removed afterwards);
+    /// empty: `$TMPDIR/taskhost-jobs`.
+    pub work_dir: String,
 }
 
 /// Scheduler settings.
@@ -239,6 +254,12 @@ impl Settings {
             .set_default("worker.output_cap_bytes", 1024 * 1024)?
             .set_default("worker.default_timeout_secs", 3600)?
             .set_default("worker.drain_timeout_secs", 30)?
+            .set_default("worker.run_as", "")?
+            .set_default("worker.job_cpu_secs", 0)?
+            .set_default("worker.job_memory_mb", 0)?
+            .set_default("worker.job_max_files", 4096)?
+            .set_default("worker.job_max_processes", 4096)?
+            .set_default("worker.work_dir", "")?
             .set_default("scheduler.relay_interval_ms", 500)?
             .set_default("scheduler.relay_grace_ms", 2000)?
             .set_default("scheduler.reaper_interval_secs", 5)?

@@ -222,6 +222,28 @@ impl TestEnv {
         let name = settings.worker.node_name.clone();
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(taskhost_worker::run(settings, shutdown.clone()));
+        // A worker that fails to start says why instead of timing out.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !handle.is_finished() && Instant::now() < deadline {
+            let active: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM nodes WHERE node_name = $1 AND is_active)",
+            )
+            .bind(&name)
+            .fetch_one(&self.pool)
+            .await
+            .expect("query nodes");
+            if active {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if handle.is_finished() {
+            match handle.await {
+                Ok(Ok(())) => panic!("worker {name} stopped at once"),
+                Ok(Err(e)) => panic!("worker {name} failed to start: {e:#}"),
+                Err(e) => panic!("worker {name} panicked: {e}"),
+            }
+        }
         self.services.push(Service { shutdown, handle });
         self.wait_node(&name).await;
         // Give the consumer a moment to declare and consume its queues.

@@ -65,6 +65,11 @@ pub struct CommandSpec<'a> {
     pub output_cap: usize,
     /// Kill at the timeout (true), or only record the overrun (false).
     pub kill_on_timeout: bool,
+    /// Who it runs as and within what limits (None: as the worker, no
+    /// limits).
+    pub sandbox: Option<&'a crate::sandbox::Sandbox>,
+    /// Its working directory (None: the worker's).
+    pub dir: Option<&'a std::path::Path>,
 }
 
 async fn read_capped<R: AsyncRead + Unpin>(mut reader: R, cap: usize) -> (Vec<u8>, bool) {
@@ -104,12 +109,28 @@ fn kill_group(pgid: Option<u32>) {
 pub async fn run(spec: CommandSpec<'_>, cancel: CancellationToken) -> Outcome {
     let started_at = Utc::now();
     let clock = Instant::now();
-    let Some((program, args)) = spec.shell.split_first() else {
+    if spec.shell.is_empty() {
+        return spawn_failed(started_at, clock, "no shell configured".into());
+    }
+    let argv = match spec.sandbox {
+        Some(s) => s.argv(spec.shell, spec.command),
+        None => {
+            let mut argv = spec.shell.to_vec();
+            argv.push(spec.command.to_owned());
+            argv
+        }
+    };
+    let Some((program, args)) = argv.split_first() else {
         return spawn_failed(started_at, clock, "no shell configured".into());
     };
     let mut cmd = Command::new(program);
+    if let Some((uid, gid)) = spec.sandbox.and_then(|s| s.ids) {
+        cmd.uid(uid).gid(gid);
+    }
+    if let Some(dir) = spec.dir {
+        cmd.current_dir(dir);
+    }
     cmd.args(args)
-        .arg(spec.command)
         .envs(spec.env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -218,6 +239,8 @@ mod tests {
                 timeout,
                 output_cap: cap,
                 kill_on_timeout: true,
+                sandbox: None,
+                dir: None,
             },
             CancellationToken::new(),
         )
@@ -267,6 +290,8 @@ mod tests {
                 timeout: None,
                 output_cap: 10,
                 kill_on_timeout: true,
+                sandbox: None,
+                dir: None,
             },
             CancellationToken::new(),
         )
@@ -287,6 +312,8 @@ mod tests {
                 timeout: Some(Duration::from_millis(100)),
                 output_cap: 100,
                 kill_on_timeout: false,
+                sandbox: None,
+                dir: None,
             },
             CancellationToken::new(),
         )

@@ -347,7 +347,19 @@ async fn execute(ctx: &Ctx, claimed: &Claimed, cancel: CancellationToken) -> Out
     env.insert("TASKHOST_JOB_ID".into(), claimed.job_id.to_string());
     env.insert("TASKHOST_ATTEMPT".into(), claimed.attempt.to_string());
     env.insert("TASKHOST_NODE_ID".into(), ctx.node_id.to_string());
-    exec::run(
+    let dir = match ctx.sandbox.make_dir(claimed.job_id, claimed.attempt) {
+        Ok(dir) => {
+            env.insert("HOME".into(), dir.display().to_string());
+            env.insert("TASKHOST_WORK_DIR".into(), dir.display().to_string());
+            env.insert("USER".into(), ctx.sandbox.user.clone());
+            Some(dir)
+        }
+        Err(error) => {
+            tracing::warn!(%error, job_id = %claimed.job_id, "no working directory for the job; it runs in the worker's");
+            None
+        }
+    };
+    let outcome = exec::run(
         CommandSpec {
             shell: &shell,
             command: &claimed.command,
@@ -355,10 +367,16 @@ async fn execute(ctx: &Ctx, claimed: &Claimed, cancel: CancellationToken) -> Out
             timeout,
             output_cap: ctx.settings.worker.output_cap_bytes,
             kill_on_timeout: claimed.kill_on_timeout,
+            sandbox: Some(&ctx.sandbox),
+            dir: dir.as_deref(),
         },
         cancel,
     )
-    .await
+    .await;
+    if let Some(dir) = dir {
+        crate::sandbox::Sandbox::remove_dir(&dir);
+    }
+    outcome
 }
 
 /// The built-in commands of `inline` mode, run inside the worker process.
@@ -366,6 +384,11 @@ async fn execute(ctx: &Ctx, claimed: &Claimed, cancel: CancellationToken) -> Out
 pub(crate) fn finish_of(outcome: &Outcome, cancelled: bool) -> Finish {
     let (status, mut reason) = match outcome.ending {
         Ending::Exited if outcome.exit_code == Some(0) => (JobStatus::Succeeded, None),
+        // 128 + SIGXCPU: the kernel stopped it at worker.job_cpu_secs.
+        Ending::Exited if outcome.exit_code == Some(128 + 24) => (
+            JobStatus::Failed,
+            Some("killed at its CPU time limit (worker.job_cpu_secs)".to_owned()),
+        ),
         Ending::Exited => (
             JobStatus::Failed,
             Some(format!(

@@ -19,6 +19,7 @@ mod inline;
 mod job;
 mod node;
 pub mod procinfo;
+pub mod sandbox;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -80,6 +81,8 @@ pub(crate) struct Ctx {
     /// Claims and run endings of concurrent deliveries, written together
     /// in one transaction per batch (`store::settle`).
     pub(crate) steps: Batcher<Step, StepResult>,
+    /// Who shell jobs run as, within what limits, where.
+    pub(crate) sandbox: sandbox::Sandbox,
 }
 
 /// Steps one batch takes at most, and batches in flight at once.
@@ -90,6 +93,8 @@ const BATCH_RUNNERS: usize = 2;
 /// `worker.drain_timeout_secs` to finish, after which they are killed and
 /// handed back to the queue.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let sandbox = sandbox::Sandbox::from_settings(&settings.worker)?;
+    sandbox.apply_inherited()?;
     startup::check_services(&settings, "taskhost-worker start-up check").await?;
     let pool = db::pool(&settings.database).context("database.url")?;
     let node_name = settings.worker.node_name.clone();
@@ -112,6 +117,14 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let _ = identity.close(200, "identity checked".into()).await;
     tracing::info!(%node_id, node_name, group = settings.worker.group, role = settings.worker.role,
         concurrency = settings.worker.concurrency, "worker registered");
+    if sandbox.ids.is_none() && nix::unistd::Uid::effective().is_root() {
+        tracing::warn!(
+            "{} (worker.run_as = \"root\": jobs keep root)",
+            sandbox.describe()
+        );
+    } else {
+        tracing::info!("{}", sandbox.describe());
+    }
     let claimer = Claimer {
         node_id,
         node_name: node_name.clone(),
@@ -157,6 +170,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         tracker: TaskTracker::new(),
         shutdown: shutdown.clone(),
         settings,
+        sandbox,
     });
     let _ = inline_ctx.set(Arc::downgrade(&ctx));
     let heartbeat = tokio::spawn(heartbeat_loop(ctx.clone()));

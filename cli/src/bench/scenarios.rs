@@ -92,16 +92,18 @@ pub(super) async fn run(env: &mut TestEnv, args: &BenchArgs) -> anyhow::Result<R
     }
 
     // Production defaults (not the testkit's short leases), on this run's
-    // database and prefix.
-    let mut settings = Settings::load_from(
-        None,
-        &HashMap::from([
-            ("DATABASE_URL".to_owned(), env.db_url()),
-            ("AMQP_URL".to_owned(), AMQP_URL.to_owned()),
-            ("TASKHOST__AMQP__PREFIX".to_owned(), env.prefix.clone()),
-            ("TASKHOST__API__BIND".to_owned(), "127.0.0.1:0".to_owned()),
-        ]),
-    )?;
+    // database and prefix; `TASKHOST__WORKER__*` from the environment apply,
+    // so an operator can measure their own worker settings.
+    let mut vars: HashMap<String, String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("TASKHOST__WORKER__"))
+        .collect();
+    vars.extend([
+        ("DATABASE_URL".to_owned(), env.db_url()),
+        ("AMQP_URL".to_owned(), AMQP_URL.to_owned()),
+        ("TASKHOST__AMQP__PREFIX".to_owned(), env.prefix.clone()),
+        ("TASKHOST__API__BIND".to_owned(), "127.0.0.1:0".to_owned()),
+    ]);
+    let mut settings = Settings::load_from(None, &vars)?;
     settings.database.max_connections = args.db_connections;
     settings.worker.concurrency = args.slots;
     settings.worker.prefetch = args.prefetch;

@@ -12,6 +12,7 @@ mod hostile;
 mod jobs;
 mod openapi;
 mod routing;
+mod sandbox;
 mod smoke;
 mod startup;
 mod sync;
