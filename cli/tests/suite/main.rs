@@ -8,6 +8,7 @@ mod bench;
 mod dashboard;
 mod examples;
 mod foundation;
+mod http_limits;
 mod jobs;
 mod openapi;
 mod routing;
