@@ -7,7 +7,8 @@
 //!   `changes` (the feed), `sync` (consumer cursors, the events relay),
 //!   `ops` (`/livez`, `/readyz`, OpenAPI), `metrics`, `dashboard` (the
 //!   browser page), `auth` (Bearer keys), `ratelimit` (per-key token
-//!   buckets), `error` (the one error type that owns status codes).
+//!   buckets), `error` (the one error type that owns status codes),
+//!   `server` (the accept loop: connection cap, header and idle timeouts).
 //!
 //! The api never executes commands and never consumes work queues.
 
@@ -21,6 +22,7 @@ mod metrics;
 mod nodes;
 mod ops;
 mod ratelimit;
+mod server;
 mod state;
 mod sync;
 mod tasks;
@@ -40,6 +42,10 @@ use tokio::net::TcpListener;
 pub use error::ApiError;
 pub use metrics::Metrics;
 pub use state::AppState;
+
+/// The longest a request may take in the router (then 503); shutdown waits
+/// this long, and a little more, for requests in flight.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Builds the state from settings (connections are opened lazily). Call it
 /// inside the Tokio runtime: it starts the publish batcher.
@@ -120,7 +126,7 @@ pub fn router(state: AppState) -> Router {
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
-            Duration::from_secs(30),
+            REQUEST_TIMEOUT,
         ))
         // Outermost, so it also sees what the layers above produce.
         .layer(axum::middleware::map_response(move |r| async move {
@@ -205,19 +211,32 @@ pub async fn run_on(
     serve(listener, state, shutdown).await
 }
 
-/// Serves on `listener` until `shutdown`, then drains in-flight requests.
+/// Serves on `listener` until `shutdown`, then drains in-flight requests
+/// (for a little longer than the request timeout at most). At most
+/// `api.max_connections` connections are open at once, and a connection
+/// that is slow to send its headers or idle too long is closed (the
+/// `server` module says how).
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, "api listening");
+    let limits = server::Limits::new(
+        &state.settings.api,
+        REQUEST_TIMEOUT + Duration::from_secs(5),
+    );
+    tracing::info!(
+        %addr,
+        max_connections = limits.max_connections,
+        header_timeout_secs = limits.header_timeout.as_secs(),
+        idle_timeout_secs = limits.idle_timeout.as_secs(),
+        "api listening"
+    );
+    server::check_open_file_limit(limits.max_connections);
     let publisher = state.publisher.clone();
     let app = router(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
+    server::accept_loop(listener, app, limits, shutdown).await;
     publisher.close().await;
     tracing::info!("api stopped");
     Ok(())

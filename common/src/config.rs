@@ -13,6 +13,9 @@ use serde::Deserialize;
 /// Environment variable naming the optional TOML file.
 pub const CONFIG_FILE_ENV: &str = "TASKHOST_CONFIG";
 
+/// The largest accepted `api.max_connections`.
+pub const MAX_API_CONNECTIONS: usize = 1_000_000;
+
 /// A configuration problem, reported as one line naming the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -115,6 +118,17 @@ pub struct ApiSettings {
     pub rate_limit_per_sec: u32,
     /// Requests one API key may make in a burst above the rate.
     pub rate_limit_burst: u32,
+    /// Connections open at once at most. At the cap the api stops
+    /// accepting: new connections wait in the kernel's listen backlog and
+    /// are served as open ones close.
+    pub max_connections: usize,
+    /// Seconds a connection may take to send a request's complete headers,
+    /// counted from its accept, or on a kept-alive connection from the
+    /// first byte of the next request; then it is closed.
+    pub header_timeout_secs: u64,
+    /// Seconds a kept-alive connection may wait for its next request, and
+    /// a response may go without any progress, before it is closed.
+    pub idle_timeout_secs: u64,
 }
 
 /// Worker node settings.
@@ -242,6 +256,9 @@ impl Settings {
             .set_default("api.max_body_bytes", 256 * 1024)?
             .set_default("api.rate_limit_per_sec", 1000)?
             .set_default("api.rate_limit_burst", 2000)?
+            .set_default("api.max_connections", 1024)?
+            .set_default("api.header_timeout_secs", 10)?
+            .set_default("api.idle_timeout_secs", 60)?
             .set_default("worker.node_name", crate::hostname())?
             .set_default("worker.group", "default")?
             .set_default("worker.role", "worker")?
@@ -381,10 +398,19 @@ impl Settings {
             ("retention.interval_secs", self.retention.interval_secs),
             ("sync.interval_ms", self.sync.interval_ms),
             ("sync.batch", u64::from(self.sync.batch)),
+            ("api.max_connections", self.api.max_connections as u64),
+            ("api.header_timeout_secs", self.api.header_timeout_secs),
+            ("api.idle_timeout_secs", self.api.idle_timeout_secs),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be greater than 0"));
             }
+        }
+        if self.api.max_connections > MAX_API_CONNECTIONS {
+            return Err(invalid(
+                "api.max_connections",
+                format!("must be at most {MAX_API_CONNECTIONS}"),
+            ));
         }
         if self.worker.shell.split_whitespace().next().is_none() {
             return Err(invalid(

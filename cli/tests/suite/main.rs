@@ -9,6 +9,7 @@ mod dashboard;
 mod examples;
 mod foundation;
 mod hostile;
+mod http_limits;
 mod jobs;
 mod openapi;
 mod routing;
