@@ -216,6 +216,10 @@ async fn process(ctx: Arc<Ctx>, acks: &Acks, delivery: Delivery, run: JobRun) {
     if let Some(renewer) = renewer {
         renewer.abort();
     }
+    // Until its end is recorded the job stays in this process's hands: a
+    // copy of its message delivered meanwhile must see a live claim, not a
+    // stale one of this node to take over (which would run it again).
+    let finishing = Claiming::enter(&ctx.claiming, job_id);
     if let Ok(mut r) = ctx.running.lock() {
         r.remove(&job_id);
     }
@@ -269,6 +273,7 @@ async fn process(ctx: Arc<Ctx>, acks: &Acks, delivery: Delivery, run: JobRun) {
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_secs(5));
     };
+    drop(finishing);
     settled(&ctx, acks, &delivery, &claimed, &fin, finished, background).await;
 }
 
