@@ -124,7 +124,7 @@ pub async fn run(spec: CommandSpec<'_>, cancel: CancellationToken) -> Outcome {
         return spawn_failed(started_at, clock, "no shell configured".into());
     };
     let mut cmd = Command::new(program);
-    if let Some((uid, gid)) = spec.sandbox.and_then(|s| s.ids) {
+    if let Some((uid, gid)) = spec.sandbox.and_then(|s| s.spawn_ids()) {
         cmd.uid(uid).gid(gid);
     }
     if let Some(dir) = spec.dir {

@@ -29,6 +29,10 @@ pub struct Sandbox {
     pub limits: Vec<String>,
     /// The program that applies them (util-linux `prlimit`).
     pub prlimit: Option<PathBuf>,
+    /// util-linux `setpriv`, which switches to [`Sandbox::ids`] in front of
+    /// the shell, so the worker itself can start the job with a cheap
+    /// `posix_spawn` (a user switch in the spawn would fork the worker).
+    pub setpriv: Option<PathBuf>,
     /// Limits set on the worker process itself at start, so every job
     /// inherits them at no cost per job: open files, and processes when
     /// jobs run as another user (the count is per user, and root ignores
@@ -123,11 +127,13 @@ impl Sandbox {
                 work_root.display()
             ))
         })?;
+        let setpriv = ids.and_then(|_| find_program("setpriv"));
         Ok(Self {
             ids,
             user,
             limits,
             prlimit,
+            setpriv,
             inherited,
             work_root,
         })
@@ -169,6 +175,16 @@ impl Sandbox {
         )
     }
 
+    /// The user switch the spawn itself must make: only when `setpriv` is
+    /// not there to make it.
+    pub fn spawn_ids(&self) -> Option<(u32, u32)> {
+        if self.setpriv.is_some() {
+            None
+        } else {
+            self.ids
+        }
+    }
+
     /// Makes the working directory of one run, owned by the job's user.
     pub fn make_dir(&self, job_id: Uuid, attempt: i32) -> std::io::Result<PathBuf> {
         let dir = self.work_root.join(format!("{job_id}-{attempt}"));
@@ -193,6 +209,13 @@ impl Sandbox {
     /// the limits.
     pub fn argv(&self, shell: &[String], command: &str) -> Vec<String> {
         let mut argv = Vec::new();
+        if let (Some(p), Some((uid, gid))) = (&self.setpriv, self.ids) {
+            argv.push(p.display().to_string());
+            argv.push(format!("--reuid={uid}"));
+            argv.push(format!("--regid={gid}"));
+            argv.push("--clear-groups".into());
+            argv.push("--".into());
+        }
         if let Some(p) = &self.prlimit {
             argv.push(p.display().to_string());
             argv.extend(self.limits.iter().cloned());
