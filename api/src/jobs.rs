@@ -6,6 +6,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use chrono::{DateTime, Utc};
+use futures_util::TryStreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -23,6 +24,7 @@ use uuid::Uuid;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::output::{PREVIEW_COLUMNS, PreviewColumns, Previews};
 use crate::state::AppState;
 
 /// Longest `Idempotency-Key` accepted.
@@ -216,10 +218,10 @@ pub(crate) async fn dispatch(
     "job accepted".to_owned()
 }
 
-/// A job as users see it: a results entry, or `GET /jobs/{id}`.
+/// The fields every view of a job shows.
 #[derive(Debug, Serialize, sqlx::FromRow)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct JobView {
+pub(crate) struct JobFields {
     job_id: Uuid,
     job_name: String,
     command: String,
@@ -234,12 +236,8 @@ pub(crate) struct JobView {
     #[sqlx(rename = "completed_at")]
     date_completed: Option<DateTime<Utc>>,
     submitted_at: DateTime<Utc>,
-    #[sqlx(skip)]
     runtime: Option<f64>,
-    #[sqlx(skip)]
-    output: Option<String>,
-    #[sqlx(skip)]
-    error: Option<String>,
+    /// The worker cut the captured output at `worker.output_cap_bytes`.
     output_truncated: Option<bool>,
     node_id: Option<Uuid>,
     attempt: i32,
@@ -248,25 +246,59 @@ pub(crate) struct JobView {
     target_node_group: Option<String>,
     target_node_role: Option<String>,
     timeout_seconds: Option<i32>,
+}
+
+/// `GET /jobs/{id}`: the job with its whole output, as it always was.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct JobView {
+    #[sqlx(flatten)]
+    #[serde(flatten)]
+    fields: JobFields,
+    /// stdout then stderr.
+    #[sqlx(skip)]
+    output: Option<String>,
+    /// stderr alone, when not empty.
+    #[sqlx(skip)]
+    error: Option<String>,
     #[serde(skip)]
     raw_output: Option<Vec<u8>>,
     #[serde(skip)]
     raw_error: Option<Vec<u8>>,
-    #[serde(skip)]
-    duration_ms: Option<i64>,
 }
 
-const VIEW_SELECT: &str =
+/// A `/jobs/results` entry: the job with bounded previews of stdout and
+/// stderr and their sizes (the whole streams: `GET /jobs/{id}/output`).
+#[derive(Debug, Serialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct JobEntry {
+    #[sqlx(flatten)]
+    #[serde(flatten)]
+    fields: JobFields,
+    #[sqlx(skip)]
+    #[serde(flatten)]
+    out: Previews,
+    #[sqlx(flatten)]
+    #[serde(skip)]
+    raw: PreviewColumns,
+}
+
+const FIELDS_SELECT: &str =
     "SELECT j.job_id, j.job_name, j.command, j.description, j.execution_mode, j.status,
             j.status_reason, j.success, j.exit_code, j.started_at, j.completed_at, j.submitted_at,
+            h.duration_ms::float8 / 1000 AS runtime,
             h.output_truncated, coalesce(h.node_id, j.claimed_by) AS node_id, j.attempt, j.priority,
-            j.target_node_id, j.target_node_group, j.target_node_role, j.timeout_seconds,
-            h.output AS raw_output, h.error AS raw_error, h.duration_ms
-     FROM jobs j LEFT JOIN task_history h ON h.job_id = j.job_id AND h.is_final";
+            j.target_node_id, j.target_node_group, j.target_node_role, j.timeout_seconds";
+
+const FROM_JOBS: &str =
+    "FROM jobs j LEFT JOIN task_history h ON h.job_id = j.job_id AND h.is_final";
 
 fn text_of(bytes: Option<&[u8]>) -> Option<String> {
     bytes.map(|b| match changelog::gunzip(b) {
-        Ok(raw) => String::from_utf8_lossy(&raw).into_owned(),
+        Ok(raw) => match String::from_utf8(raw) {
+            Ok(text) => text,
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        },
         Err(e) => format!("<output could not be decoded: {e}>"),
     })
 }
@@ -275,14 +307,16 @@ impl JobView {
     fn finish(mut self) -> Self {
         let out = text_of(self.raw_output.take().as_deref());
         let err = text_of(self.raw_error.take().as_deref());
-        self.output = match (&out, &err) {
-            (Some(o), Some(e)) if !e.is_empty() => Some(format!("{o}{e}")),
-            (Some(o), _) => Some(o.clone()),
+        self.output = match (out, &err) {
+            (Some(mut o), Some(e)) => {
+                o.push_str(e);
+                Some(o)
+            }
+            (Some(o), None) => Some(o),
             (None, Some(e)) => Some(e.clone()),
             (None, None) => None,
         };
         self.error = err.filter(|e| !e.is_empty());
-        self.runtime = self.duration_ms.map(|ms| ms as f64 / 1000.0);
         self
     }
 }
@@ -293,11 +327,18 @@ pub(crate) struct ResultsQuery {
     max_results: Option<i64>,
 }
 
+#[derive(Debug, Serialize)]
+pub(crate) struct Results {
+    success: bool,
+    count: usize,
+    results: Vec<JobEntry>,
+}
+
 pub(crate) async fn results(
     State(state): State<AppState>,
     caller: Caller,
     query: Result<Query<ResultsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Results>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
     let limit = q.max_results.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
@@ -306,34 +347,56 @@ pub(crate) async fn results(
         ));
     }
     let sql = format!(
-        "{VIEW_SELECT} WHERE j.user_id = $1 AND j.completed_at IS NOT NULL ORDER BY j.completed_at DESC, j.job_id DESC LIMIT $2"
+        "{FIELDS_SELECT}, {PREVIEW_COLUMNS} {FROM_JOBS}
+         WHERE j.user_id = $1 AND j.completed_at IS NOT NULL
+         ORDER BY j.completed_at DESC, j.job_id DESC LIMIT $2"
     );
-    let rows: Vec<JobView> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+    // Row by row, so only one row's slices are held at a time.
+    let mut rows = sqlx::query_as::<_, JobEntry>(sqlx::AssertSqlSafe(sql))
         .bind(caller.user())
         .bind(limit)
-        .fetch_all(&state.pool)
-        .await?;
-    let results: Vec<JobView> = rows.into_iter().map(JobView::finish).collect();
-    Ok(Json(
-        json!({ "success": true, "count": results.len(), "results": results }),
-    ))
+        .fetch(&state.pool);
+    let mut results = Vec::new();
+    while let Some(mut entry) = rows.try_next().await? {
+        entry.out = entry.raw.previews();
+        results.push(entry);
+    }
+    Ok(Json(Results {
+        success: true,
+        count: results.len(),
+        results,
+    }))
 }
 
-/// Loads a job the caller may see: its owner, or an admin when `admin_ok`.
+/// Loads a job its owner may see, with its whole output.
 async fn load_visible(
     state: &AppState,
     caller: &Caller,
     job_id: Uuid,
-    admin_ok: bool,
 ) -> Result<JobView, ApiError> {
-    let sql = format!("{VIEW_SELECT} WHERE j.job_id = $1 AND (j.user_id = $2 OR $3)");
+    let sql = format!(
+        "{FIELDS_SELECT}, h.output AS raw_output, h.error AS raw_error {FROM_JOBS}
+         WHERE j.job_id = $1 AND j.user_id = $2"
+    );
     let row: Option<JobView> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(job_id)
         .bind(caller.user())
-        .bind(admin_ok && caller.0.is_admin())
         .fetch_optional(&state.pool)
         .await?;
     row.map(JobView::finish).ok_or(ApiError::NotFound("job"))
+}
+
+/// Fails with 404 unless the caller may act on the job: its owner, or an
+/// admin.
+async fn check_visible(state: &AppState, caller: &Caller, job_id: Uuid) -> Result<(), ApiError> {
+    let found: Option<i32> =
+        sqlx::query_scalar("SELECT 1 FROM jobs WHERE job_id = $1 AND (user_id = $2 OR $3)")
+            .bind(job_id)
+            .bind(caller.user())
+            .bind(caller.0.is_admin())
+            .fetch_optional(&state.pool)
+            .await?;
+    found.map(|_| ()).ok_or(ApiError::NotFound("job"))
 }
 
 fn parse_job_id(raw: &str) -> Result<Uuid, ApiError> {
@@ -347,7 +410,7 @@ pub(crate) async fn get_one(
     Path(raw): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
     let job_id = parse_job_id(&raw)?;
-    Ok(Json(load_visible(&state, &caller, job_id, false).await?))
+    Ok(Json(load_visible(&state, &caller, job_id).await?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -396,7 +459,7 @@ pub(crate) async fn cancel(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let job_id = parse_job_id(&raw)?;
     // Visibility first, so another user's job answers 404.
-    load_visible(&state, &caller, job_id, true).await?;
+    check_visible(&state, &caller, job_id).await?;
     let (message, running_on) =
         match store::cancel::cancel(&state.pool, job_id, caller.user()).await? {
             Cancelled::NotFound => return Err(ApiError::NotFound("job")),

@@ -4,7 +4,8 @@
 //! - [`run`] serves it on the configured address until shutdown;
 //!   [`serve`] takes an already-bound listener.
 //! - Modules: `jobs` (submit, results, cancel), `tasks`, `nodes`,
-//!   `changes` (the feed), `sync` (consumer cursors, the events relay),
+//!   `output` (bounded previews, whole outputs streamed), `changes` (the
+//!   feed), `sync` (consumer cursors, the events relay),
 //!   `ops` (`/livez`, `/readyz`, OpenAPI), `metrics`, `dashboard` (the
 //!   browser page), `auth` (Bearer keys), `ratelimit` (per-key token
 //!   buckets), `error` (the one error type that owns status codes),
@@ -21,6 +22,7 @@ mod jobs;
 mod metrics;
 mod nodes;
 mod ops;
+mod output;
 mod ratelimit;
 mod server;
 mod state;
@@ -94,6 +96,7 @@ pub fn router(state: AppState) -> Router {
             get(jobs::get_one).delete(jobs::delete_by_path),
         )
         .route("/jobs/{job_id}/cancel", post(jobs::cancel))
+        .route("/jobs/{job_id}/output", get(output::job_output))
         .route("/nodes", get(nodes::list))
         .route("/nodes/{node_id}", get(nodes::get_one))
         .route("/changes", get(changes::list))
@@ -105,6 +108,10 @@ pub fn router(state: AppState) -> Router {
             get(tasks::get_one).put(tasks::update).delete(tasks::delete),
         )
         .route("/tasks/{task_id}/history", get(tasks::history))
+        .route(
+            "/tasks/{task_id}/history/{history_id}/output",
+            get(output::history_output),
+        )
         .route("/tasks/{task_id}/schedule", get(tasks::schedule))
         .route("/tasks/{task_id}/run", post(tasks::run_now))
         .layer(axum::middleware::from_fn_with_state(

@@ -9,7 +9,6 @@ use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use taskhost_common::changelog;
 use taskhost_common::jobs::Accepted;
 use taskhost_common::model::{ExecutionMode, Role};
 use taskhost_common::tasks::{self, Task, TaskError, TaskRequest};
@@ -172,20 +171,16 @@ struct HistoryEntry {
     is_final: bool,
     exit_code: Option<i32>,
     triggered_by: String,
+    /// The worker cut the captured output at `worker.output_cap_bytes`.
     output_truncated: bool,
+    /// Bounded previews of stdout and stderr with their sizes (the whole
+    /// streams: `GET /tasks/{id}/history/{historyId}/output`).
     #[sqlx(skip)]
-    output: Option<String>,
-    #[sqlx(skip)]
-    error: Option<String>,
+    #[serde(flatten)]
+    out: crate::output::Previews,
+    #[sqlx(flatten)]
     #[serde(skip)]
-    raw_output: Option<Vec<u8>>,
-    #[serde(skip)]
-    raw_error: Option<Vec<u8>>,
-}
-
-fn text(b: Option<Vec<u8>>) -> Option<String> {
-    b.and_then(|b| changelog::gunzip(&b).ok())
-        .map(|raw| String::from_utf8_lossy(&raw).into_owned())
+    raw: crate::output::PreviewColumns,
 }
 
 pub(crate) async fn history(
@@ -203,28 +198,27 @@ pub(crate) async fn history(
     tasks::get(&state.pool, id)
         .await?
         .ok_or(ApiError::NotFound("task"))?;
-    let rows: Vec<HistoryEntry> = sqlx::query_as(
+    let sql = format!(
         "SELECT h.history_id, h.job_id, h.node_id, n.node_name, h.attempt, h.start_time, h.end_time,
                 h.duration_ms, h.state, h.is_final, h.exit_code, h.triggered_by, h.output_truncated,
-                h.output AS raw_output, h.error AS raw_error
+                {}
          FROM task_history h LEFT JOIN nodes n ON n.node_id = h.node_id
          WHERE h.task_id = $1 AND ($2::bigint IS NULL OR h.history_id < $2)
          ORDER BY h.history_id DESC
          LIMIT $3",
-    )
-    .bind(id)
-    .bind(q.before)
-    .bind(limit)
-    .fetch_all(&state.pool)
-    .await?;
-    let entries: Vec<HistoryEntry> = rows
-        .into_iter()
-        .map(|mut h| {
-            h.output = text(h.raw_output.take());
-            h.error = text(h.raw_error.take()).filter(|e| !e.is_empty());
-            h
-        })
-        .collect();
+        crate::output::PREVIEW_COLUMNS
+    );
+    // Row by row, so only one row's output slices are held at a time.
+    let mut rows = sqlx::query_as::<_, HistoryEntry>(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .bind(q.before)
+        .bind(limit)
+        .fetch(&state.pool);
+    let mut entries = Vec::new();
+    while let Some(mut h) = futures_util::TryStreamExt::try_next(&mut rows).await? {
+        h.out = h.raw.previews();
+        entries.push(h);
+    }
     let next = if entries.len() as i64 == limit {
         entries.last().map(|h| h.history_id)
     } else {

@@ -351,8 +351,12 @@ async fn failing_command_is_failed_with_exit_code_and_both_streams() {
         entry["runtime"].as_f64().is_some_and(|r| r >= 0.0),
         "{entry}"
     );
-    let out = entry["output"].as_str().unwrap_or_default();
-    assert!(out.contains("out") && out.contains("boom"), "{entry}");
+    // A results entry previews stdout in `output` and stderr in `error`
+    // (each once; GET /jobs/{id} keeps stdout then stderr in `output`).
+    assert_eq!(entry["output"], "out\n", "{entry}");
+    assert_eq!(entry["error"], "boom\n", "{entry}");
+    assert_eq!(entry["outputBytes"], 4, "{entry}");
+    assert_eq!(entry["errorBytes"], 5, "{entry}");
     let started: chrono::DateTime<chrono::Utc> =
         serde_json::from_value(entry["dateStarted"].clone()).expect("dateStarted is a timestamp");
     let completed: chrono::DateTime<chrono::Utc> =

@@ -5,6 +5,7 @@
 
 mod api_edges;
 mod bench;
+mod bounded_output;
 mod dashboard;
 mod examples;
 mod foundation;

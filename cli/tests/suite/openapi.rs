@@ -15,6 +15,7 @@ const ROUTES: &[(&str, &[&str])] = &[
     ("/api/v1/jobs/results", &["get", "delete"]),
     ("/api/v1/jobs/{jobId}", &["get", "delete"]),
     ("/api/v1/jobs/{jobId}/cancel", &["post"]),
+    ("/api/v1/jobs/{jobId}/output", &["get"]),
     ("/api/v1/nodes", &["get"]),
     ("/api/v1/nodes/{nodeId}", &["get"]),
     ("/api/v1/changes", &["get"]),
@@ -23,6 +24,10 @@ const ROUTES: &[(&str, &[&str])] = &[
     ("/api/v1/tasks", &["get", "post"]),
     ("/api/v1/tasks/{taskId}", &["get", "put", "delete"]),
     ("/api/v1/tasks/{taskId}/history", &["get"]),
+    (
+        "/api/v1/tasks/{taskId}/history/{historyId}/output",
+        &["get"],
+    ),
     ("/api/v1/tasks/{taskId}/schedule", &["get"]),
     ("/api/v1/tasks/{taskId}/run", &["post"]),
     ("/livez", &["get"]),
