@@ -29,15 +29,31 @@ pub struct TaskRequest {
     pub schedule: Option<String>,
     pub timezone: Option<String>,
     pub enabled: Option<bool>,
-    #[serde(default, deserialize_with = "named")]
+    #[serde(
+        default,
+        deserialize_with = "named",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub assigned_node_id: Option<Option<Uuid>>,
-    #[serde(default, deserialize_with = "named")]
+    #[serde(
+        default,
+        deserialize_with = "named",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub assigned_node_group: Option<Option<String>>,
-    #[serde(default, deserialize_with = "named")]
+    #[serde(
+        default,
+        deserialize_with = "named",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub assigned_node_role: Option<Option<String>>,
     pub fanout: Option<String>,
     pub priority: Option<i64>,
-    #[serde(default, deserialize_with = "named")]
+    #[serde(
+        default,
+        deserialize_with = "named",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub timeout_seconds: Option<Option<i64>>,
     pub max_retries: Option<i64>,
     pub retry_delay_seconds: Option<i64>,
@@ -52,7 +68,9 @@ pub struct TaskRequest {
 }
 
 /// For fields that may be cleared: absent is `None` (unchanged), `null` is
-/// `Some(None)` (cleared), a value is `Some(Some(v))`.
+/// `Some(None)` (cleared), a value is `Some(Some(v))`. Such a field is
+/// serialized only when `Some`, so `None` stays absent (not `null`, which
+/// would clear it).
 fn named<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
 where
     D: serde::Deserializer<'de>,
@@ -152,8 +170,26 @@ impl Task {
         }
     }
 
-    /// Applies the fields a request names, validating each.
-    fn apply(&mut self, r: TaskRequest) -> Result<(), FieldError> {
+    /// The task a `POST /tasks` body describes (before it is stored):
+    /// `taskName`, `command` and `schedule` are required, the rest default.
+    pub fn from_request(request: TaskRequest, user: &str) -> Result<Self, FieldError> {
+        for (field, present) in [
+            ("taskName", request.task_name.is_some()),
+            ("command", request.command.is_some()),
+            ("schedule", request.schedule.is_some()),
+        ] {
+            if !present {
+                return Err(err(field, "is required"));
+            }
+        }
+        let mut task = Task::blank(user);
+        task.apply(request)?;
+        Ok(task)
+    }
+
+    /// Applies the fields a request names, validating each (`PUT
+    /// /tasks/{id}`); on an error the task may be partly changed.
+    pub fn apply(&mut self, r: TaskRequest) -> Result<(), FieldError> {
         if let Some(v) = r.task_name {
             self.task_name = v.trim().to_owned();
         }
@@ -524,17 +560,7 @@ pub async fn notify_scheduler(conn: &mut PgConnection, task_id: Uuid) -> Result<
 
 /// Creates a task and its schedule row.
 pub async fn create(pool: &PgPool, request: TaskRequest, user: &str) -> Result<Task, TaskError> {
-    for (field, present) in [
-        ("taskName", request.task_name.is_some()),
-        ("command", request.command.is_some()),
-        ("schedule", request.schedule.is_some()),
-    ] {
-        if !present {
-            return Err(err(field, "is required").into());
-        }
-    }
-    let mut task = Task::blank(user);
-    task.apply(request)?;
+    let task = Task::from_request(request, user)?;
     let mut tx = pool.begin().await?;
     let new = write_task(&mut tx, &task, true)
         .await
