@@ -34,6 +34,14 @@ const IDEMPOTENCY_KEY_MAX: usize = 200;
 /// A string holding NUL (the escape `\u0000`) is refused with 422 naming its
 /// field, for every body (see `taskhost_common::text`).
 pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    // Every body is an object: serde would also read a struct from an
+    // array of its fields in order, which the contract does not allow.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+            Ok(_) => Err(ApiError::Invalid("body must be a JSON object".into())),
+            Err(e) => Err(ApiError::BadRequest(format!("body is not valid JSON: {e}"))),
+        };
+    }
     if taskhost_common::text::may_hold_nul(body) {
         match serde_json::from_slice::<Value>(body) {
             Ok(v) => {

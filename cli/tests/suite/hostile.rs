@@ -151,6 +151,17 @@ async fn nul_in_any_text_field_or_url_is_422_naming_the_field() {
         assert!(msg.contains(field), "{field} not named in {msg}");
         assert!(msg.contains("NUL"), "{msg}");
     }
+    // A body is an object, never the fields as an array.
+    let resp = api
+        .http
+        .post(api.v1("/jobs/submit"))
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .body(r#"["j","echo hi",null,null,null,null,null,null]"#)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 422, "an array body");
     let (status, answer) = get(&api, &key, "/changes?consumer=a%00b").await;
     assert_eq!(status, 422, "{answer}");
     assert!(message(&answer).contains("NUL"), "{answer}");
