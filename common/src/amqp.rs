@@ -84,7 +84,20 @@ impl Names {
 /// recovery is still settling.
 pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, props).await
+    Connection::connect(&with_heartbeat(url), props).await
+}
+
+/// Heartbeat asked of the broker unless `amqp.url` names one
+/// (`?heartbeat=N`): a frozen or cut-off process loses its connection, and
+/// the deliveries it holds go to another consumer, within about twice this.
+pub const HEARTBEAT_SECS: u16 = 10;
+
+fn with_heartbeat(url: &str) -> String {
+    if url.contains("heartbeat=") {
+        return url.to_owned();
+    }
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}heartbeat={HEARTBEAT_SECS}")
 }
 
 fn durable() -> ExchangeDeclareOptions {
@@ -530,5 +543,26 @@ pub async fn supervise<F, Fut>(
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_heartbeat;
+
+    #[test]
+    fn a_heartbeat_is_asked_for_unless_the_url_names_one() {
+        assert_eq!(
+            with_heartbeat("amqp://g:g@h:5672/%2f"),
+            "amqp://g:g@h:5672/%2f?heartbeat=10"
+        );
+        assert_eq!(
+            with_heartbeat("amqp://h/%2f?frame_max=8192"),
+            "amqp://h/%2f?frame_max=8192&heartbeat=10"
+        );
+        assert_eq!(
+            with_heartbeat("amqp://h/%2f?heartbeat=30"),
+            "amqp://h/%2f?heartbeat=30"
+        );
     }
 }

@@ -8,6 +8,7 @@ mod bench;
 mod bounded_output;
 mod dashboard;
 mod examples;
+mod faults;
 mod foundation;
 mod hostile;
 mod http_limits;
