@@ -17,6 +17,7 @@ mod openapi;
 mod routing;
 mod sandbox;
 mod smoke;
+mod soak;
 mod startup;
 mod sync;
 mod tasks;
