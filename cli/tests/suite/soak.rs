@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use taskhost_common::messages::JOB_SUBMIT_V1;
 use taskhost_common::model::Role;
-use taskhost_testkit::{TestEnv, job_id, submit};
+use taskhost_testkit::{TestEnv, job_id};
 use uuid::Uuid;
 
 const BIN: &str = env!("CARGO_BIN_EXE_taskhost");
