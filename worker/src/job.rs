@@ -44,20 +44,29 @@ fn publish_event(ctx: &Ctx, job_id: Uuid, status: JobStatus, attempt: i32, exit_
     ));
 }
 
-/// Counts a delivery as claiming its job while it lives.
+/// Holds a delivery's place among the deliveries of its job that this
+/// process is claiming (or, after a run, recording) while it lives. The
+/// oldest asks the store first; the others wait for it, so a copy that came
+/// in a moment earlier never takes over a claim another delivery of this
+/// process just made.
 struct Claiming {
-    map: Arc<Mutex<HashMap<Uuid, usize>>>,
+    map: Arc<Mutex<HashMap<Uuid, Vec<u64>>>>,
     job_id: Uuid,
+    ticket: u64,
 }
 
+static NEXT_TICKET: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl Claiming {
-    fn enter(map: &Arc<Mutex<HashMap<Uuid, usize>>>, job_id: Uuid) -> Self {
+    fn enter(map: &Arc<Mutex<HashMap<Uuid, Vec<u64>>>>, job_id: Uuid) -> Self {
+        let ticket = NEXT_TICKET.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut m) = map.lock() {
-            *m.entry(job_id).or_insert(0) += 1;
+            m.entry(job_id).or_default().push(ticket);
         }
         Self {
             map: map.clone(),
             job_id,
+            ticket,
         }
     }
 
@@ -65,17 +74,24 @@ impl Claiming {
     fn alone(&self) -> bool {
         self.map
             .lock()
-            .is_ok_and(|m| m.get(&self.job_id).copied().unwrap_or(0) <= 1)
+            .is_ok_and(|m| m.get(&self.job_id).is_none_or(|t| t.len() <= 1))
+    }
+
+    /// This delivery is the oldest of its job here: it may ask the store.
+    fn first(&self) -> bool {
+        self.map
+            .lock()
+            .is_ok_and(|m| m.get(&self.job_id).and_then(|t| t.first()) == Some(&self.ticket))
     }
 }
 
 impl Drop for Claiming {
     fn drop(&mut self) {
         if let Ok(mut m) = self.map.lock()
-            && let Some(n) = m.get_mut(&self.job_id)
+            && let Some(t) = m.get_mut(&self.job_id)
         {
-            *n -= 1;
-            if *n == 0 {
+            t.retain(|&x| x != self.ticket);
+            if t.is_empty() {
                 m.remove(&self.job_id);
             }
         }
@@ -121,6 +137,13 @@ async fn process(ctx: Arc<Ctx>, acks: &Acks, delivery: Delivery, run: JobRun) {
     // delivered meanwhile must not take this process's claim for a stale one.
     let claiming = Claiming::enter(&ctx.claiming, job_id);
     let claimed = loop {
+        if !claiming.first() {
+            // An older delivery of this job asks first; its answer decides.
+            if !pause(&ctx, Duration::from_millis(100)).await {
+                return acks.requeue(&delivery).await;
+            }
+            continue;
+        }
         let own_stale = claiming.alone()
             && ctx
                 .running

@@ -71,7 +71,7 @@ pub(crate) struct Ctx {
     pub(crate) events: EventSink,
     pub(crate) running: Mutex<HashMap<Uuid, Running>>,
     /// Deliveries of each job this process is claiming right now.
-    pub(crate) claiming: Arc<Mutex<HashMap<Uuid, usize>>>,
+    pub(crate) claiming: Arc<Mutex<HashMap<Uuid, Vec<u64>>>>,
     pub(crate) pool_slots: Arc<Semaphore>,
     pub(crate) background_slots: Arc<Semaphore>,
     pub(crate) started: Instant,
