@@ -87,12 +87,15 @@ const COMMENT_ONLY_EDITS: &[(i64, &str)] = &[(
     "4f8676b3451fbd27a3f97d199c810ac13d2bdc49d2b347a773b5c41516d3d055a13ea16631456f3a7f09cddf54254cfa",
 )];
 
+/// Whether sqlx's migrations table exists (a fresh database has none).
+async fn has_migrations_table(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT to_regclass('public._sqlx_migrations') IS NOT NULL")
+        .fetch_one(pool)
+        .await
+}
+
 async fn rebaseline(pool: &PgPool) -> Result<(), sqlx::Error> {
-    let exists: bool =
-        sqlx::query_scalar("SELECT to_regclass('public._sqlx_migrations') IS NOT NULL")
-            .fetch_one(pool)
-            .await?;
-    if !exists {
+    if !has_migrations_table(pool).await? {
         return Ok(());
     }
     for (version, original) in COMMENT_ONLY_EDITS {
@@ -124,11 +127,7 @@ pub struct MigrateReport {
 }
 
 async fn applied_versions(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
-    let exists: bool =
-        sqlx::query_scalar("SELECT to_regclass('public._sqlx_migrations') IS NOT NULL")
-            .fetch_one(pool)
-            .await?;
-    if !exists {
+    if !has_migrations_table(pool).await? {
         return Ok(Vec::new());
     }
     sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")

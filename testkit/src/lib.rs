@@ -224,6 +224,7 @@ impl TestEnv {
         let handle = tokio::spawn(taskhost_worker::run(settings, shutdown.clone()));
         // A worker that fails to start says why instead of timing out.
         let deadline = Instant::now() + Duration::from_secs(20);
+        let mut registered = false;
         while !handle.is_finished() && Instant::now() < deadline {
             let active: bool = sqlx::query_scalar(
                 "SELECT EXISTS (SELECT 1 FROM nodes WHERE node_name = $1 AND is_active)",
@@ -233,6 +234,7 @@ impl TestEnv {
             .await
             .expect("query nodes");
             if active {
+                registered = true;
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -244,8 +246,8 @@ impl TestEnv {
                 Err(e) => panic!("worker {name} panicked: {e}"),
             }
         }
+        assert!(registered, "node {name} never registered");
         self.services.push(Service { shutdown, handle });
-        self.wait_node(&name).await;
         // Give the consumer a moment to declare and consume its queues.
         tokio::time::sleep(Duration::from_millis(500)).await;
         self.services.len() - 1
@@ -341,6 +343,18 @@ impl TestEnv {
             .fetch_one(&self.pool)
             .await
             .expect("count history")
+    }
+
+    /// Jobs of this test's database with more than one final history row
+    /// (the unique index should keep it at 0).
+    pub async fn doubled_final_rows(&self) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT job_id FROM task_history WHERE is_final
+                                   GROUP BY job_id HAVING count(*) > 1) d",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .expect("count doubled final rows")
     }
 
     /// A `taskhost` child process with this test's environment.

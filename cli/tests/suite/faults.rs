@@ -47,13 +47,7 @@ async fn invariants(env: &TestEnv, accepted: &[Uuid], marker: &str) {
             "job {id}: one final row"
         );
     }
-    let doubled: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT job_id FROM task_history WHERE is_final
-                               GROUP BY job_id HAVING count(*) > 1) d",
-    )
-    .fetch_one(&env.pool)
-    .await
-    .expect("doubled");
+    let doubled = env.doubled_final_rows().await;
     assert_eq!(doubled, 0, "a job with two final rows");
     let stale_outbox: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM outbox WHERE published_at IS NULL

@@ -144,13 +144,7 @@ async fn a_soak_with_workers_killed_and_restarted_loses_and_doubles_nothing() {
             }
         }
     }
-    let doubled: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT job_id FROM task_history WHERE is_final
-                               GROUP BY job_id HAVING count(*) > 1) d",
-    )
-    .fetch_one(&env.pool)
-    .await
-    .expect("doubled");
+    let doubled = env.doubled_final_rows().await;
     let finals: i64 = sqlx::query_scalar(
         "SELECT count(DISTINCT job_id) FROM task_history WHERE is_final AND job_id = ANY($1)",
     )
