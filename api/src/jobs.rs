@@ -172,7 +172,14 @@ async fn submit_inner(
             outbox,
             status,
         } => {
-            let message = dispatch(state, caller.user(), &job_ids, &outbox, status).await;
+            // Fault tests: the api dies between the commit and its answer,
+            // or leaves the publish to the outbox relay.
+            taskhost_common::failpoint::hit("api.submit.after_commit");
+            let message = if taskhost_common::failpoint::hit("api.submit.skip_publish") {
+                "accepted (failpoint: publish left to the relay)".to_owned()
+            } else {
+                dispatch(state, caller.user(), &job_ids, &outbox, status).await
+            };
             let mut body = json!({
                 "success": true,
                 "jobId": job_ids[0],

@@ -1,136 +1,174 @@
-//! Failures of the real services while jobs run: nothing accepted is lost
-//! and every job ends with exactly one terminal history row.
+//! The fault matrix's cases that stop the shared services: the broker
+//! restarted under a 500-job burst, the broker killed with SIGKILL, a broker
+//! resource alarm, Postgres dropping every connection, and Postgres stopped
+//! for 30 s under load. Each ends with the invariants of
+//! [`TestEnv::assert_invariants`]: every accepted job ran and has exactly
+//! one final history row, none has two, the queues drain, nothing is left in
+//! the outbox or the dead-letter queue, no job process is left.
 //!
-//! The broker test restarts the shared RabbitMQ application, so this binary
-//! runs on its own after the rest of the suite, one test at a time
-//! (scripts/test passes `--test-threads 1` to nextest; under `cargo test` the
-//! lock below serializes them).
+//! They stop RabbitMQ or PostgreSQL for everyone, so this binary runs on its
+//! own after the rest of the suite, one test at a time (scripts/test passes
+//! `--test-threads 1` to nextest; under `cargo test` the lock below
+//! serializes them).
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use taskhost_common::model::Role;
-use taskhost_testkit::{TestEnv, job_id, submit};
+use taskhost_testkit::{Api, TestEnv, job_id, submit};
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
 static SERIAL: Mutex<()> = Mutex::const_new(());
 
-fn rabbitmqctl(args: &[&str]) {
-    let out = Command::new("rabbitmqctl")
+fn run(program: &str, args: &[&str]) {
+    let out = Command::new(program)
         .args(args)
         .output()
-        .expect("run rabbitmqctl");
+        .unwrap_or_else(|e| panic!("run {program}: {e}"));
     assert!(
         out.status.success(),
-        "rabbitmqctl {args:?}: {}",
+        "{program} {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
 
-async fn all_finished_once(env: &TestEnv, ids: &[Uuid], within: Duration) {
-    for id in ids {
-        let status = env.wait_terminal(*id, within).await;
-        assert_eq!(status, "succeeded", "job {id}");
-        assert_eq!(env.final_history_rows(*id).await, 1, "job {id}");
-    }
-    let history: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM task_history WHERE job_id = ANY($1)")
-            .bind(ids)
-            .fetch_one(&env.pool)
-            .await
-            .expect("count history rows");
-    assert_eq!(
-        history,
-        ids.len() as i64,
-        "one history row per job, no more"
-    );
+fn rabbitmqctl(args: &[&str]) {
+    run("rabbitmqctl", args);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_restart_mid_run_loses_nothing() {
-    let _serial = SERIAL.lock().await;
+/// Waits until the broker has booted (after a restart or a new start).
+async fn broker_up() {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !Command::new("rabbitmqctl")
+        .args(["-q", "await_startup"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        assert!(Instant::now() < deadline, "RabbitMQ did not come back");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn pg_cluster(action: &str) {
+    let version = std::fs::read_dir("/etc/postgresql")
+        .expect("/etc/postgresql")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .next()
+        .expect("a PostgreSQL cluster");
+    let mut args = vec!["--skip-systemctl-redirect", &version, "main", action];
+    if action == "stop" {
+        args.extend(["-m", "fast"]);
+    }
+    run("pg_ctlcluster", &args);
+}
+
+/// Submits until accepted (the api may answer 503 while a service is
+/// coming back), for at most `within`.
+async fn submit_until_accepted(
+    api: &Api,
+    key: &str,
+    body: &serde_json::Value,
+    within: Duration,
+) -> Uuid {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, resp) = submit(api, key, body).await;
+        if status == 202 {
+            return job_id(&resp);
+        }
+        assert!(Instant::now() < deadline, "submit: {status} {resp}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// api, scheduler and one worker, and a task_manager key.
+async fn system() -> (TestEnv, Api, String) {
     let mut env = TestEnv::new().await;
     let api = env.start_api().await;
     env.start_scheduler().await;
     env.start_worker("w1", "default", "worker").await;
     let key = env.key("alice", &[Role::TaskManager]).await;
+    (env, api, key)
+}
 
-    let mut ids = Vec::new();
-    for i in 0..12 {
-        let (status, body) = submit(
-            &api,
-            &key,
-            &json!({"jobName": format!("before-{i}"), "command": "sleep 1; echo ok"}),
-        )
-        .await;
-        assert_eq!(status, 202, "{body}");
-        ids.push(job_id(&body));
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_under_a_500_job_burst_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let (env, api, key) = system().await;
+    let marker = format!("chaos-restart-{}", env.prefix);
+    // 500 jobs submitted over 16 connections; the broker restarts in the
+    // middle of the burst.
+    let api = std::sync::Arc::new(api);
+    let mut clients = Vec::new();
+    for c in 0..16 {
+        let (api, key, marker) = (api.clone(), key.clone(), marker.clone());
+        clients.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..32 {
+                let body = json!({"jobName": format!("burst-{c}-{i}"), "command": format!("echo {marker}")});
+                ids.push(submit_until_accepted(&api, &key, &body, Duration::from_secs(60)).await);
+            }
+            ids
+        }));
     }
-    // Some are running, some wait in the queue, when the broker goes away.
-    env.wait_status(ids[0], "running", Duration::from_secs(10))
-        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     rabbitmqctl(&["stop_app"]);
     let restarted = scopeguard(|| rabbitmqctl(&["start_app"]));
-    for i in 0..4 {
-        let (status, body) = submit(
-            &api,
-            &key,
-            &json!({"jobName": format!("during-{i}"), "command": "echo ok"}),
-        )
-        .await;
-        assert_eq!(
-            status, 202,
-            "a job is accepted while the broker is down: {body}"
-        );
-        ids.push(job_id(&body));
-    }
     tokio::time::sleep(Duration::from_secs(2)).await;
     drop(restarted);
-    rabbitmqctl(&["await_startup"]);
-    for i in 0..4 {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let (status, body) = submit(
-                &api,
-                &key,
-                &json!({"jobName": format!("after-{i}"), "command": "echo ok"}),
-            )
-            .await;
-            if status == 202 {
-                ids.push(job_id(&body));
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "submit after restart: {status} {body}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+    broker_up().await;
+    let mut ids = Vec::new();
+    for c in clients {
+        ids.extend(c.await.expect("client"));
     }
-    all_finished_once(&env, &ids, Duration::from_secs(90)).await;
+    assert_eq!(ids.len(), 512);
+    env.assert_invariants(&ids, &marker, 0).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_killed_with_sigkill_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let (env, api, key) = system().await;
+    let marker = format!("chaos-kill-{}", env.prefix);
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let body =
+            json!({"jobName": format!("k{i}"), "command": format!("sleep 0.5; echo {marker}")});
+        ids.push(submit_until_accepted(&api, &key, &body, Duration::from_secs(10)).await);
+    }
+    env.wait_status(ids[0], "running", Duration::from_secs(10))
+        .await;
+    // No clean shutdown: the Erlang VM is killed outright.
+    run("pkill", &["-KILL", "-f", "beam.smp"]);
+    let started = scopeguard(|| {
+        let _ = Command::new("rabbitmq-server").arg("-detached").status();
+    });
+    for i in 0..3 {
+        // Accepted while the broker is gone: committed, published later.
+        let body = json!({"jobName": format!("down-{i}"), "command": format!("echo {marker}")});
+        ids.push(submit_until_accepted(&api, &key, &body, Duration::from_secs(10)).await);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(started);
+    broker_up().await;
+    env.assert_invariants(&ids, &marker, 0).await;
     env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_dropping_connections_loses_nothing() {
     let _serial = SERIAL.lock().await;
-    let mut env = TestEnv::new().await;
-    let api = env.start_api().await;
-    env.start_scheduler().await;
-    env.start_worker("w1", "default", "worker").await;
-    let key = env.key("alice", &[Role::TaskManager]).await;
+    let (env, api, key) = system().await;
+    let marker = format!("chaos-drop-{}", env.prefix);
     let mut ids = Vec::new();
     for i in 0..16 {
-        let (status, body) = submit(
-            &api,
-            &key,
-            &json!({"jobName": format!("pg-{i}"), "command": "sleep 0.5; echo ok"}),
-        )
-        .await;
-        assert_eq!(status, 202, "{body}");
-        ids.push(job_id(&body));
+        let body =
+            json!({"jobName": format!("pg-{i}"), "command": format!("sleep 0.5; echo {marker}")});
+        ids.push(submit_until_accepted(&api, &key, &body, Duration::from_secs(10)).await);
     }
     env.wait_status(ids[0], "running", Duration::from_secs(10))
         .await;
@@ -138,7 +176,7 @@ async fn postgres_dropping_connections_loses_nothing() {
     // are claimed, run and recorded.
     let admin = sqlx::PgPool::connect(&format!("{}/postgres", taskhost_testkit::PG_SERVER))
         .await
-        .unwrap();
+        .expect("admin pool");
     for _ in 0..2 {
         let killed: Vec<bool> = sqlx::query_scalar(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
@@ -146,23 +184,63 @@ async fn postgres_dropping_connections_loses_nothing() {
         .bind(&env.db_name)
         .fetch_all(&admin)
         .await
-        .unwrap();
+        .expect("terminate");
         assert!(!killed.is_empty(), "there were connections to drop");
         tokio::time::sleep(Duration::from_millis(700)).await;
     }
     admin.close().await;
-    all_finished_once(&env, &ids, Duration::from_secs(60)).await;
+    env.assert_invariants(&ids, &marker, 0).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_for_30_seconds_under_load_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let (env, api, key) = system().await;
+    let marker = format!("chaos-pgstop-{}", env.prefix);
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let body =
+            json!({"jobName": format!("s{i}"), "command": format!("sleep 1; echo {marker}")});
+        ids.push(submit_until_accepted(&api, &key, &body, Duration::from_secs(10)).await);
+    }
+    env.wait_status(ids[0], "running", Duration::from_secs(10))
+        .await;
+    pg_cluster("stop");
+    let started = scopeguard(|| pg_cluster("start"));
+    // Nothing can be committed: submissions are refused at once with 503
+    // and a Retry-After, never accepted and lost.
+    for _ in 0..5 {
+        let t = Instant::now();
+        let (status, body) = submit(
+            &api,
+            &key,
+            &json!({"jobName": "refused", "command": format!("echo {marker}")}),
+        )
+        .await;
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            t.elapsed() < Duration::from_secs(6),
+            "answered in {:?}",
+            t.elapsed()
+        );
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    drop(started);
+    for i in 0..3 {
+        let body = json!({"jobName": format!("after-{i}"), "command": format!("echo {marker}")});
+        ids.push(submit_until_accepted(&api, &key, &body, Duration::from_secs(60)).await);
+    }
+    env.assert_invariants(&ids, &marker, 0).await;
     env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_resource_alarm_answers_fast_reports_blocked_and_loses_nothing() {
     let _serial = SERIAL.lock().await;
-    let mut env = TestEnv::new().await;
-    let api = env.start_api().await;
-    env.start_scheduler().await;
-    env.start_worker("w1", "default", "worker").await;
-    let key = env.key("alice", &[Role::TaskManager]).await;
+    let (env, api, key) = system().await;
+    let marker = format!("chaos-alarm-{}", env.prefix);
 
     // A disk alarm: free space is below the limit, so the broker blocks
     // every publishing connection.
@@ -175,7 +253,7 @@ async fn a_broker_resource_alarm_answers_fast_reports_blocked_and_loses_nothing(
         let (status, body) = submit(
             &api,
             &key,
-            &json!({"jobName": format!("alarm-{i}"), "command": "echo ok"}),
+            &json!({"jobName": format!("alarm-{i}"), "command": format!("echo {marker}")}),
         )
         .await;
         assert_eq!(status, 202, "accepted during the alarm: {body}");
@@ -207,11 +285,11 @@ async fn a_broker_resource_alarm_answers_fast_reports_blocked_and_loses_nothing(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     drop(cleared);
-    all_finished_once(&env, &ids, Duration::from_secs(90)).await;
+    env.assert_invariants(&ids, &marker, 0).await;
     env.cleanup().await;
 }
 
-/// Runs `f` when dropped, so a failing assertion still restarts the broker.
+/// Runs `f` when dropped, so a failing assertion still restarts the service.
 fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
     struct Guard<F: FnOnce()>(Option<F>);
     impl<F: FnOnce()> Drop for Guard<F> {

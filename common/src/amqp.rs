@@ -84,8 +84,25 @@ impl Names {
 /// recovery is still settling.
 pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(&with_heartbeat(url), props).await
+    // A handshake across a silent network (a partition) would otherwise
+    // wait forever and the caller's reconnect loop would never try again.
+    match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        Connection::connect(&with_heartbeat(url), props),
+    )
+    .await
+    {
+        Ok(result) => result,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no AMQP handshake within {} s", CONNECT_TIMEOUT.as_secs()),
+        )
+        .into()),
+    }
 }
+
+/// Longest wait for a connection and its AMQP handshake.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Heartbeat asked of the broker unless `amqp.url` names one
 /// (`?heartbeat=N`): a frozen or cut-off process loses its connection, and

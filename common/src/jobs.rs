@@ -156,6 +156,7 @@ pub async fn relay_outbox(
     }
     let outgoing: Vec<Outgoing> = rows.iter().map(OutboxMessage::to_outgoing).collect();
     let results = publisher.publish_all(&outgoing).await;
+    crate::failpoint::hit("relay.after_publish");
     let mut confirmed = Vec::new();
     for (row, result) in rows.iter().zip(&results) {
         match result {

@@ -10,6 +10,7 @@
 //! - [`keys`]: hashed API keys.
 //! - [`batch`]: group commit of requests that arrive together.
 //! - [`events`]: job events, published in batches.
+//! - [`failpoint`]: crash/freeze points for the fault tests (debug builds).
 //! - [`jobs`]: accepting a job (row + change + outbox in one transaction).
 //! - [`shutdown`]: SIGTERM/SIGINT as a cancellation token.
 //! - [`startup`]: start-up checks that fail fast with the fix in one line.
@@ -23,6 +24,7 @@ pub mod changelog;
 pub mod config;
 pub mod db;
 pub mod events;
+pub mod failpoint;
 pub mod jobs;
 pub mod keys;
 pub mod messages;

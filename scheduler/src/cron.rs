@@ -357,6 +357,11 @@ pub async fn tick(
         report.more = false;
     }
     write_schedule_updates(&mut tx, &updates).await?;
+    if !report.fired_jobs.is_empty() {
+        // Fault tests: the scheduler dies or freezes mid-pass, holding its
+        // row locks with the fires not yet committed.
+        taskhost_common::failpoint::hit("scheduler.fire.before_commit");
+    }
     let commit = Instant::now();
     tx.commit().await?;
     report.commit = commit.elapsed();

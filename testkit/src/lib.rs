@@ -369,6 +369,113 @@ impl TestEnv {
         cmd.spawn().expect("spawn taskhost")
     }
 
+    /// `taskhost api` as a child process on a free port, once its `/livez`
+    /// answers (`extra_env` e.g. turns on a failpoint).
+    pub async fn spawn_api(&self, bin: &str, extra_env: &[(&str, &str)]) -> (ChildGuard, Api) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let bind = format!("127.0.0.1:{port}");
+        let mut env: Vec<(&str, &str)> = vec![("TASKHOST__API__BIND", &bind)];
+        env.extend_from_slice(extra_env);
+        let child = ChildGuard(self.spawn_binary(bin, &["api"], &env));
+        let api = Api {
+            base: format!("http://{bind}"),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("http client"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while api
+            .http
+            .get(format!("{}/livez", api.base))
+            .send()
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "the api child never answered");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        (child, api)
+    }
+
+    /// The invariants every fault case ends with, checked in SQL and on the
+    /// broker: every accepted job ends `succeeded` with exactly one final
+    /// history row; no job of this database has two; no outbox row waits
+    /// longer than the relay period; the work queues drain; the dead-letter
+    /// queue holds exactly `dead_letters` messages (the expected poison);
+    /// and no process whose command line contains `marker` is left.
+    pub async fn assert_invariants(&self, accepted: &[Uuid], marker: &str, dead_letters: u32) {
+        for id in accepted {
+            let status = self.wait_terminal(*id, Duration::from_secs(90)).await;
+            assert_eq!(status, "succeeded", "job {id}");
+            assert_eq!(
+                self.final_history_rows(*id).await,
+                1,
+                "job {id}: one final row"
+            );
+        }
+        assert_eq!(
+            self.doubled_final_rows().await,
+            0,
+            "a job with two final rows"
+        );
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let stale_outbox: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM outbox WHERE published_at IS NULL
+                   AND available_at < now() - interval '5 seconds'",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .expect("outbox");
+            let work = self.queue_depths(&format!("{}.work.", self.prefix)).await;
+            if stale_outbox == 0 && work == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{stale_outbox} outbox rows left unpublished, {work} messages left in the work queues"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let dead = self.queue_depths(&self.names().dead()).await;
+        assert_eq!(
+            dead,
+            u64::from(dead_letters),
+            "messages in {}",
+            self.names().dead()
+        );
+        let out = Command::new("pgrep")
+            .args(["-f", marker])
+            .output()
+            .expect("pgrep");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).trim().is_empty(),
+            "job processes left running: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
+    /// Messages (ready and unacknowledged) in this test's queues whose name
+    /// starts with `prefix`, as the broker counts them.
+    pub async fn queue_depths(&self, prefix: &str) -> u64 {
+        let out = tokio::process::Command::new("rabbitmqctl")
+            .args(["-q", "list_queues", "name", "messages"])
+            .output()
+            .await
+            .expect("rabbitmqctl list_queues");
+        assert!(out.status.success(), "rabbitmqctl list_queues failed");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .filter(|(name, _)| name.starts_with(prefix))
+            .filter_map(|(_, n)| n.trim().parse::<u64>().ok())
+            .sum()
+    }
+
     /// Publishes raw bytes to an exchange of this test's prefix (for
     /// ingress tests), as another system would.
     pub async fn publish_raw(
@@ -437,6 +544,119 @@ impl TestEnv {
         self.pool.close().await;
         drop_database(&self.db_name).await;
         delete_broker_objects(&self.prefix).await;
+    }
+}
+
+/// A TCP proxy between a service and the broker (or any upstream) that a
+/// test can cut: while [`Proxy::partition`] is on, bytes in both
+/// directions are read and dropped, so both ends see a silent network, as
+/// in a partition (no reset, no FIN).
+pub struct Proxy {
+    /// The port it listens on (127.0.0.1).
+    pub port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Listens on a free port and forwards each connection to `upstream`.
+    pub async fn start(upstream: &str) -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicBool;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let upstream = upstream.to_owned();
+        let flag = cut.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(pipe(cr, sw, flag.clone()));
+                tokio::spawn(pipe(sr, cw, flag.clone()));
+            }
+        });
+        Self { port, cut, task }
+    }
+
+    /// Cuts (true) or heals (false) every connection through the proxy.
+    pub fn partition(&self, on: bool) {
+        self.cut.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                // A close does not cross a partition either: the other end
+                // hears of it only once the network heals.
+                while cut.load(std::sync::atomic::Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                return;
+            }
+            Ok(n) => n,
+        };
+        if cut.load(std::sync::atomic::Ordering::SeqCst) {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A child process that is resumed, killed and reaped when dropped, so a
+/// failing test leaves nothing running (or frozen).
+pub struct ChildGuard(pub Child);
+
+impl ChildGuard {
+    /// Sends a signal.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), sig)
+            .expect("signal the child");
+    }
+
+    /// Waits (bounded) for the child to exit and returns how it ended.
+    pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.0.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the child did not exit in {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
