@@ -5,7 +5,6 @@
 //! inline diagnostics, the output cap and the results listing.
 
 use std::collections::BTreeSet;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
@@ -15,7 +14,7 @@ use taskhost_common::amqp;
 use taskhost_common::changelog;
 use taskhost_common::messages::{JOB_SUBMIT_V1, REASON_HEADER};
 use taskhost_common::model::Role;
-use taskhost_testkit::{AMQP_URL, Api, TestEnv, get, job_id, submit};
+use taskhost_testkit::{AMQP_URL, Api, ChildGuard, TestEnv, get, job_id, submit};
 use uuid::Uuid;
 
 const TERMINAL: &[&str] = &["succeeded", "failed", "timed_out", "cancelled", "dead"];
@@ -164,16 +163,6 @@ pub(crate) async fn wait_dead(
                 tokio::time::sleep(Duration::from_millis(150)).await;
             }
         }
-    }
-}
-
-/// Kills and reaps a child process even when the test panics.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

@@ -6,13 +6,12 @@
 //! stale attempt, priorities, and the nodes API.
 
 use std::collections::{BTreeSet, HashMap};
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use taskhost_common::model::Role;
-use taskhost_testkit::{Api, TestEnv, get, job_id, submit};
+use taskhost_testkit::{Api, ChildGuard, TestEnv, get, job_id, submit};
 use uuid::Uuid;
 
 // ---------------------------------------------------------------- helpers
@@ -136,17 +135,6 @@ async fn start_three(env: &mut TestEnv) -> Three {
 
 fn set(ids: &[Uuid]) -> BTreeSet<Uuid> {
     ids.iter().copied().collect()
-}
-
-/// Kills a child process when dropped, so a failing test leaves no worker
-/// behind.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn nodes_by_id(body: &Value) -> HashMap<String, Value> {
@@ -365,7 +353,7 @@ async fn killed_worker_is_reaped_and_its_job_rescued() {
     env.start_scheduler().await;
 
     let victim_name = format!("{}-victim", env.prefix);
-    let mut child = KillOnDrop(env.spawn_binary(
+    let mut child = ChildGuard(env.spawn_binary(
         env!("CARGO_BIN_EXE_taskhost"),
         &["worker", "--node-name", &victim_name, "--group", "solo"],
         &[],
