@@ -143,6 +143,7 @@ async fn submit_inner(
                 request_hash: request_hash.as_deref(),
                 changed_by: caller.user(),
                 task: None,
+                rerun_of: None,
             },
         )
         .await?
@@ -383,7 +384,8 @@ pub(crate) async fn results(
     }))
 }
 
-/// Loads a job its owner may see, with its whole output.
+/// Loads a job the caller may see (its owner, or an admin), with its whole
+/// output.
 async fn load_visible(
     state: &AppState,
     caller: &Caller,
@@ -391,11 +393,12 @@ async fn load_visible(
 ) -> Result<JobView, ApiError> {
     let sql = format!(
         "{FIELDS_SELECT}, h.output AS raw_output, h.error AS raw_error {FROM_JOBS}
-         WHERE j.job_id = $1 AND j.user_id = $2"
+         WHERE j.job_id = $1 AND (j.user_id = $2 OR $3)"
     );
     let row: Option<JobView> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(job_id)
         .bind(caller.user())
+        .bind(caller.0.is_admin())
         .fetch_optional(&state.pool)
         .await?;
     row.map(JobView::finish).ok_or(ApiError::NotFound("job"))

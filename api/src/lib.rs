@@ -15,6 +15,7 @@
 
 mod auth;
 mod changes;
+mod console;
 mod dashboard;
 mod error;
 mod health;
@@ -86,6 +87,7 @@ pub fn state(settings: &Settings) -> anyhow::Result<AppState> {
 pub fn router(state: AppState) -> Router {
     let max_body = state.settings.api.max_body_bytes;
     let v1 = Router::new()
+        .route("/jobs", get(console::list_jobs))
         .route("/jobs/submit", post(jobs::submit))
         .route(
             "/jobs/results",
@@ -96,7 +98,10 @@ pub fn router(state: AppState) -> Router {
             get(jobs::get_one).delete(jobs::delete_by_path),
         )
         .route("/jobs/{job_id}/cancel", post(jobs::cancel))
+        .route("/jobs/{job_id}/rerun", post(console::rerun))
         .route("/jobs/{job_id}/output", get(output::job_output))
+        .route("/overview", get(console::overview))
+        .route("/me", get(console::me))
         .route("/nodes", get(nodes::list))
         .route("/nodes/{node_id}", get(nodes::get_one))
         .route("/changes", get(changes::list))

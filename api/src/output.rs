@@ -207,8 +207,8 @@ pub(crate) struct OutputQuery {
 
 /// `GET /jobs/{jobId}/output?stream=stdout|stderr`: the final attempt's
 /// whole stream as `text/plain`, streamed. Visible exactly as
-/// `GET /jobs/{jobId}` is: to the job's owner only (anyone else, admins
-/// included, gets 404).
+/// `GET /jobs/{jobId}` is: to the job's owner and to admins (anyone else
+/// gets 404).
 pub(crate) async fn job_output(
     State(state): State<AppState>,
     caller: Caller,
@@ -220,11 +220,12 @@ pub(crate) async fn job_output(
     let row: Option<(Option<i64>, Option<i64>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT h.history_id, octet_length(h.{col})::int8
          FROM jobs j LEFT JOIN task_history h ON h.job_id = j.job_id AND h.is_final
-         WHERE j.job_id = $1 AND j.user_id = $2",
+         WHERE j.job_id = $1 AND (j.user_id = $2 OR $3)",
         col = q.stream.column()
     )))
     .bind(job_id)
     .bind(caller.user())
+    .bind(caller.0.is_admin())
     .fetch_optional(&state.pool)
     .await?;
     match row {

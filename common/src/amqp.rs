@@ -340,6 +340,50 @@ impl Publisher {
             .is_some_and(|l| l.connection.status().blocked())
     }
 
+    /// Messages ready and consumers of each queue, as the broker answers a
+    /// passive declare (None: no such queue, or the broker is away).
+    pub async fn queue_depths(&self, queues: &[String]) -> Vec<Option<(u32, u32)>> {
+        if self.channel().await.is_err() {
+            return vec![None; queues.len()];
+        }
+        let mut out = Vec::with_capacity(queues.len());
+        // A passive declare of a missing queue closes its channel, so a
+        // channel of its own, opened again after a miss.
+        let mut channel = None;
+        for queue in queues {
+            if channel.is_none() {
+                channel = match self.live.lock().await.as_ref() {
+                    Some(l) => l.connection.create_channel().await.ok(),
+                    None => None,
+                };
+            }
+            let Some(ch) = channel.as_ref() else {
+                out.push(None);
+                continue;
+            };
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            match tokio::time::timeout(
+                Duration::from_secs(2),
+                ch.queue_declare(queue.as_str().into(), passive, FieldTable::default()),
+            )
+            .await
+            {
+                Ok(Ok(q)) => out.push(Some((q.message_count(), q.consumer_count()))),
+                _ => {
+                    out.push(None);
+                    channel = None;
+                }
+            }
+        }
+        if let Some(ch) = channel {
+            let _ = ch.close(200, "done".into()).await;
+        }
+        out
+    }
+
     /// Connects if needed; used by readiness checks. A blocked connection
     /// is not ready.
     pub async fn ensure_connected(&self) -> Result<(), PublishError> {

@@ -812,6 +812,7 @@ pub async fn run_now(
                 retry_delay_seconds: task.retry_delay_seconds,
                 kill_on_timeout: task.kill_on_timeout,
             }),
+            rerun_of: None,
         },
     )
     .await?;

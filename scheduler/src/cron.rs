@@ -35,6 +35,9 @@ pub struct TickReport {
     pub fired_jobs: Vec<Uuid>,
     /// Fire times skipped (misfire policy `skip`, or overlap policy `skip`).
     pub skipped: usize,
+    /// Tasks whose backlog was missed past the grace (a misfire), each
+    /// counted once per pass; recorded in `task_schedule.misfire_count`.
+    pub misfires: usize,
     /// Outbox rows committed by this pass (the caller publishes them).
     pub outbox: Vec<OutboxMessage>,
     /// Jobs recorded `dead` because no node matched (the caller publishes
@@ -88,6 +91,8 @@ struct ScheduleUpdate {
     running: bool,
     runs: i64,
     failures: i64,
+    /// The oldest fire time of a backlog missed past the grace (a misfire).
+    misfire: Option<DateTime<Utc>>,
     reason: &'static str,
 }
 
@@ -103,6 +108,7 @@ impl ScheduleUpdate {
             running: false,
             runs: 0,
             failures: 0,
+            misfire: None,
             reason,
         }
     }
@@ -271,6 +277,10 @@ pub async fn tick(
         }
         let index = updates.len();
         let mut update = ScheduleUpdate::next_run(row, next, "fired");
+        if now - first > policy.misfire_grace {
+            update.misfire = Some(first);
+            report.misfires += 1;
+        }
         if fanout_all {
             fire_fanout(
                 &mut tx,
@@ -435,6 +445,7 @@ async fn fire_fanout(
                     retry_delay_seconds: task.retry_delay_seconds,
                     kill_on_timeout: task.kill_on_timeout,
                 }),
+                rerun_of: None,
             },
         )
         .await?;
@@ -483,6 +494,7 @@ async fn write_schedule_updates(
     let running: Vec<bool> = updates.iter().map(|u| u.running).collect();
     let runs: Vec<i64> = updates.iter().map(|u| u.runs).collect();
     let failures: Vec<i64> = updates.iter().map(|u| u.failures).collect();
+    let misfires: Vec<Option<DateTime<Utc>>> = updates.iter().map(|u| u.misfire).collect();
     let rows: Vec<(Uuid, String)> = sqlx::query_as(
         "UPDATE task_schedule s
          SET next_run = u.next_run,
@@ -490,10 +502,12 @@ async fn write_schedule_updates(
              last_state = coalesce(u.last_state, s.last_state),
              is_running = s.is_running OR u.running,
              total_runs = s.total_runs + u.runs,
-             failure_count = s.failure_count + u.failures
+             failure_count = s.failure_count + u.failures,
+             misfire_count = s.misfire_count + (u.misfire IS NOT NULL)::int,
+             last_misfire_at = coalesce(u.misfire, s.last_misfire_at)
          FROM UNNEST($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::text[], $5::bool[],
-                     $6::int8[], $7::int8[])
-              AS u(task_id, next_run, last_run, last_state, running, runs, failures)
+                     $6::int8[], $7::int8[], $8::timestamptz[])
+              AS u(task_id, next_run, last_run, last_state, running, runs, failures, misfire)
          WHERE s.task_id = u.task_id
          RETURNING s.task_id, to_jsonb(s.*)::text",
     )
@@ -504,6 +518,7 @@ async fn write_schedule_updates(
     .bind(&running)
     .bind(&runs)
     .bind(&failures)
+    .bind(&misfires)
     .fetch_all(&mut *conn)
     .await?;
     let new: std::collections::HashMap<Uuid, String> = rows.into_iter().collect();

@@ -169,6 +169,7 @@ async fn process(
                 request_hash: None,
                 changed_by: &user_id,
                 task: None,
+                rerun_of: None,
             },
         )
         .await

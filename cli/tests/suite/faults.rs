@@ -499,6 +499,12 @@ async fn a_scheduler_down_across_fire_times_follows_the_misfire_policy() {
         "catch_up fires one run for the backlog"
     );
     assert_eq!(misfired(skip).await, 0, "skip fires none of the backlog");
+    // The overview counts both backlogs as misfires.
+    let admin = env.key("root", &[Role::SystemAdmin]).await;
+    let (status, overview) = taskhost_testkit::get(&api, &admin, "/overview").await;
+    assert_eq!(status, 200, "{overview}");
+    assert_eq!(overview["scheduler"]["misfires"], 2, "{overview}");
+    assert!(overview["scheduler"]["lastMisfireAt"].is_string(), "{overview}");
     for task in [catch_up, skip] {
         let (jobs, distinct, _) = fire_record(&env, task).await;
         assert_eq!(jobs, distinct, "no fire time twice");

@@ -6,6 +6,7 @@
 mod api_edges;
 mod bench;
 mod bounded_output;
+mod console;
 mod dashboard;
 mod examples;
 mod faults;

@@ -11,11 +11,15 @@ use taskhost_testkit::TestEnv;
 
 /// Every route of the router, with its methods (from `api/src/lib.rs`).
 const ROUTES: &[(&str, &[&str])] = &[
+    ("/api/v1/jobs", &["get"]),
     ("/api/v1/jobs/submit", &["post"]),
     ("/api/v1/jobs/results", &["get", "delete"]),
     ("/api/v1/jobs/{jobId}", &["get", "delete"]),
     ("/api/v1/jobs/{jobId}/cancel", &["post"]),
     ("/api/v1/jobs/{jobId}/output", &["get"]),
+    ("/api/v1/jobs/{jobId}/rerun", &["post"]),
+    ("/api/v1/overview", &["get"]),
+    ("/api/v1/me", &["get"]),
     ("/api/v1/nodes", &["get"]),
     ("/api/v1/nodes/{nodeId}", &["get"]),
     ("/api/v1/changes", &["get"]),

@@ -36,6 +36,8 @@ pub struct NewJob<'a> {
     pub changed_by: &'a str,
     /// The task it runs, when a task fired it.
     pub task: Option<TaskRun>,
+    /// The job it re-runs (`POST /jobs/{id}/rerun`).
+    pub rerun_of: Option<Uuid>,
 }
 
 /// The task side of a job fired by a recurring task.
@@ -499,9 +501,10 @@ async fn insert_job_row(
                            status_reason, target_node_id, target_node_group, target_node_role, fanout,
                            priority, timeout_seconds, env, triggered_by, idempotency_key, request_hash,
                            completed_at, success, task_id, fire_at, max_retries, retry_delay_seconds,
-                           kill_on_timeout)
+                           kill_on_timeout, rerun_of)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
-                 CASE WHEN $19 THEN now() END, CASE WHEN $19 THEN false END, $20, $21, $22, $23, $24)
+                 CASE WHEN $19 THEN now() END, CASE WHEN $19 THEN false END, $20, $21, $22, $23, $24,
+                 $25)
          ON CONFLICT DO NOTHING
          RETURNING to_jsonb(jobs.*)::text, submitted_at",
     )
@@ -531,6 +534,7 @@ async fn insert_job_row(
     .bind(new.task.map_or(0, |t| t.max_retries))
     .bind(new.task.map_or(0, |t| t.retry_delay_seconds))
     .bind(new.task.is_none_or(|t| t.kill_on_timeout))
+    .bind(new.rerun_of)
     .fetch_optional(&mut **tx)
     .await
 }

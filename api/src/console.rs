@@ -1,0 +1,668 @@
+//! The operator console's reads: every job of the system with filters and
+//! keyset paging (`GET /jobs`), the system at a glance (`GET /overview`),
+//! and who the caller is (`GET /me`). Admins (system_admin, site_admin) see
+//! every user's jobs; any other key sees its own.
+
+use axum::Json;
+use axum::extract::{Query, State};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sqlx::{Postgres, QueryBuilder};
+use taskhost_common::model::{ExecutionMode, JobStatus};
+use uuid::Uuid;
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Longest page of `GET /jobs`.
+pub(crate) const MAX_LIMIT: i64 = 500;
+/// Page size of `GET /jobs` when `limit` is not given.
+pub(crate) const DEFAULT_LIMIT: i64 = 50;
+/// Characters of a command a summary carries.
+const COMMAND_PREVIEW: i32 = 300;
+
+/// `GET /jobs` filters; every one is optional and they combine with AND.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct JobFilter {
+    /// Comma-separated states (`failed,timed_out`).
+    status: Option<String>,
+    /// The owner (admins; any other key only ever sees its own).
+    user: Option<String>,
+    /// Job name prefix.
+    name: Option<String>,
+    /// The task that fired it.
+    task: Option<String>,
+    /// The node that ran it: its id or its name.
+    node: Option<String>,
+    /// Target group.
+    group: Option<String>,
+    /// Target role.
+    role: Option<String>,
+    /// Execution mode.
+    mode: Option<String>,
+    submitted_after: Option<String>,
+    submitted_before: Option<String>,
+    finished_after: Option<String>,
+    finished_before: Option<String>,
+    /// Text searched (case-insensitive) in the name and the command.
+    q: Option<String>,
+    /// From a previous page's `nextCursor`.
+    cursor: Option<String>,
+    /// 1..=500, default 50.
+    limit: Option<i64>,
+}
+
+/// One job in a list: what it is and where it stands, never its output.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct JobSummary {
+    job_id: Uuid,
+    job_name: String,
+    /// The first 300 characters.
+    command: String,
+    user_id: String,
+    status: JobStatus,
+    status_reason: Option<String>,
+    execution_mode: ExecutionMode,
+    exit_code: Option<i32>,
+    attempt: i32,
+    priority: i16,
+    submitted_at: DateTime<Utc>,
+    started_at: Option<DateTime<Utc>>,
+    completed_at: Option<DateTime<Utc>>,
+    /// Seconds from start to end.
+    runtime: Option<f64>,
+    node_id: Option<Uuid>,
+    node_name: Option<String>,
+    task_id: Option<Uuid>,
+    triggered_by: String,
+    target_node_id: Option<Uuid>,
+    target_node_group: Option<String>,
+    target_node_role: Option<String>,
+    /// The job this one re-runs, if any.
+    rerun_of: Option<Uuid>,
+}
+
+/// The columns of a [`JobSummary`], for `FROM jobs j LEFT JOIN nodes n`.
+pub(crate) fn summary_select() -> String {
+    format!(
+        "SELECT j.job_id, j.job_name, left(j.command, {COMMAND_PREVIEW}) AS command, j.user_id,
+                j.status, j.status_reason, j.execution_mode, j.exit_code, j.attempt, j.priority,
+                j.submitted_at, j.started_at, j.completed_at,
+                EXTRACT(EPOCH FROM (j.completed_at - j.started_at))::float8 AS runtime,
+                j.claimed_by AS node_id, n.node_name, j.task_id, j.triggered_by,
+                j.target_node_id, j.target_node_group, j.target_node_role, j.rerun_of
+         FROM jobs j LEFT JOIN nodes n ON n.node_id = j.claimed_by"
+    )
+}
+
+fn invalid(field: &str, why: impl std::fmt::Display) -> ApiError {
+    ApiError::Invalid(format!("{field}: {why}"))
+}
+
+fn time(field: &str, raw: &str) -> Result<DateTime<Utc>, ApiError> {
+    DateTime::parse_from_rfc3339(raw)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| invalid(field, format!("`{raw}` is not an RFC 3339 time ({e})")))
+}
+
+/// `LIKE` metacharacters taken literally.
+fn like_escape(text: &str) -> String {
+    text.replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_")
+}
+
+/// A page position: the last job shown, as `<submitted_at µs>_<job id>`.
+fn encode_cursor(at: DateTime<Utc>, id: Uuid) -> String {
+    format!("{}_{}", at.timestamp_micros(), id.simple())
+}
+
+fn decode_cursor(raw: &str) -> Result<(DateTime<Utc>, Uuid), ApiError> {
+    let bad = || invalid("cursor", "not a cursor from a previous page's nextCursor");
+    let (micros, id) = raw.split_once('_').ok_or_else(bad)?;
+    let micros: i64 = micros.parse().map_err(|_| bad())?;
+    let at = DateTime::from_timestamp_micros(micros).ok_or_else(bad)?;
+    Ok((at, id.parse().map_err(|_| bad())?))
+}
+
+impl JobFilter {
+    /// Appends the WHERE clause (always at least the visibility rule).
+    fn push_where(&self, caller: &Caller, qb: &mut QueryBuilder<Postgres>) -> Result<(), ApiError> {
+        qb.push(" WHERE true");
+        if !caller.0.is_admin() {
+            qb.push(" AND j.user_id = ")
+                .push_bind(caller.user().to_owned());
+        }
+        if let Some(user) = &self.user {
+            qb.push(" AND j.user_id = ").push_bind(user.clone());
+        }
+        if let Some(raw) = &self.status {
+            let states = raw
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| s.parse::<JobStatus>().map(JobStatus::as_str))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| invalid("status", e))?;
+            if states.is_empty() {
+                return Err(invalid("status", "name at least one state"));
+            }
+            qb.push(" AND j.status = ANY(").push_bind(states).push(")");
+        }
+        if let Some(name) = &self.name {
+            qb.push(" AND j.job_name LIKE ")
+                .push_bind(format!("{}%", like_escape(name)));
+        }
+        if let Some(raw) = &self.task {
+            let id: Uuid = raw.parse().map_err(|_| invalid("task", "not a task id"))?;
+            qb.push(" AND j.task_id = ").push_bind(id);
+        }
+        if let Some(node) = &self.node {
+            match node.parse::<Uuid>() {
+                Ok(id) => qb.push(" AND j.claimed_by = ").push_bind(id),
+                Err(_) => qb
+                    .push(" AND j.claimed_by = (SELECT node_id FROM nodes WHERE node_name = ")
+                    .push_bind(node.clone())
+                    .push(")"),
+            };
+        }
+        if let Some(group) = &self.group {
+            qb.push(" AND j.target_node_group = ")
+                .push_bind(group.clone());
+        }
+        if let Some(role) = &self.role {
+            qb.push(" AND j.target_node_role = ")
+                .push_bind(role.clone());
+        }
+        if let Some(raw) = &self.mode {
+            let mode: ExecutionMode = raw.parse().map_err(|e| invalid("mode", e))?;
+            qb.push(" AND j.execution_mode = ").push_bind(mode.as_str());
+        }
+        for (field, raw, clause) in [
+            (
+                "submittedAfter",
+                &self.submitted_after,
+                " AND j.submitted_at >= ",
+            ),
+            (
+                "submittedBefore",
+                &self.submitted_before,
+                " AND j.submitted_at < ",
+            ),
+            (
+                "finishedAfter",
+                &self.finished_after,
+                " AND j.completed_at >= ",
+            ),
+            (
+                "finishedBefore",
+                &self.finished_before,
+                " AND j.completed_at < ",
+            ),
+        ] {
+            if let Some(raw) = raw {
+                qb.push(clause).push_bind(time(field, raw)?);
+            }
+        }
+        if let Some(q) = self.q.as_deref().filter(|q| !q.is_empty()) {
+            let pattern = format!("%{}%", like_escape(q));
+            qb.push(" AND (j.job_name ILIKE ")
+                .push_bind(pattern.clone())
+                .push(" OR j.command ILIKE ")
+                .push_bind(pattern)
+                .push(")");
+        }
+        if let Some(raw) = &self.cursor {
+            let (at, id) = decode_cursor(raw)?;
+            qb.push(" AND (j.submitted_at, j.job_id) < (")
+                .push_bind(at)
+                .push(", ")
+                .push_bind(id)
+                .push(")");
+        }
+        Ok(())
+    }
+}
+
+/// `GET /api/v1/jobs`: newest first, one page.
+pub(crate) async fn list_jobs(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<JobFilter>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(filter) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
+    let limit = filter.limit.unwrap_or(DEFAULT_LIMIT);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(invalid(
+            "limit",
+            format!("must be between 1 and {MAX_LIMIT}"),
+        ));
+    }
+    let mut qb = QueryBuilder::<Postgres>::new(summary_select());
+    filter.push_where(&caller, &mut qb)?;
+    qb.push(" ORDER BY j.submitted_at DESC, j.job_id DESC LIMIT ")
+        .push_bind(limit + 1);
+    let mut jobs: Vec<JobSummary> = qb.build_query_as().fetch_all(&state.pool).await?;
+    let next = if jobs.len() as i64 > limit {
+        jobs.truncate(limit as usize);
+        jobs.last().map(|j| encode_cursor(j.submitted_at, j.job_id))
+    } else {
+        None
+    };
+    Ok(Json(json!({
+        "success": true,
+        "count": jobs.len(),
+        "jobs": jobs,
+        "nextCursor": next,
+    })))
+}
+
+/// `GET /api/v1/me`: the caller's user, roles and key.
+pub(crate) async fn me(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
+    let key: Option<(Uuid, String, String, DateTime<Utc>)> = match caller.0.key_id {
+        Some(id) => {
+            sqlx::query_as(
+                "SELECT key_id, name, prefix, created_at FROM api_keys WHERE key_id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&state.pool)
+            .await?
+        }
+        None => None,
+    };
+    let roles: Vec<&str> = caller.0.roles.iter().map(|r| r.as_str()).collect();
+    Ok(Json(json!({
+        "success": true,
+        "userId": caller.user(),
+        "roles": roles,
+        "isAdmin": caller.0.is_admin(),
+        "key": key.map(|(id, name, prefix, created)| json!({
+            "keyId": id, "name": name, "prefix": prefix, "createdAt": created,
+        })),
+    })))
+}
+
+/// Unfinished states (counted exactly, all time).
+const UNFINISHED: [&str; 3] = ["pending", "queued", "running"];
+/// States of a job that ended badly.
+const UNHAPPY: [&str; 3] = ["failed", "timed_out", "dead"];
+
+/// One bucket of the throughput chart.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Bucket {
+    at: DateTime<Utc>,
+    succeeded: i64,
+    failed: i64,
+}
+
+/// Final runs per `unit` ('minute' or 'hour') over the last `n` of them,
+/// zeros included, oldest first.
+async fn throughput(
+    state: &AppState,
+    user: Option<&str>,
+    unit: &str,
+    n: i64,
+) -> Result<Vec<Bucket>, ApiError> {
+    let (join, user_clause) = match user {
+        Some(_) => ("JOIN jobs j ON j.job_id = h.job_id", "AND j.user_id = $2"),
+        None => ("", "AND $2::text IS NULL"),
+    };
+    let sql = format!(
+        "SELECT date_trunc('{unit}', h.end_time) AS at,
+                count(*) FILTER (WHERE h.state = 'succeeded') AS succeeded,
+                count(*) FILTER (WHERE h.state IN ('failed', 'timed_out', 'dead')) AS failed
+         FROM task_history h {join}
+         WHERE h.is_final AND h.end_time >= date_trunc('{unit}', now()) - make_interval(secs => $1)
+           {user_clause}
+         GROUP BY 1"
+    );
+    let step = if unit == "minute" { 60 } else { 3600 };
+    let rows: Vec<(DateTime<Utc>, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(((n - 1) * step) as f64)
+        .bind(user)
+        .fetch_all(&state.pool)
+        .await?;
+    let now: DateTime<Utc> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT date_trunc('{unit}', now())"
+    )))
+    .fetch_one(&state.pool)
+    .await?;
+    Ok((0..n)
+        .rev()
+        .map(|k| {
+            let at = now - chrono::Duration::seconds(k * step);
+            let (succeeded, failed) = rows
+                .iter()
+                .find(|r| r.0 == at)
+                .map_or((0, 0), |r| (r.1, r.2));
+            Bucket {
+                at,
+                succeeded,
+                failed,
+            }
+        })
+        .collect())
+}
+
+/// Jobs by state: unfinished ones exactly, finished ones that ended in
+/// the last 24 hours; every state present, zeros included.
+async fn by_state(state: &AppState, user: Option<&str>) -> Result<Value, ApiError> {
+    let unfinished: Vec<(String, i64)> = match user {
+        None => {
+            sqlx::query_as(
+                "SELECT status, count(*) FROM jobs
+                 WHERE status IN ('pending', 'queued', 'running') GROUP BY status",
+            )
+            .fetch_all(&state.pool)
+            .await?
+        }
+        Some(u) => {
+            sqlx::query_as(
+                "SELECT status, count(*) FROM jobs
+                 WHERE user_id = $1 AND status IN ('pending', 'queued', 'running') GROUP BY status",
+            )
+            .bind(u)
+            .fetch_all(&state.pool)
+            .await?
+        }
+    };
+    let finished: Vec<(String, i64)> =
+        match user {
+            None => {
+                sqlx::query_as(
+                    "SELECT state, count(*) FROM task_history
+                 WHERE is_final AND end_time >= now() - interval '24 hours' GROUP BY state",
+                )
+                .fetch_all(&state.pool)
+                .await?
+            }
+            Some(u) => sqlx::query_as(
+                "SELECT h.state, count(*) FROM task_history h JOIN jobs j ON j.job_id = h.job_id
+                 WHERE h.is_final AND h.end_time >= now() - interval '24 hours' AND j.user_id = $1
+                 GROUP BY h.state",
+            )
+            .bind(u)
+            .fetch_all(&state.pool)
+            .await?,
+        };
+    let mut out = serde_json::Map::new();
+    for s in JobStatus::ALL {
+        let name = s.as_str();
+        let source = if UNFINISHED.contains(&name) {
+            &unfinished
+        } else {
+            &finished
+        };
+        let n = source
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or(0, |(_, n)| *n);
+        out.insert(name.to_owned(), json!(n));
+    }
+    Ok(Value::Object(out))
+}
+
+/// The work queues the active nodes consume, each once.
+async fn work_queues(state: &AppState) -> Result<Vec<String>, ApiError> {
+    let nodes: Vec<(Uuid, String, String)> = sqlx::query_as(
+        "SELECT node_id, node_group, node_role FROM nodes WHERE is_active ORDER BY node_name",
+    )
+    .fetch_all(&state.pool)
+    .await?;
+    let names = state.publisher.names();
+    let mut queues = vec![names.work_queue("any")];
+    for (id, group, role) in nodes {
+        for key in [
+            format!("node.{id}"),
+            format!("group.{group}"),
+            format!("role.{role}"),
+            format!("group.{group}.role.{role}"),
+        ] {
+            let q = names.work_queue(&key);
+            if !queues.contains(&q) {
+                queues.push(q);
+            }
+        }
+    }
+    Ok(queues)
+}
+
+/// `GET /api/v1/overview`: the system at a glance. Admins see every
+/// user's jobs; any other key its own (nodes, queues and the scheduler are
+/// the same for everyone).
+pub(crate) async fn overview(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
+    let user = (!caller.0.is_admin()).then(|| caller.user().to_owned());
+    let user = user.as_deref();
+    let by_state = by_state(&state, user).await?;
+    let per_minute = throughput(&state, user, "minute", 60).await?;
+    let per_hour = throughput(&state, user, "hour", 24).await?;
+
+    let oldest: Option<(Uuid, DateTime<Utc>, f64)> = sqlx::query_as(
+        "SELECT job_id, submitted_at, extract(epoch FROM now() - submitted_at)::float8
+         FROM jobs WHERE status IN ('pending', 'queued') AND ($1::text IS NULL OR user_id = $1)
+         ORDER BY submitted_at LIMIT 1",
+    )
+    .bind(user)
+    .fetch_optional(&state.pool)
+    .await?;
+
+    let queue_names = work_queues(&state).await?;
+    let depths = state.publisher.queue_depths(&queue_names).await;
+    let queues: Vec<Value> = queue_names
+        .iter()
+        .zip(depths)
+        .map(|(q, d)| {
+            json!({
+                "queue": q,
+                "messages": d.map(|d| d.0),
+                "consumers": d.map(|d| d.1),
+            })
+        })
+        .collect();
+
+    let nodes: Vec<(Uuid, String, String, String, bool, i32, i64, f64)> = sqlx::query_as(
+        "SELECT n.node_id, n.node_name, n.node_group, n.node_role, n.is_active,
+                n.max_concurrent_tasks,
+                (SELECT count(*) FROM jobs j WHERE j.status = 'running' AND j.claimed_by = n.node_id),
+                extract(epoch FROM now() - n.last_heartbeat)::float8
+         FROM nodes n
+         WHERE n.is_active OR n.last_heartbeat > now() - interval '1 hour'
+         ORDER BY n.is_active DESC, n.node_name",
+    )
+    .fetch_all(&state.pool)
+    .await?;
+    let nodes: Vec<Value> = nodes
+        .into_iter()
+        .map(|(id, name, group, role, active, slots, busy, age)| {
+            json!({
+                "nodeId": id, "nodeName": name, "nodeGroup": group, "nodeRole": role,
+                "status": if active { "active" } else { "dead" },
+                "slotsBusy": busy, "slotsTotal": slots, "heartbeatAgeSeconds": age,
+            })
+        })
+        .collect();
+
+    // The newest few of each unhappy state (each from its partial index),
+    // then the newest of those.
+    let mut qb = QueryBuilder::<Postgres>::new("SELECT * FROM (");
+    for (i, s) in UNHAPPY.iter().enumerate() {
+        if i > 0 {
+            qb.push(" UNION ALL ");
+        }
+        qb.push("(")
+            .push(summary_select())
+            .push(" WHERE j.status = ")
+            .push_bind(*s);
+        if let Some(u) = user {
+            qb.push(" AND j.user_id = ").push_bind(u.to_owned());
+        }
+        qb.push(" ORDER BY j.submitted_at DESC, j.job_id DESC LIMIT 10)");
+    }
+    qb.push(") f ORDER BY submitted_at DESC, job_id DESC LIMIT 10");
+    let failures: Vec<JobSummary> = qb.build_query_as().fetch_all(&state.pool).await?;
+
+    let grace = state.settings.scheduler.misfire_grace_secs as f64;
+    let sched: (i64, Option<DateTime<Utc>>, i64, i64, Option<DateTime<Utc>>) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE t.enabled),
+                min(s.next_run) FILTER (WHERE t.enabled),
+                count(*) FILTER (WHERE t.enabled AND s.next_run < now() - make_interval(secs => $1)),
+                coalesce(sum(s.misfire_count), 0)::int8,
+                max(s.last_misfire_at)
+         FROM tasks t JOIN task_schedule s ON s.task_id = t.task_id",
+    )
+    .bind(grace)
+    .fetch_one(&state.pool)
+    .await?;
+    let next_task: Option<(Uuid, String)> = sqlx::query_as(
+        "SELECT t.task_id, t.task_name FROM tasks t JOIN task_schedule s ON s.task_id = t.task_id
+         WHERE t.enabled AND s.next_run IS NOT NULL ORDER BY s.next_run LIMIT 1",
+    )
+    .fetch_optional(&state.pool)
+    .await?;
+
+    Ok(Json(json!({
+        "success": true,
+        "scope": if user.is_some() { "own" } else { "all" },
+        "jobsByState": by_state,
+        "finishedWindowHours": 24,
+        "throughput": { "perMinute": per_minute, "perHour": per_hour },
+        "oldestWaiting": oldest.map(|(id, at, age)| json!({
+            "jobId": id, "submittedAt": at, "ageSeconds": age,
+        })),
+        "queues": queues,
+        "nodes": nodes,
+        "recentFailures": failures,
+        "scheduler": {
+            "enabledTasks": sched.0,
+            "nextFireAt": sched.1,
+            "nextTask": next_task.map(|(id, name)| json!({"taskId": id, "taskName": name})),
+            "overdueTasks": sched.2,
+            "misfires": sched.3,
+            "lastMisfireAt": sched.4,
+        },
+    })))
+}
+
+/// The stored spec of a job, to run it again.
+#[derive(Debug, sqlx::FromRow)]
+struct StoredSpec {
+    job_name: String,
+    command: String,
+    description: String,
+    execution_mode: ExecutionMode,
+    timeout_seconds: Option<i32>,
+    priority: i16,
+    target_node_id: Option<Uuid>,
+    target_node_group: Option<String>,
+    target_node_role: Option<String>,
+    fanout: taskhost_common::model::Fanout,
+    env: sqlx::types::Json<std::collections::BTreeMap<String, String>>,
+}
+
+/// `POST /api/v1/jobs/{id}/rerun`: a new job with the same spec, owned by
+/// the caller, linked to the original (`rerunOf`). Who may see the
+/// original (its owner, an admin) may re-run it, if their roles allow its
+/// execution mode, as for a submission.
+pub(crate) async fn rerun(
+    State(state): State<AppState>,
+    caller: Caller,
+    axum::extract::Path(raw): axum::extract::Path<String>,
+) -> Result<(axum::http::StatusCode, Json<Value>), ApiError> {
+    let original: Uuid = raw.parse().map_err(|_| ApiError::NotFound("job"))?;
+    let stored: Option<StoredSpec> = sqlx::query_as(
+        "SELECT job_name, command, description, execution_mode, timeout_seconds, priority,
+                target_node_id, target_node_group, target_node_role, fanout, env
+         FROM jobs WHERE job_id = $1 AND (user_id = $2 OR $3)",
+    )
+    .bind(original)
+    .bind(caller.user())
+    .bind(caller.0.is_admin())
+    .fetch_optional(&state.pool)
+    .await?;
+    let stored = stored.ok_or(ApiError::NotFound("job"))?;
+    caller.require_any(
+        stored.execution_mode.allowed_roles(),
+        &format!("execution mode `{}`", stored.execution_mode),
+    )?;
+    let spec = taskhost_common::model::JobSpec {
+        job_name: stored.job_name,
+        command: stored.command,
+        description: stored.description,
+        execution_mode: stored.execution_mode,
+        timeout_seconds: stored.timeout_seconds,
+        priority: stored.priority,
+        target: taskhost_common::model::Target {
+            node_id: stored.target_node_id,
+            node_group: stored.target_node_group,
+            node_role: stored.target_node_role,
+            fanout: stored.fanout,
+        },
+        env: stored.env.0,
+    };
+    let accepted = taskhost_common::jobs::accept(
+        &state.pool,
+        taskhost_common::jobs::NewJob {
+            job_id: Uuid::now_v7(),
+            user_id: caller.user(),
+            spec: &spec,
+            triggered_by: taskhost_common::model::TriggeredBy::Manual,
+            idempotency_key: None,
+            request_hash: None,
+            changed_by: caller.user(),
+            task: None,
+            rerun_of: Some(original),
+        },
+    )
+    .await?;
+    let taskhost_common::jobs::Accepted::Created {
+        job_ids,
+        outbox,
+        status,
+    } = accepted
+    else {
+        return Err(ApiError::Internal("a re-run was not created".into()));
+    };
+    let message = crate::jobs::dispatch(&state, caller.user(), &job_ids, &outbox, status).await;
+    let mut body = json!({
+        "success": true,
+        "jobId": job_ids[0],
+        "rerunOf": original,
+        "message": message,
+        "executionMode": spec.execution_mode.as_str(),
+    });
+    if job_ids.len() > 1 {
+        body["jobIds"] = json!(job_ids);
+    }
+    Ok((axum::http::StatusCode::ACCEPTED, Json(body)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cursor_round_trips_and_garbage_is_refused() {
+        let at = DateTime::from_timestamp_micros(1_764_500_000_123_456).expect("time");
+        let id = Uuid::now_v7();
+        assert_eq!(decode_cursor(&encode_cursor(at, id)).ok(), Some((at, id)));
+        for bad in ["", "x", "12_nope", "nope_0193", "99999999999999999999_0"] {
+            assert!(decode_cursor(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn like_patterns_take_metacharacters_literally() {
+        assert_eq!(like_escape("50%_a\\b"), "50\\%\\_a\\\\b");
+    }
+}
