@@ -24,3 +24,16 @@ ALTER TABLE task_schedule ADD COLUMN last_misfire_at timestamptz;
 -- A re-run (POST /api/v1/jobs/{id}/rerun) names the job it repeats. No
 -- foreign key: deleting old jobs (retention) must not scan for references.
 ALTER TABLE jobs ADD COLUMN rerun_of uuid;
+
+-- Live output of running shell jobs (GET /api/v1/jobs/{id}/output?follow=true):
+-- the worker copies a run's output so far here every second and removes the
+-- row when the run ends; the stored output stays in task_history. UNLOGGED:
+-- no WAL for a view that a crash may lose. Not in the change log (like
+-- heartbeats): it is not a record, only a window onto a running process.
+CREATE UNLOGGED TABLE job_output_live (
+    job_id     uuid PRIMARY KEY,
+    attempt    integer NOT NULL,
+    stdout     bytea NOT NULL DEFAULT '',
+    stderr     bytea NOT NULL DEFAULT '',
+    updated_at timestamptz NOT NULL DEFAULT now()
+);

@@ -435,6 +435,10 @@ async fn work_queues(state: &AppState) -> Result<Vec<String>, ApiError> {
     Ok(queues)
 }
 
+/// A node's id, name, group, role, liveness, slots, busy slots and
+/// heartbeat age.
+type NodeSlots = (Uuid, String, String, String, bool, i32, i64, f64);
+
 /// `GET /api/v1/overview`: the system at a glance. Admins see every
 /// user's jobs; any other key its own (nodes, queues and the scheduler are
 /// the same for everyone).
@@ -471,7 +475,7 @@ pub(crate) async fn overview(
         })
         .collect();
 
-    let nodes: Vec<(Uuid, String, String, String, bool, i32, i64, f64)> = sqlx::query_as(
+    let nodes: Vec<NodeSlots> = sqlx::query_as(
         "SELECT n.node_id, n.node_name, n.node_group, n.node_role, n.is_active,
                 n.max_concurrent_tasks,
                 (SELECT count(*) FROM jobs j WHERE j.status = 'running' AND j.claimed_by = n.node_id),

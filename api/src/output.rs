@@ -196,6 +196,13 @@ impl Stream {
             Stream::Stderr => "error",
         }
     }
+
+    fn live_column(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -205,18 +212,42 @@ pub(crate) struct OutputQuery {
     stream: Stream,
 }
 
-/// `GET /jobs/{jobId}/output?stream=stdout|stderr`: the final attempt's
-/// whole stream as `text/plain`, streamed. Visible exactly as
-/// `GET /jobs/{jobId}` is: to the job's owner and to admins (anyone else
-/// gets 404).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct JobOutputQuery {
+    #[serde(default)]
+    stream: Stream,
+    /// Follow a running job's output until it ends.
+    #[serde(default)]
+    follow: bool,
+}
+
+/// `GET /jobs/{jobId}/output?stream=stdout|stderr[&follow=true]`: the final
+/// attempt's whole stream as `text/plain`, streamed; with `follow=true`,
+/// what a running job has printed so far and then the rest as it comes,
+/// until the job ends. Visible exactly as `GET /jobs/{jobId}` is: to the
+/// job's owner and to admins (anyone else gets 404).
 pub(crate) async fn job_output(
     State(state): State<AppState>,
     caller: Caller,
     Path(raw): Path<String>,
-    query: Result<Query<OutputQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<JobOutputQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
     let job_id: Uuid = raw.parse().map_err(|_| ApiError::NotFound("job"))?;
+    if q.follow {
+        let visible: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM jobs WHERE job_id = $1 AND (user_id = $2 OR $3)")
+                .bind(job_id)
+                .bind(caller.user())
+                .bind(caller.0.is_admin())
+                .fetch_optional(&state.pool)
+                .await?;
+        if visible.is_none() {
+            return Err(ApiError::NotFound("job"));
+        }
+        return Ok(follow_response(state.pool.clone(), job_id, q.stream));
+    }
     let row: Option<(Option<i64>, Option<i64>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT h.history_id, octet_length(h.{col})::int8
          FROM jobs j LEFT JOIN task_history h ON h.job_id = j.job_id AND h.is_final
@@ -239,6 +270,137 @@ pub(crate) async fn job_output(
         // Not finished, never ran, or no stream stored.
         Some(_) => Err(ApiError::NotFound("job output")),
     }
+}
+
+/// How often a follower looks for new output.
+const FOLLOW_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Where a follower stands.
+struct Following {
+    pool: PgPool,
+    job_id: Uuid,
+    stream: Stream,
+    /// The attempt whose output is being sent, and how much of it was sent.
+    attempt: Option<i32>,
+    sent: usize,
+    done: bool,
+}
+
+/// One look at a followed job: its state, the final stream if it ended,
+/// the live copy of the running attempt otherwise.
+#[derive(sqlx::FromRow)]
+struct FollowRow {
+    status: String,
+    final_attempt: Option<i32>,
+    final_stream: Option<Vec<u8>>,
+    live_attempt: Option<i32>,
+    live_stream: Option<Vec<u8>>,
+}
+
+impl Following {
+    /// The next piece to send (None: the job ended and all was sent).
+    async fn next(&mut self) -> Result<Option<Bytes>, BoxError> {
+        loop {
+            if self.done {
+                return Ok(None);
+            }
+            let row: Option<FollowRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT j.status, h.attempt AS final_attempt, h.{hist} AS final_stream,
+                        l.attempt AS live_attempt, l.{live} AS live_stream
+                 FROM jobs j
+                 LEFT JOIN task_history h ON h.job_id = j.job_id AND h.is_final
+                 LEFT JOIN job_output_live l ON l.job_id = j.job_id AND l.attempt = j.attempt
+                 WHERE j.job_id = $1",
+                hist = self.stream.column(),
+                live = self.stream.live_column(),
+            )))
+            .bind(self.job_id)
+            .fetch_optional(&self.pool)
+            .await?;
+            let Some(row) = row else {
+                // Deleted while followed.
+                self.done = true;
+                return Ok(None);
+            };
+            if let Some(attempt) = row.final_attempt {
+                // Ended: the stored copy (at most the output cap) is the
+                // truth; send what the follower has not seen of it.
+                self.done = true;
+                let whole = match row.final_stream {
+                    Some(gz) => taskhost_common::changelog::gunzip(&gz)?,
+                    None => Vec::new(),
+                };
+                let mut piece = self.switch_to(attempt);
+                piece.extend_from_slice(whole.get(self.sent..).unwrap_or_default());
+                return Ok(Some(Bytes::from(piece)));
+            }
+            let terminal = ["succeeded", "failed", "timed_out", "cancelled", "dead"];
+            if terminal.contains(&row.status.as_str()) {
+                // Ended without a stored run (cancelled before it started).
+                self.done = true;
+                return Ok(None);
+            }
+            if let (Some(attempt), Some(live)) = (row.live_attempt, row.live_stream) {
+                let mut piece = self.switch_to(attempt);
+                if live.len() > self.sent {
+                    piece.extend_from_slice(&live[self.sent..]);
+                    self.sent = live.len();
+                }
+                if !piece.is_empty() {
+                    return Ok(Some(Bytes::from(piece)));
+                }
+            }
+            tokio::time::sleep(FOLLOW_POLL).await;
+        }
+    }
+
+    /// Starts following `attempt`; a line marks a new attempt after an
+    /// earlier one was shown (a retry).
+    fn switch_to(&mut self, attempt: i32) -> Vec<u8> {
+        match self.attempt {
+            Some(a) if a == attempt => Vec::new(),
+            Some(_) => {
+                self.attempt = Some(attempt);
+                self.sent = 0;
+                format!("\n[taskhost: attempt {attempt}]\n").into_bytes()
+            }
+            None => {
+                self.attempt = Some(attempt);
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// A chunked `text/plain` answer that follows a job's output until it ends.
+fn follow_response(pool: PgPool, job_id: Uuid, stream: Stream) -> Response {
+    let state = Following {
+        pool,
+        job_id,
+        stream,
+        attempt: None,
+        sent: 0,
+        done: false,
+    };
+    let body = futures_util::stream::try_unfold(state, |mut s| async move {
+        match s.next().await {
+            Ok(Some(piece)) => Ok(Some((piece, s))),
+            Ok(None) => Ok(None),
+            Err(error) => {
+                tracing::warn!(%error, job_id = %s.job_id, "following output failed");
+                Err(error)
+            }
+        }
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response()
 }
 
 /// `GET /tasks/{taskId}/history/{historyId}/output?stream=stdout|stderr`:

@@ -1,6 +1,7 @@
 //! The reaper: marks nodes whose heartbeats stopped as dead, and hands back
 //! jobs whose claim lease ran out (their worker died or hung) so another
-//! worker runs them. Rows are locked with SKIP LOCKED, so several schedulers
+//! worker runs them; and removes live output rows of runs that ended
+//! (`job_output_live`). Rows are locked with SKIP LOCKED, so several schedulers
 //! can reap at once without doing the same work twice.
 
 use serde_json::Value;
@@ -22,6 +23,16 @@ pub struct Reaped {
 /// running claims expire now; jobs whose claim expired go back to `queued`
 /// with a new outbox message.
 pub async fn reap(pool: &PgPool, dead_after_secs: f64) -> Result<Reaped, sqlx::Error> {
+    // Live output rows a worker could not remove (it died, or its last
+    // copy raced the end of the run): only running attempts keep one.
+    sqlx::query(
+        "DELETE FROM job_output_live l WHERE NOT EXISTS (
+             SELECT 1 FROM jobs j WHERE j.job_id = l.job_id AND j.status = 'running'
+                                    AND j.attempt = l.attempt)
+           AND l.updated_at < now() - interval '10 seconds'",
+    )
+    .execute(pool)
+    .await?;
     let mut tx = pool.begin().await?;
     let dead: Vec<(Uuid, Value, Value)> = sqlx::query_as(
         "WITH old AS (

@@ -50,6 +50,31 @@ pub struct Outcome {
     pub duration: Duration,
 }
 
+/// The output a run has captured so far, shared with whoever shows it
+/// live (`crate::live`): each stream's kept bytes (at most the cap), a
+/// prefix of what is finally stored.
+#[derive(Debug, Default)]
+pub struct Capture {
+    /// Kept stdout so far.
+    pub stdout: std::sync::Mutex<Vec<u8>>,
+    /// Kept stderr so far.
+    pub stderr: std::sync::Mutex<Vec<u8>>,
+}
+
+impl Capture {
+    /// Copies of both streams as they stand.
+    pub fn snapshot(&self) -> (Vec<u8>, Vec<u8>) {
+        let copy = |m: &std::sync::Mutex<Vec<u8>>| m.lock().map(|v| v.clone()).unwrap_or_default();
+        (copy(&self.stdout), copy(&self.stderr))
+    }
+
+    /// Bytes captured so far, both streams together.
+    pub fn captured(&self) -> usize {
+        let len = |m: &std::sync::Mutex<Vec<u8>>| m.lock().map_or(0, |v| v.len());
+        len(&self.stdout) + len(&self.stderr)
+    }
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct CommandSpec<'a> {
@@ -70,30 +95,42 @@ pub struct CommandSpec<'a> {
     pub sandbox: Option<&'a crate::sandbox::Sandbox>,
     /// Its working directory (None: the worker's).
     pub dir: Option<&'a std::path::Path>,
+    /// Where the output is captured as it comes (None: a private one).
+    pub capture: Option<std::sync::Arc<Capture>>,
 }
 
-async fn read_capped<R: AsyncRead + Unpin>(mut reader: R, cap: usize) -> (Vec<u8>, bool) {
-    let mut kept = Vec::with_capacity(cap.min(8192));
+async fn read_capped<R: AsyncRead + Unpin>(
+    mut reader: R,
+    cap: usize,
+    kept: std::sync::Arc<Capture>,
+    stderr: bool,
+) -> (Vec<u8>, bool) {
+    let sink = || if stderr { &kept.stderr } else { &kept.stdout };
     let mut buf = [0u8; 8192];
     let mut truncated = false;
     loop {
         match reader.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                let room = cap.saturating_sub(kept.len());
+                let Ok(mut v) = sink().lock() else { break };
+                let room = cap.saturating_sub(v.len());
                 if n > room {
                     truncated = true;
                 }
                 // Past the cap keep draining, so the child never blocks on a
                 // full pipe.
-                kept.extend_from_slice(&buf[..n.min(room)]);
+                v.extend_from_slice(&buf[..n.min(room)]);
             }
         }
     }
+    let mut out = sink()
+        .lock()
+        .map(|mut v| std::mem::take(&mut *v))
+        .unwrap_or_default();
     if truncated {
-        kept.extend_from_slice(TRUNCATED_MARKER.as_bytes());
+        out.extend_from_slice(TRUNCATED_MARKER.as_bytes());
     }
-    (kept, truncated)
+    (out, truncated)
 }
 
 fn kill_group(pgid: Option<u32>) {
@@ -143,14 +180,15 @@ pub async fn run(spec: CommandSpec<'_>, cancel: CancellationToken) -> Outcome {
     };
     let pgid = child.id();
     let cap = spec.output_cap;
+    let capture = spec.capture.clone().unwrap_or_default();
     let stdout = child
         .stdout
         .take()
-        .map(|r| tokio::spawn(read_capped(r, cap)));
+        .map(|r| tokio::spawn(read_capped(r, cap, capture.clone(), false)));
     let stderr = child
         .stderr
         .take()
-        .map(|r| tokio::spawn(read_capped(r, cap)));
+        .map(|r| tokio::spawn(read_capped(r, cap, capture.clone(), true)));
 
     let deadline = spec.timeout.map(|t| tokio::time::Instant::now() + t);
     let mut overran = false;
@@ -241,6 +279,7 @@ mod tests {
                 kill_on_timeout: true,
                 sandbox: None,
                 dir: None,
+                capture: None,
             },
             CancellationToken::new(),
         )
@@ -292,6 +331,7 @@ mod tests {
                 kill_on_timeout: true,
                 sandbox: None,
                 dir: None,
+                capture: None,
             },
             CancellationToken::new(),
         )
@@ -314,6 +354,7 @@ mod tests {
                 kill_on_timeout: false,
                 sandbox: None,
                 dir: None,
+                capture: None,
             },
             CancellationToken::new(),
         )

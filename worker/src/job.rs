@@ -387,6 +387,9 @@ async fn execute(ctx: &Ctx, claimed: &Claimed, cancel: CancellationToken) -> Out
             None
         }
     };
+    let capture = Arc::new(exec::Capture::default());
+    let live =
+        crate::live::LiveOutput::start(&ctx.pool, claimed.job_id, claimed.attempt, capture.clone());
     let outcome = exec::run(
         CommandSpec {
             shell: &shell,
@@ -397,10 +400,12 @@ async fn execute(ctx: &Ctx, claimed: &Claimed, cancel: CancellationToken) -> Out
             kill_on_timeout: claimed.kill_on_timeout,
             sandbox: Some(&ctx.sandbox),
             dir: dir.as_deref(),
+            capture: Some(capture),
         },
         cancel,
     )
     .await;
+    live.stop().await;
     if let Some(dir) = dir {
         crate::sandbox::Sandbox::remove_dir(&dir);
     }

@@ -17,6 +17,7 @@ mod consumer;
 pub mod exec;
 mod inline;
 mod job;
+mod live;
 mod node;
 pub mod procinfo;
 pub mod sandbox;

@@ -417,3 +417,71 @@ async fn me_names_the_user_roles_and_key() {
     assert_eq!(status, 401);
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_jobs_output_is_followed_live_until_it_ends() {
+    let mut env = TestEnv::new().await;
+    let api = env.start_api().await;
+    env.start_scheduler().await;
+    env.start_worker("w1", "default", "worker").await;
+    let alice = env.key("alice", &[Role::TaskManager]).await;
+    let bob = env.key("bob", &[Role::TaskManager]).await;
+    let (status, body) = submit(
+        &api,
+        &alice,
+        &json!({"jobName": "slow", "command": "for i in 1 2 3 4 5 6; do echo line-$i; sleep 0.7; done; echo oops >&2"}),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let id = job_id(&body);
+    let (status, _) = get(&api, &bob, &format!("/jobs/{id}/output?follow=true")).await;
+    assert_eq!(status, 404, "another user's job");
+
+    let mut resp = api
+        .http
+        .get(api.v1(&format!("/jobs/{id}/output?follow=true")))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .expect("follow");
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut text = String::new();
+    let mut seen_while_running = false;
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(30), resp.chunk())
+        .await
+        .expect("a chunk within 30 s")
+        .expect("the body")
+    {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        if text.contains("line-1") && !seen_while_running {
+            let status = env.job_status(id).await.unwrap_or_default();
+            seen_while_running = status == "running";
+        }
+    }
+    assert!(
+        seen_while_running,
+        "output arrived while the job ran: {text:?}"
+    );
+    let want: String = (1..=6).map(|i| format!("line-{i}\n")).collect();
+    assert_eq!(text, want, "every line once, in order, then the end");
+    assert_eq!(env.job_status(id).await.as_deref(), Some("succeeded"));
+    let live: i64 = sqlx::query_scalar("SELECT count(*) FROM job_output_live")
+        .fetch_one(&env.pool)
+        .await
+        .expect("live rows");
+    assert_eq!(live, 0, "the live copy is gone once the run ended");
+
+    // Following a finished job sends its stored output and ends; stderr too.
+    let whole = api
+        .http
+        .get(api.v1(&format!("/jobs/{id}/output?follow=true&stream=stderr")))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .expect("follow")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(whole, "oops\n");
+    env.cleanup().await;
+}

@@ -504,7 +504,10 @@ async fn a_scheduler_down_across_fire_times_follows_the_misfire_policy() {
     let (status, overview) = taskhost_testkit::get(&api, &admin, "/overview").await;
     assert_eq!(status, 200, "{overview}");
     assert_eq!(overview["scheduler"]["misfires"], 2, "{overview}");
-    assert!(overview["scheduler"]["lastMisfireAt"].is_string(), "{overview}");
+    assert!(
+        overview["scheduler"]["lastMisfireAt"].is_string(),
+        "{overview}"
+    );
     for task in [catch_up, skip] {
         let (jobs, distinct, _) = fire_record(&env, task).await;
         assert_eq!(jobs, distinct, "no fire time twice");
