@@ -262,6 +262,16 @@ pub(crate) struct JobFields {
     target_node_group: Option<String>,
     target_node_role: Option<String>,
     timeout_seconds: Option<i32>,
+    /// The owner.
+    user_id: String,
+    /// The name of `node_id`'s node.
+    node_name: Option<String>,
+    /// The task that fired it.
+    task_id: Option<Uuid>,
+    /// api, queue, schedule or manual.
+    triggered_by: String,
+    /// The job it re-runs.
+    rerun_of: Option<Uuid>,
 }
 
 /// `GET /jobs/{id}`: the job with its whole output, as it always was.
@@ -304,10 +314,11 @@ const FIELDS_SELECT: &str =
             j.status_reason, j.success, j.exit_code, j.started_at, j.completed_at, j.submitted_at,
             h.duration_ms::float8 / 1000 AS runtime,
             h.output_truncated, coalesce(h.node_id, j.claimed_by) AS node_id, j.attempt, j.priority,
-            j.target_node_id, j.target_node_group, j.target_node_role, j.timeout_seconds";
+            j.target_node_id, j.target_node_group, j.target_node_role, j.timeout_seconds,
+            j.user_id, n.node_name, j.task_id, j.triggered_by, j.rerun_of";
 
-const FROM_JOBS: &str =
-    "FROM jobs j LEFT JOIN task_history h ON h.job_id = j.job_id AND h.is_final";
+const FROM_JOBS: &str = "FROM jobs j LEFT JOIN task_history h ON h.job_id = j.job_id AND h.is_final
+     LEFT JOIN nodes n ON n.node_id = coalesce(h.node_id, j.claimed_by)";
 
 fn text_of(bytes: Option<&[u8]>) -> Option<String> {
     bytes.map(|b| match changelog::gunzip(b) {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use taskhost_common::Settings;
 
-use crate::{bench, client, serve};
+use crate::{bench, client, console, serve};
 
 /// taskhost: a distributed job and task runner.
 #[derive(Debug, Parser)]
@@ -38,10 +38,15 @@ pub(crate) enum Command {
     Submit(Box<client::SubmitArgs>),
     /// List your finished jobs, newest first.
     Results(client::ResultsArgs),
-    /// Show, cancel or delete one job.
+    /// List jobs across the system (admins: every user's), filtered, newest first.
+    Jobs(Box<console::JobsArgs>),
+    /// List the worker nodes.
+    Nodes(console::NodesArgs),
+    /// Show one job, follow its output, re-run, cancel or delete it.
     #[command(subcommand)]
     Job(client::JobCommand),
-    /// List, create, run recurring tasks, or show their history.
+    /// List, show, create, edit, enable, disable, delete and run recurring
+    /// tasks, or show their history.
     #[command(subcommand)]
     Tasks(client::TasksCommand),
     /// Benchmark on a fresh database and prefix of the local Postgres and
@@ -96,6 +101,8 @@ pub(crate) async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
     match &args.command {
         Command::Submit(a) => return client::submit(a).await,
         Command::Results(a) => return client::results(a).await,
+        Command::Jobs(a) => return console::jobs(a).await,
+        Command::Nodes(a) => return console::nodes(a).await,
         Command::Job(c) => return client::job(c).await,
         Command::Tasks(c) => return client::tasks(c).await,
         Command::Bench(a) => return bench::run((**a).clone()).await,
@@ -118,6 +125,8 @@ pub(crate) async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
         Command::Submit(_)
         | Command::Results(_)
         | Command::Job(_)
+        | Command::Jobs(_)
+        | Command::Nodes(_)
         | Command::Tasks(_)
         | Command::Bench(_) => Ok(ExitCode::SUCCESS),
     }

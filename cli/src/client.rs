@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
@@ -21,7 +21,7 @@ pub(crate) struct Conn {
 
 impl Conn {
     /// The key, or an error that says both ways to give one.
-    fn key(&self) -> anyhow::Result<&str> {
+    pub(crate) fn key(&self) -> anyhow::Result<&str> {
         self.key
             .as_deref()
             .filter(|k| !k.is_empty())
@@ -74,7 +74,8 @@ pub(crate) struct SubmitArgs {
     /// Idempotency-Key header.
     #[arg(long)]
     idempotency_key: Option<String>,
-    /// Follow the job to its end and print its output; exits with its code.
+    /// Follow the job to its end, printing its output as it comes; exits
+    /// with its code.
     #[arg(long)]
     wait: bool,
 }
@@ -93,12 +94,38 @@ pub(crate) struct ResultsArgs {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum JobCommand {
-    /// Show one job as JSON.
+    /// Show one job as a readable block (--json for the raw answer).
     Get {
         #[command(flatten)]
         conn: Conn,
         /// Job id.
         id: String,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a job's output; -f follows a running job until it ends.
+    Logs {
+        #[command(flatten)]
+        conn: Conn,
+        /// Job id.
+        id: String,
+        /// Follow the output as it comes, until the job ends.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Only stderr.
+        #[arg(long)]
+        stderr: bool,
+    },
+    /// Run a job again with the same spec (a new job, linked to it).
+    Rerun {
+        #[command(flatten)]
+        conn: Conn,
+        /// Job id.
+        id: String,
+        /// Follow the new job to its end, printing its output.
+        #[arg(long)]
+        wait: bool,
     },
     /// Cancel a job wherever it runs.
     Cancel {
@@ -116,7 +143,7 @@ pub(crate) enum JobCommand {
     },
 }
 
-fn http() -> anyhow::Result<reqwest::Client> {
+pub(crate) fn http() -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()?)
@@ -124,7 +151,7 @@ fn http() -> anyhow::Result<reqwest::Client> {
 
 /// Sends a request and returns the JSON body, or an error with the api's
 /// own message.
-async fn call(req: reqwest::RequestBuilder, conn: &Conn) -> anyhow::Result<Value> {
+pub(crate) async fn call(req: reqwest::RequestBuilder, conn: &Conn) -> anyhow::Result<Value> {
     let resp =
         req.bearer_auth(conn.key()?).send().await.with_context(|| {
             format!("cannot reach the api at {} (--url, TASKHOST_URL)", conn.url)
@@ -138,7 +165,7 @@ async fn call(req: reqwest::RequestBuilder, conn: &Conn) -> anyhow::Result<Value
     Ok(body)
 }
 
-fn url(conn: &Conn, path: &str) -> String {
+pub(crate) fn url(conn: &Conn, path: &str) -> String {
     format!("{}/api/v1{path}", conn.url.trim_end_matches('/'))
 }
 
@@ -195,43 +222,7 @@ pub(crate) async fn submit(a: &SubmitArgs) -> anyhow::Result<ExitCode> {
     if !a.wait {
         return Ok(ExitCode::SUCCESS);
     }
-    wait_for(&client, &a.conn, &job_id).await
-}
-
-async fn wait_for(client: &reqwest::Client, conn: &Conn, job_id: &str) -> anyhow::Result<ExitCode> {
-    let started = Instant::now();
-    let mut last = String::new();
-    loop {
-        let job = call(client.get(url(conn, &format!("/jobs/{job_id}"))), conn).await?;
-        let status = job["status"].as_str().unwrap_or("unknown").to_owned();
-        if status != last {
-            eprintln!(
-                "[{:>6.1}s] {job_id} {status}",
-                started.elapsed().as_secs_f64()
-            );
-            last.clone_from(&status);
-        }
-        if matches!(
-            status.as_str(),
-            "succeeded" | "failed" | "timed_out" | "cancelled" | "dead"
-        ) {
-            if let Some(out) = job["output"].as_str() {
-                print!("{out}");
-            }
-            if let Some(reason) = job["statusReason"].as_str() {
-                eprintln!("{status}: {reason}");
-            }
-            let code = match status.as_str() {
-                "succeeded" => 0,
-                _ => job["exitCode"]
-                    .as_i64()
-                    .filter(|c| (1..=255).contains(c))
-                    .unwrap_or(1) as u8,
-            };
-            return Ok(ExitCode::from(code));
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    crate::console::wait_live(&a.conn, &job_id).await
 }
 
 pub(crate) async fn results(a: &ResultsArgs) -> anyhow::Result<ExitCode> {
@@ -278,20 +269,32 @@ pub(crate) async fn results(a: &ResultsArgs) -> anyhow::Result<ExitCode> {
 
 pub(crate) async fn job(cmd: &JobCommand) -> anyhow::Result<ExitCode> {
     let client = http()?;
-    let resp = match cmd {
-        JobCommand::Get { conn, id } => {
-            call(client.get(url(conn, &format!("/jobs/{id}"))), conn).await?
+    match cmd {
+        JobCommand::Get { conn, id, json } => {
+            let resp = call(client.get(url(conn, &format!("/jobs/{id}"))), conn).await?;
+            if *json {
+                outln!("{}", serde_json::to_string_pretty(&resp)?);
+            } else {
+                crate::console::print_job(&resp);
+            }
+        }
+        JobCommand::Logs {
+            conn,
+            id,
+            follow,
+            stderr,
+        } => return crate::console::logs(conn, id, *follow, *stderr).await,
+        JobCommand::Rerun { conn, id, wait } => {
+            return crate::console::rerun(conn, id, *wait).await;
         }
         JobCommand::Cancel { conn, id } => {
-            call(client.post(url(conn, &format!("/jobs/{id}/cancel"))), conn).await?
+            let resp = call(client.post(url(conn, &format!("/jobs/{id}/cancel"))), conn).await?;
+            eprintln!("{}", resp["message"].as_str().unwrap_or("done"));
         }
         JobCommand::Delete { conn, id } => {
-            call(client.delete(url(conn, &format!("/jobs/{id}"))), conn).await?
+            let resp = call(client.delete(url(conn, &format!("/jobs/{id}"))), conn).await?;
+            eprintln!("{}", resp["message"].as_str().unwrap_or("done"));
         }
-    };
-    match cmd {
-        JobCommand::Get { .. } => outln!("{}", serde_json::to_string_pretty(&resp)?),
-        _ => eprintln!("{}", resp["message"].as_str().unwrap_or("done")),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -302,6 +305,9 @@ pub(crate) enum TasksCommand {
     List {
         #[command(flatten)]
         conn: Conn,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Create a recurring task.
     Create(Box<TaskCreateArgs>),
@@ -312,13 +318,24 @@ pub(crate) enum TasksCommand {
         /// Task id.
         id: String,
     },
-    /// Show a task's runs, newest first.
+    /// Show a task's runs, newest first, a page at a time.
     History {
         #[command(flatten)]
         conn: Conn,
         /// Task id.
         id: String,
+        /// Runs per page (1 to 500).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Older than this page position (printed at the end of a page).
+        #[arg(long)]
+        before: Option<String>,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
     },
+    #[command(flatten)]
+    Control(crate::console::TaskControl),
 }
 
 #[derive(Debug, clap::Args)]
@@ -369,47 +386,70 @@ pub(crate) struct TaskCreateArgs {
 pub(crate) async fn tasks(cmd: &TasksCommand) -> anyhow::Result<ExitCode> {
     let client = http()?;
     match cmd {
-        TasksCommand::List { conn } => {
+        TasksCommand::List { conn, json } => {
             let resp = call(client.get(url(conn, "/tasks")), conn).await?;
-            outln!(
-                "{:<36}  {:<24}  {:<16}  {:<20}  {:<22}  TARGET",
-                "TASK ID",
-                "NAME",
-                "SCHEDULE",
-                "NEXT RUN",
-                "LAST"
-            );
-            for t in resp["tasks"].as_array().into_iter().flatten() {
+            if *json {
+                outln!("{}", serde_json::to_string_pretty(&resp)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            // Node names instead of ids.
+            let nodes = call(client.get(url(conn, "/nodes")), conn)
+                .await
+                .unwrap_or(Value::Null);
+            let node_name = |id: &str| -> String {
+                nodes["nodes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|n| n["nodeId"] == json!(id))
+                    .and_then(|n| n["nodeName"].as_str())
+                    .unwrap_or(id)
+                    .to_owned()
+            };
+            let mut t = crate::console::table(&[
+                "TASK ID", "NAME", "APP", "ENABLED", "SCHEDULE", "TIMEZONE", "NEXT RUN", "LAST",
+                "TARGET",
+            ]);
+            let tasks = resp["tasks"].as_array().cloned().unwrap_or_default();
+            for task in &tasks {
                 let target = [
-                    ("node", &t["assignedNodeId"]),
-                    ("group", &t["assignedNodeGroup"]),
-                    ("role", &t["assignedNodeRole"]),
+                    ("node", task["assignedNodeId"].as_str().map(node_name)),
+                    (
+                        "group",
+                        task["assignedNodeGroup"].as_str().map(str::to_owned),
+                    ),
+                    ("role", task["assignedNodeRole"].as_str().map(str::to_owned)),
                 ]
-                .iter()
-                .filter_map(|(k, v)| v.as_str().map(|v| format!("{k}={v}")))
+                .into_iter()
+                .filter_map(|(k, v)| v.map(|v| format!("{k}={v}")))
                 .chain(std::iter::once(format!(
                     "fanout={}",
-                    t["fanout"].as_str().unwrap_or("one")
+                    task["fanout"].as_str().unwrap_or("one")
                 )))
                 .collect::<Vec<_>>()
                 .join(" ");
-                outln!(
-                    "{:<36}  {:<24}  {:<16}  {:<20}  {:<22}  {}{}",
-                    t["taskId"].as_str().unwrap_or("-"),
-                    t["taskName"].as_str().unwrap_or("-"),
-                    t["schedule"].as_str().unwrap_or("-"),
-                    t["nextRun"]
-                        .as_str()
-                        .map_or("-", |d| d.get(..19).unwrap_or(d)),
-                    t["lastState"].as_str().unwrap_or("-"),
-                    target,
-                    if t["enabled"] == json!(false) {
-                        " (disabled)"
+                t.add_row(vec![
+                    task["taskId"].as_str().unwrap_or("-").to_owned(),
+                    task["taskName"].as_str().unwrap_or("-").to_owned(),
+                    task["appName"].as_str().unwrap_or("-").to_owned(),
+                    if task["enabled"] == json!(false) {
+                        "no"
                     } else {
-                        ""
-                    },
-                );
+                        "yes"
+                    }
+                    .to_owned(),
+                    task["schedule"].as_str().unwrap_or("-").to_owned(),
+                    task["timezone"].as_str().unwrap_or("UTC").to_owned(),
+                    task["nextRun"]
+                        .as_str()
+                        .map_or("-", |d| d.get(..19).unwrap_or(d))
+                        .replace('T', " "),
+                    task["lastState"].as_str().unwrap_or("-").to_owned(),
+                    target,
+                ]);
             }
+            crate::console::print_table(&t);
+            eprintln!("{} task(s)", tasks.len());
         }
         TasksCommand::Create(a) => {
             let mut body = json!({
@@ -449,35 +489,65 @@ pub(crate) async fn tasks(cmd: &TasksCommand) -> anyhow::Result<ExitCode> {
             eprintln!("{}", resp["message"].as_str().unwrap_or("queued"));
             outln!("{}", resp["jobId"].as_str().unwrap_or_default());
         }
-        TasksCommand::History { conn, id } => {
-            let resp = call(client.get(url(conn, &format!("/tasks/{id}/history"))), conn).await?;
-            outln!(
-                "{:<36}  {:>7}  {:<10}  {:>4}  {:<20}  ENDED",
-                "JOB ID",
-                "ATTEMPT",
-                "STATE",
-                "EXIT",
-                "NODE"
-            );
-            for h in resp["history"].as_array().into_iter().flatten() {
-                outln!(
-                    "{:<36}  {:>7}  {:<10}  {:>4}  {:<20}  {}",
-                    h["jobId"].as_str().unwrap_or("-"),
-                    h["attempt"].as_i64().unwrap_or(0),
-                    h["state"].as_str().unwrap_or("-"),
+        TasksCommand::History {
+            conn,
+            id,
+            limit,
+            before,
+            json,
+        } => {
+            let mut query = vec![("limit", limit.to_string())];
+            if let Some(b) = before {
+                query.push(("before", b.clone()));
+            }
+            let resp = call(
+                client
+                    .get(url(conn, &format!("/tasks/{id}/history")))
+                    .query(&query),
+                conn,
+            )
+            .await?;
+            if *json {
+                outln!("{}", serde_json::to_string_pretty(&resp)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut t = crate::console::table(&[
+                "JOB ID", "ATTEMPT", "STATE", "EXIT", "NODE", "SECONDS", "ENDED",
+            ]);
+            let rows = resp["history"].as_array().cloned().unwrap_or_default();
+            for h in &rows {
+                t.add_row(vec![
+                    h["jobId"].as_str().unwrap_or("-").to_owned(),
+                    h["attempt"].as_i64().unwrap_or(0).to_string(),
+                    h["state"].as_str().unwrap_or("-").to_owned(),
                     h["exitCode"]
                         .as_i64()
                         .map_or_else(|| "-".to_owned(), |c| c.to_string()),
                     h["nodeName"]
                         .as_str()
                         .or_else(|| h["nodeId"].as_str())
-                        .unwrap_or("-"),
+                        .unwrap_or("-")
+                        .to_owned(),
+                    h["durationMs"]
+                        .as_f64()
+                        .map_or_else(|| "-".to_owned(), |ms| format!("{:.3}", ms / 1000.0)),
                     h["endTime"]
                         .as_str()
-                        .map_or("-", |d| d.get(..19).unwrap_or(d)),
-                );
+                        .map_or("-", |d| d.get(..19).unwrap_or(d))
+                        .replace('T', " "),
+                ]);
+            }
+            crate::console::print_table(&t);
+            match resp["nextBefore"]
+                .as_str()
+                .map(str::to_owned)
+                .or_else(|| resp["nextBefore"].as_i64().map(|n| n.to_string()))
+            {
+                Some(b) => eprintln!("{} run(s); older: --before {b}", rows.len()),
+                None => eprintln!("{} run(s)", rows.len()),
             }
         }
+        TasksCommand::Control(c) => return crate::console::task_control(c).await,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -13,6 +13,7 @@ macro_rules! outln {
 mod bench;
 mod cli;
 mod client;
+mod console;
 mod serve;
 
 use clap::Parser;

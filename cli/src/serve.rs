@@ -114,31 +114,39 @@ pub(crate) async fn keys(settings: Settings, cmd: KeysCommand) -> anyhow::Result
             outln!("{secret}");
         }
         KeysCommand::List => {
-            outln!(
-                "{:<36}  {:<16}  {:<28}  {:<20}  {:<20}  REVOKED",
-                "ID",
-                "USER",
-                "ROLES",
-                "CREATED",
-                "LAST USED"
-            );
             let fmt = |t: Option<DateTime<Utc>>| {
                 t.map_or_else(
                     || "-".to_owned(),
                     |t| t.format("%Y-%m-%d %H:%M:%S").to_string(),
                 )
             };
+            let mut table = crate::console::table(&[
+                "ID",
+                "USER",
+                "NAME",
+                "PREFIX",
+                "ROLES",
+                "CREATED",
+                "LAST USED",
+                "REVOKED",
+            ]);
             for k in keys::list(&pool).await? {
-                outln!(
-                    "{:<36}  {:<16}  {:<28}  {:<20}  {:<20}  {}",
-                    k.key_id,
+                table.add_row(vec![
+                    k.key_id.to_string(),
                     k.user_id,
+                    if k.name.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        k.name
+                    },
+                    k.prefix,
                     k.roles.join(","),
                     fmt(Some(k.created_at)),
                     fmt(k.last_used_at),
-                    fmt(k.revoked_at)
-                );
+                    fmt(k.revoked_at),
+                ]);
             }
+            crate::console::print_table(&table);
         }
         KeysCommand::Revoke { id } => {
             if keys::revoke(&pool, id).await? {

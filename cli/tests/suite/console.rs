@@ -485,3 +485,221 @@ async fn a_running_jobs_output_is_followed_live_until_it_ends() {
     assert_eq!(whole, "oops\n");
     env.cleanup().await;
 }
+
+async fn taskhost(args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskhost"))
+        .args(args)
+        .env_remove("TASKHOST_URL")
+        .env_remove("TASKHOST_API_KEY")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("run taskhost");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_shows_nodes_jobs_output_and_controls_tasks() {
+    let mut env = TestEnv::new().await;
+    let api = env.start_api().await;
+    env.start_scheduler().await;
+    env.start_worker("w1", "default", "worker").await;
+    let node_name = format!("{}-w1", env.prefix);
+    let admin = env.key("root", &[Role::SystemAdmin]).await;
+    let alice = env.key("alice", &[Role::TaskManager]).await;
+    let conn = |key: &str| {
+        vec![
+            "--url".to_owned(),
+            api.base.clone(),
+            "--key".to_owned(),
+            key.to_owned(),
+        ]
+    };
+    let with = |args: &[&str], key: &str| -> Vec<String> {
+        args.iter()
+            .map(|s| (*s).to_owned())
+            .chain(conn(key))
+            .collect()
+    };
+    let run_cli = |args: Vec<String>| async move {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        taskhost(&refs).await
+    };
+
+    let failing = run(
+        &env,
+        &api,
+        &alice,
+        "import",
+        "echo to-stdout; echo to-stderr >&2; exit 3",
+    )
+    .await;
+
+    let (code, out, err) = run_cli(with(&["nodes"], &admin)).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.lines()
+            .next()
+            .is_some_and(|h| h.contains("NAME") && h.contains("SLOTS")),
+        "{out}"
+    );
+    assert!(out.contains(&node_name), "{out}");
+
+    let (code, out, err) = run_cli(with(&["jobs", "--status", "failed"], &admin)).await;
+    assert_eq!(code, 0, "{err}");
+    let line = out
+        .lines()
+        .find(|l| l.contains(&failing.to_string()))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains("alice") && line.contains(&node_name) && line.contains("import"),
+        "{line}"
+    );
+    let (code, out, _) = run_cli(with(&["jobs", "--json", "--user", "alice"], &admin)).await;
+    assert_eq!(code, 0);
+    let page: Value = serde_json::from_str(&out).expect("--json prints JSON");
+    assert_eq!(page["jobs"][0]["jobId"], failing.to_string());
+    let (code, out, err) = run_cli(with(&["jobs", "--status", "nope"], &admin)).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("status") && out.is_empty(), "{err}");
+
+    let id = failing.to_string();
+    let (code, out, err) = run_cli(with(&["job", "get", &id], &alice)).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("status     failed (exit 3)"), "{out}");
+    assert!(out.contains(&format!("ran on     {node_name}")), "{out}");
+    assert!(
+        out.contains("--- stdout ---\nto-stdout\n--- stderr ---\nto-stderr"),
+        "{out}"
+    );
+    let (code, out, err) = run_cli(with(&["job", "logs", &id], &alice)).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "to-stdout\n");
+    assert!(err.contains("to-stderr"), "{err}");
+
+    let (code, out, err) = run_cli(with(&["job", "rerun", &id, "--wait"], &alice)).await;
+    assert_eq!(
+        code, 3,
+        "a re-run waited for exits with the job's code: {err}"
+    );
+    let again: Uuid = out
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(out.contains("to-stdout"), "{out}");
+    let rerun_of: Option<Uuid> = sqlx::query_scalar("SELECT rerun_of FROM jobs WHERE job_id = $1")
+        .bind(again)
+        .fetch_one(&env.pool)
+        .await
+        .expect("rerun_of");
+    assert_eq!(rerun_of, Some(failing));
+
+    // submit --wait prints output as it comes, not only at the end.
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskhost"))
+        .args(with(
+            &[
+                "submit",
+                "--wait",
+                "-c",
+                "for i in 1 2 3 4; do echo tick-$i; sleep 0.8; done",
+            ],
+            &alice,
+        ))
+        .env_remove("TASKHOST_URL")
+        .env_remove("TASKHOST_API_KEY")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("submit --wait");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let mut tick_1_at = None;
+    let mut seen = Vec::new();
+    while let Some(line) = lines.next_line().await.expect("read") {
+        if line == "tick-1" {
+            tick_1_at = Some(std::time::Instant::now());
+        }
+        seen.push(line);
+    }
+    let ended = std::time::Instant::now();
+    assert!(child.wait().await.expect("exit").success());
+    let early = ended - tick_1_at.unwrap_or_else(|| panic!("no tick-1 in {seen:?}"));
+    assert!(
+        early > Duration::from_millis(1200),
+        "tick-1 came only {early:?} before the end"
+    );
+    assert_eq!(
+        &seen[1..],
+        ["tick-1", "tick-2", "tick-3", "tick-4"],
+        "{seen:?}"
+    );
+
+    // Task control.
+    let (status, body) = call(
+        &api,
+        Method::POST,
+        &alice,
+        "/tasks",
+        Some(&json!({"taskName": "nightly", "command": "true", "schedule": "@daily"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let task = body["taskId"].as_str().expect("taskId").to_owned();
+    let enabled = |pool: sqlx::PgPool, task: String| async move {
+        let e: bool = sqlx::query_scalar("SELECT enabled FROM tasks WHERE task_id = $1::uuid")
+            .bind(task)
+            .fetch_one(&pool)
+            .await
+            .expect("task");
+        e
+    };
+    let (code, _, err) = run_cli(with(&["tasks", "disable", &task], &alice)).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(!enabled(env.pool.clone(), task.clone()).await);
+    let (code, out, _) = run_cli(with(&["tasks", "list"], &alice)).await;
+    assert_eq!(code, 0);
+    let line = out
+        .lines()
+        .find(|l| l.contains("nightly"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains(" no ") && line.contains("UTC"), "{line}");
+    let (code, _, err) = run_cli(with(&["tasks", "enable", &task], &alice)).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(enabled(env.pool.clone(), task.clone()).await);
+    let (code, _, err) = run_cli(with(
+        &[
+            "tasks",
+            "edit",
+            &task,
+            "--schedule",
+            "@hourly",
+            "--command",
+            "echo edited",
+        ],
+        &alice,
+    ))
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = run_cli(with(&["tasks", "get", &task], &alice)).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("@hourly") && out.contains("echo edited"),
+        "{out}"
+    );
+    let (code, _, err) = run_cli(with(&["tasks", "edit", &task], &alice)).await;
+    assert_ne!(code, 0, "nothing to change");
+    assert!(err.contains("nothing to change"), "{err}");
+    let (code, _, err) = run_cli(with(&["tasks", "delete", &task], &alice)).await;
+    assert_ne!(code, 0, "no terminal to ask, no --yes: refused");
+    assert!(err.contains("--yes"), "{err}");
+    let (code, _, err) = run_cli(with(&["tasks", "delete", &task, "--yes"], &alice)).await;
+    assert_eq!(code, 0, "{err}");
+    let (status, _) = get(&api, &alice, &format!("/tasks/{task}")).await;
+    assert_eq!(status, 404);
+    env.cleanup().await;
+}
