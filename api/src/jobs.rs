@@ -83,8 +83,9 @@ async fn submit_inner(
     body: &[u8],
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let request: SubmitRequest = parse_json(body)?;
+    let key = state.settings.secrets.key();
     let spec = request
-        .validate()
+        .validate_with(key.as_ref())
         .map_err(|e| ApiError::Invalid(e.to_string()))?;
     caller.require_any(
         spec.execution_mode.allowed_roles(),
@@ -110,7 +111,12 @@ async fn submit_inner(
         let canonical =
             serde_json::to_vec(&serde_json::from_slice::<Value>(body).unwrap_or(Value::Null))
                 .unwrap_or_default();
-        hex::encode(Sha256::digest(canonical))
+        // A body with secret values is hashed with the secrets key, so the
+        // stored hash cannot be used to guess them.
+        match (&spec.secret_env, &key) {
+            (Some(_), Some(key)) => key.keyed_hash(&canonical),
+            _ => hex::encode(Sha256::digest(canonical)),
+        }
     });
     let accepted = if jobs::PlainJob::fits(&spec, idempotency_key.as_deref()) {
         // The bulk of submissions: accepted together with whatever else
@@ -254,6 +260,23 @@ pub(crate) struct JobFields {
     target_node_group: Option<String>,
     target_node_role: Option<String>,
     timeout_seconds: Option<i32>,
+    /// The sealed secret environment (never shown).
+    #[serde(skip)]
+    secret_env: Option<String>,
+    /// Its names, each with `***` (README, "Secrets"); null when none.
+    #[sqlx(skip)]
+    #[serde(rename = "secretEnv")]
+    secret_env_names: Option<Value>,
+}
+
+impl JobFields {
+    /// Fills in the masked names of the job's secret environment.
+    fn mask(&mut self, key: Option<&taskhost_common::secrets::SecretKey>) {
+        self.secret_env_names = self
+            .secret_env
+            .as_deref()
+            .map(|sealed| taskhost_common::secrets::masked(key, sealed));
+    }
 }
 
 /// `GET /jobs/{id}`: the job with its whole output, as it always was.
@@ -296,7 +319,7 @@ const FIELDS_SELECT: &str =
             j.status_reason, j.success, j.exit_code, j.started_at, j.completed_at, j.submitted_at,
             h.duration_ms::float8 / 1000 AS runtime,
             h.output_truncated, coalesce(h.node_id, j.claimed_by) AS node_id, j.attempt, j.priority,
-            j.target_node_id, j.target_node_group, j.target_node_role, j.timeout_seconds";
+            j.target_node_id, j.target_node_group, j.target_node_role, j.timeout_seconds, j.secret_env";
 
 const FROM_JOBS: &str =
     "FROM jobs j LEFT JOIN task_history h ON h.job_id = j.job_id AND h.is_final";
@@ -365,8 +388,10 @@ pub(crate) async fn results(
         .bind(limit)
         .fetch(&state.pool);
     let mut results = Vec::new();
+    let key = state.settings.secrets.key();
     while let Some(mut entry) = rows.try_next().await? {
         entry.out = entry.raw.previews();
+        entry.fields.mask(key.as_ref());
         results.push(entry);
     }
     Ok(Json(Results {
@@ -391,7 +416,12 @@ async fn load_visible(
         .bind(caller.user())
         .fetch_optional(&state.pool)
         .await?;
-    row.map(JobView::finish).ok_or(ApiError::NotFound("job"))
+    let key = state.settings.secrets.key();
+    row.map(|mut view| {
+        view.fields.mask(key.as_ref());
+        view.finish()
+    })
+    .ok_or(ApiError::NotFound("job"))
 }
 
 /// Fails with 404 unless the caller may act on the job: its owner, or an

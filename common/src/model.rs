@@ -8,6 +8,8 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::secrets::{SecretKey, SecretValues};
+
 /// True when `name` matches `^[a-z0-9][a-z0-9_-]{0,63}$` (groups, roles,
 /// prefixes).
 pub fn is_valid_name(name: &str) -> bool {
@@ -285,6 +287,10 @@ pub struct SubmitRequest {
     pub target: Option<TargetRequest>,
     /// Extra environment variables.
     pub env: Option<BTreeMap<String, String>>,
+    /// Extra environment variables whose values are secret: sealed at rest
+    /// under `secrets.key`, masked in output and answers (README,
+    /// "Secrets").
+    pub secret_env: Option<SecretValues>,
 }
 
 /// A validated target.
@@ -333,6 +339,10 @@ pub struct JobSpec {
     pub target: Target,
     /// Extra environment variables.
     pub env: BTreeMap<String, String>,
+    /// The secret environment variables, sealed (`base64(nonce ||
+    /// ciphertext)` of their JSON map, see [`crate::secrets`]); `None` when
+    /// there are none. Never the clear values.
+    pub secret_env: Option<String>,
 }
 
 /// A validation failure naming the field.
@@ -356,8 +366,16 @@ fn field_error(field: &'static str, message: impl Into<String>) -> FieldError {
 pub const INLINE_COMMANDS: &[&str] = &["diagnostics", "noop"];
 
 impl SubmitRequest {
-    /// Checks every field and returns the trusted form.
+    /// Checks every field and returns the trusted form, with no
+    /// `secrets.key`: a request carrying `secretEnv` values is refused.
     pub fn validate(self) -> Result<JobSpec, FieldError> {
+        self.validate_with(None)
+    }
+
+    /// Checks every field and returns the trusted form, sealing
+    /// `secretEnv` under `key` (a request carrying secret values without a
+    /// key is refused, naming `secretEnv`).
+    pub fn validate_with(self, key: Option<&SecretKey>) -> Result<JobSpec, FieldError> {
         let job_name = self.job_name.trim().to_owned();
         if job_name.is_empty() {
             return Err(field_error("jobName", "must not be empty"));
@@ -426,27 +444,10 @@ impl SubmitRequest {
         };
         let target = validate_target(self.target.unwrap_or_default())?;
         let env = self.env.unwrap_or_default();
-        if env.len() > limits::ENV_MAX {
-            return Err(field_error(
-                "env",
-                format!("must have at most {} variables", limits::ENV_MAX),
-            ));
-        }
-        if env.values().any(|v| v.contains('\0')) {
-            return Err(field_error("env", "values must not contain NUL bytes"));
-        }
-        for name in env.keys() {
-            let ok = !name.is_empty()
-                && name.len() <= 128
-                && !name.as_bytes()[0].is_ascii_digit()
-                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-            if !ok {
-                return Err(field_error(
-                    "env",
-                    format!("`{name}` is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"),
-                ));
-            }
-        }
+        check_env("env", &env)?;
+        let secret_env = self.secret_env.unwrap_or_default().0;
+        check_secret_env("secretEnv", &secret_env, &env)?;
+        let secret_env = seal_secret_env("secretEnv", &secret_env, key)?;
         Ok(JobSpec {
             job_name,
             command: self.command,
@@ -456,8 +457,75 @@ impl SubmitRequest {
             priority,
             target,
             env,
+            secret_env,
         })
     }
+}
+
+/// Checks an environment map (`env`, or a task's `environment`): at most
+/// [`limits::ENV_MAX`] variables, names `[A-Za-z_][A-Za-z0-9_]*`, no NUL.
+pub fn check_env(field: &'static str, env: &BTreeMap<String, String>) -> Result<(), FieldError> {
+    if env.len() > limits::ENV_MAX {
+        return Err(field_error(
+            field,
+            format!("must have at most {} variables", limits::ENV_MAX),
+        ));
+    }
+    if env.values().any(|v| v.contains('\0')) {
+        return Err(field_error(field, "values must not contain NUL bytes"));
+    }
+    for name in env.keys() {
+        let ok = !name.is_empty()
+            && name.len() <= 128
+            && !name.as_bytes()[0].is_ascii_digit()
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !ok {
+            return Err(field_error(
+                field,
+                format!("`{name}` is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a secret environment map like [`check_env`], and that none of
+/// its names is in the plain `env` too (a variable is plain or secret).
+pub fn check_secret_env(
+    field: &'static str,
+    secrets: &BTreeMap<String, String>,
+    env: &BTreeMap<String, String>,
+) -> Result<(), FieldError> {
+    check_env(field, secrets)?;
+    if let Some(name) = secrets.keys().find(|n| env.contains_key(*n)) {
+        return Err(field_error(
+            field,
+            format!(
+                "`{name}` is also a plain environment variable; a name may be plain or secret, not both"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Seals checked secret values under `key`: `None` when there are none, a
+/// 422 naming `field` when there are some and no key is configured.
+pub fn seal_secret_env(
+    field: &'static str,
+    secrets: &BTreeMap<String, String>,
+    key: Option<&SecretKey>,
+) -> Result<Option<String>, FieldError> {
+    if secrets.is_empty() {
+        return Ok(None);
+    }
+    let key = key.ok_or_else(|| {
+        field_error(
+            field,
+            "secret values need secrets.key (TASKHOST__SECRETS__KEY) to be configured; \
+             see README, \"Secrets\"",
+        )
+    })?;
+    Ok(Some(key.seal(secrets)))
 }
 
 fn validate_target(t: TargetRequest) -> Result<Target, FieldError> {
@@ -506,6 +574,7 @@ mod tests {
             priority: None,
             target: None,
             env: None,
+            secret_env: None,
         }
     }
 
@@ -556,6 +625,43 @@ mod tests {
         let mut r = req();
         r.env = Some([("A".to_owned(), "x\0".to_owned())].into());
         assert_eq!(r.validate().unwrap_err().field, "env");
+        let mut r = req();
+        r.secret_env = Some(BTreeMap::from([("A".to_owned(), "x\0".to_owned())]).into());
+        assert_eq!(r.validate().unwrap_err().field, "secretEnv");
+    }
+
+    #[test]
+    fn secret_env_is_sealed_checked_and_needs_a_key() {
+        let key = SecretKey::from_bytes([1; 32]);
+        let mut r = req();
+        r.env = Some([("PLAIN".to_owned(), "p".to_owned())].into());
+        r.secret_env = Some(BTreeMap::from([("TOKEN".to_owned(), "s3cr3t".to_owned())]).into());
+        let spec = r.clone().validate_with(Some(&key)).unwrap();
+        let sealed = spec.secret_env.expect("sealed");
+        assert!(!sealed.contains("s3cr3t"));
+        assert_eq!(key.open(&sealed).unwrap()["TOKEN"], "s3cr3t");
+        assert!(!spec.env.contains_key("TOKEN"));
+        // Without a key: 422 naming the field and the setting.
+        let e = r.clone().validate().unwrap_err();
+        assert_eq!(e.field, "secretEnv");
+        assert!(e.message.contains("secrets.key"), "{e}");
+        // A name in both maps.
+        let mut both = r.clone();
+        both.secret_env = Some(BTreeMap::from([("PLAIN".to_owned(), "s".to_owned())]).into());
+        let e = both.validate_with(Some(&key)).unwrap_err();
+        assert_eq!(e.field, "secretEnv");
+        assert!(e.message.contains("PLAIN"), "{e}");
+        // Bad names, as for env.
+        let mut bad = req();
+        bad.secret_env = Some(BTreeMap::from([("1X".to_owned(), "s".to_owned())]).into());
+        assert_eq!(
+            bad.validate_with(Some(&key)).unwrap_err().field,
+            "secretEnv"
+        );
+        // None at all, or an empty map: nothing sealed, no key needed.
+        let mut empty = req();
+        empty.secret_env = Some(SecretValues::default());
+        assert_eq!(empty.validate().unwrap().secret_env, None);
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub enum Ending {
     Cancelled,
     /// Could not be started.
     SpawnFailed,
+    /// Not started: its secret environment could not be decrypted here.
+    SecretsUnreadable,
 }
 
 /// The result of one run.
@@ -208,8 +210,18 @@ pub async fn run(spec: CommandSpec<'_>, cancel: CancellationToken) -> Outcome {
 }
 
 fn spawn_failed(started_at: DateTime<Utc>, clock: Instant, message: String) -> Outcome {
+    not_started(Ending::SpawnFailed, started_at, clock, message)
+}
+
+/// The outcome of a run that never started, with `message` as its stderr.
+pub(crate) fn not_started(
+    ending: Ending,
+    started_at: DateTime<Utc>,
+    clock: Instant,
+    message: String,
+) -> Outcome {
     Outcome {
-        ending: Ending::SpawnFailed,
+        ending,
         exit_code: None,
         stdout: Vec::new(),
         stderr: message.into_bytes(),

@@ -49,6 +49,7 @@ const SUBMIT_FIELDS: &[&str] = &[
     "priority",
     "target",
     "env",
+    "secretEnv",
 ];
 
 const HTTP_METHODS: &[&str] = &[

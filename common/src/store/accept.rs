@@ -301,6 +301,9 @@ pub(super) struct SpecColumns<'a> {
     priorities: Vec<i16>,
     timeouts: Vec<Option<i32>>,
     envs: Vec<Value>,
+    /// The sealed secret environments; bound apart by each query
+    /// ([`SpecColumns::secret_envs`]), after its own columns.
+    secret_envs: Vec<Option<&'a str>>,
 }
 
 impl<'a> SpecColumns<'a> {
@@ -323,9 +326,16 @@ impl<'a> SpecColumns<'a> {
             priorities: specs.clone().map(|s| s.priority).collect(),
             timeouts: specs.clone().map(|s| s.timeout_seconds).collect(),
             envs: specs
+                .clone()
                 .map(|s| serde_json::to_value(&s.env).unwrap_or(Value::Null))
                 .collect(),
+            secret_envs: specs.map(|s| s.secret_env.as_deref()).collect(),
         }
+    }
+
+    /// The sealed secret environments, in order (NULL: none).
+    pub(super) fn secret_envs(&self) -> &[Option<&'a str>] {
+        &self.secret_envs
     }
 
     /// Binds the ten arrays, in their order, after the query's first two.
@@ -383,11 +393,11 @@ pub async fn accept_batch(pool: &PgPool, jobs: &[PlainJob]) -> Result<Vec<Accept
     let inserted = sqlx::query_as(
         "INSERT INTO jobs (job_id, user_id, job_name, command, description, execution_mode, status,
                            target_node_id, target_node_group, target_node_role, fanout, priority,
-                           timeout_seconds, env, triggered_by)
-         SELECT id, u, n, c, d, m, 'pending', ni, ng, nr, 'one', p, t, e, tb
+                           timeout_seconds, env, triggered_by, secret_env)
+         SELECT id, u, n, c, d, m, 'pending', ni, ng, nr, 'one', p, t, e, tb, se
          FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                      $7::uuid[], $8::text[], $9::text[], $10::int2[], $11::int4[], $12::jsonb[],
-                     $13::text[]) AS x(id, u, n, c, d, m, ni, ng, nr, p, t, e, tb)
+                     $13::text[], $14::text[]) AS x(id, u, n, c, d, m, ni, ng, nr, p, t, e, tb, se)
          ON CONFLICT DO NOTHING
          RETURNING job_id, to_jsonb(jobs.*)::text, submitted_at",
     )
@@ -396,6 +406,7 @@ pub async fn accept_batch(pool: &PgPool, jobs: &[PlainJob]) -> Result<Vec<Accept
     let inserted: Vec<(Uuid, String, DateTime<Utc>)> = spec
         .bind(inserted)
         .bind(&triggers)
+        .bind(spec.secret_envs())
         .fetch_all(&mut *tx)
         .await?;
     let by_id: std::collections::HashMap<Uuid, usize> = inserted
@@ -499,9 +510,10 @@ async fn insert_job_row(
                            status_reason, target_node_id, target_node_group, target_node_role, fanout,
                            priority, timeout_seconds, env, triggered_by, idempotency_key, request_hash,
                            completed_at, success, task_id, fire_at, max_retries, retry_delay_seconds,
-                           kill_on_timeout)
+                           kill_on_timeout, secret_env)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
-                 CASE WHEN $19 THEN now() END, CASE WHEN $19 THEN false END, $20, $21, $22, $23, $24)
+                 CASE WHEN $19 THEN now() END, CASE WHEN $19 THEN false END, $20, $21, $22, $23, $24,
+                 $25)
          ON CONFLICT DO NOTHING
          RETURNING to_jsonb(jobs.*)::text, submitted_at",
     )
@@ -531,6 +543,7 @@ async fn insert_job_row(
     .bind(new.task.map_or(0, |t| t.max_retries))
     .bind(new.task.map_or(0, |t| t.retry_delay_seconds))
     .bind(new.task.is_none_or(|t| t.kill_on_timeout))
+    .bind(spec.secret_env.as_deref())
     .fetch_optional(&mut **tx)
     .await
 }
