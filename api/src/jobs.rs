@@ -260,6 +260,9 @@ pub(crate) struct JobFields {
     target_node_group: Option<String>,
     target_node_role: Option<String>,
     timeout_seconds: Option<i32>,
+    /// The job's own limits (`{cpuSeconds, memoryMb, maxFiles,
+    /// maxProcesses}`, each only when set), or null.
+    limits: Option<Value>,
     /// The sealed secret environment (never shown).
     #[serde(skip)]
     secret_env: Option<String>,
@@ -319,7 +322,7 @@ const FIELDS_SELECT: &str =
             j.status_reason, j.success, j.exit_code, j.started_at, j.completed_at, j.submitted_at,
             h.duration_ms::float8 / 1000 AS runtime,
             h.output_truncated, coalesce(h.node_id, j.claimed_by) AS node_id, j.attempt, j.priority,
-            j.target_node_id, j.target_node_group, j.target_node_role, j.timeout_seconds, j.secret_env";
+            j.target_node_id, j.target_node_group, j.target_node_role, j.timeout_seconds, j.secret_env, j.limits";
 
 const FROM_JOBS: &str =
     "FROM jobs j LEFT JOIN task_history h ON h.job_id = j.job_id AND h.is_final";

@@ -250,6 +250,95 @@ pub mod limits {
     pub const TIMEOUT_MAX: i32 = 7 * 24 * 3600;
     /// Most environment variables.
     pub const ENV_MAX: usize = 100;
+    /// Largest `limits.cpuSeconds` (7 days of CPU).
+    pub const CPU_SECONDS_MAX: u64 = 7 * 24 * 3600;
+    /// Largest `limits.memoryMb` (1 TiB).
+    pub const MEMORY_MB_MAX: u64 = 1 << 20;
+    /// Largest `limits.maxFiles`.
+    pub const MAX_FILES_MAX: u64 = 1 << 20;
+    /// Largest `limits.maxProcesses` (Linux's highest `pid_max`).
+    pub const MAX_PROCESSES_MAX: u64 = 1 << 22;
+}
+
+/// Per-job limits as a submit or task body carries them (`limits`): each
+/// optional, a whole number from 1 up to its bound. Held as JSON values so
+/// a wrong one is refused naming its field (`limits.cpuSeconds`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LimitsRequest {
+    /// CPU seconds (RLIMIT_CPU).
+    pub cpu_seconds: Option<serde_json::Value>,
+    /// Address space of each process, in MiB (RLIMIT_AS).
+    pub memory_mb: Option<serde_json::Value>,
+    /// Open files of each process (RLIMIT_NOFILE).
+    pub max_files: Option<serde_json::Value>,
+    /// Processes of the job's user (RLIMIT_NPROC).
+    pub max_processes: Option<serde_json::Value>,
+}
+
+/// Validated per-job limits (README, "Guarantees and choices", jobs run
+/// bounded). A worker applies each as min(job, worker) where it has a limit
+/// of its own, else the job's: a job can only tighten the operator's
+/// limits. Stored as JSON in `jobs.limits` and `tasks.limits`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobLimits {
+    /// CPU seconds (RLIMIT_CPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<u64>,
+    /// Address space of each process, in MiB (RLIMIT_AS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    /// Open files of each process (RLIMIT_NOFILE).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_files: Option<u64>,
+    /// Processes of the job's user (RLIMIT_NPROC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_processes: Option<u64>,
+}
+
+impl JobLimits {
+    /// True when no limit is set.
+    pub fn is_empty(&self) -> bool {
+        *self == JobLimits::default()
+    }
+}
+
+impl LimitsRequest {
+    /// Checks every limit; `None` when none is set.
+    pub fn validate(&self) -> Result<Option<JobLimits>, FieldError> {
+        fn one(
+            field: &'static str,
+            value: &Option<serde_json::Value>,
+            max: u64,
+        ) -> Result<Option<u64>, FieldError> {
+            match value {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(v) => match v.as_u64() {
+                    Some(n) if (1..=max).contains(&n) => Ok(Some(n)),
+                    _ => Err(field_error(
+                        field,
+                        format!("must be a whole number from 1 to {max}, not {v}"),
+                    )),
+                },
+            }
+        }
+        let l = JobLimits {
+            cpu_seconds: one(
+                "limits.cpuSeconds",
+                &self.cpu_seconds,
+                limits::CPU_SECONDS_MAX,
+            )?,
+            memory_mb: one("limits.memoryMb", &self.memory_mb, limits::MEMORY_MB_MAX)?,
+            max_files: one("limits.maxFiles", &self.max_files, limits::MAX_FILES_MAX)?,
+            max_processes: one(
+                "limits.maxProcesses",
+                &self.max_processes,
+                limits::MAX_PROCESSES_MAX,
+            )?,
+        };
+        Ok((!l.is_empty()).then_some(l))
+    }
 }
 
 /// Where a job should run, as submitted.
@@ -291,6 +380,8 @@ pub struct SubmitRequest {
     /// under `secrets.key`, masked in output and answers (README,
     /// "Secrets").
     pub secret_env: Option<SecretValues>,
+    /// Limits of this job, tightening the worker's.
+    pub limits: Option<LimitsRequest>,
 }
 
 /// A validated target.
@@ -343,6 +434,8 @@ pub struct JobSpec {
     /// ciphertext)` of their JSON map, see [`crate::secrets`]); `None` when
     /// there are none. Never the clear values.
     pub secret_env: Option<String>,
+    /// Limits of this job (None: the worker's alone).
+    pub limits: Option<JobLimits>,
 }
 
 /// A validation failure naming the field.
@@ -448,6 +541,10 @@ impl SubmitRequest {
         let secret_env = self.secret_env.unwrap_or_default().0;
         check_secret_env("secretEnv", &secret_env, &env)?;
         let secret_env = seal_secret_env("secretEnv", &secret_env, key)?;
+        let limits = match &self.limits {
+            None => None,
+            Some(l) => l.validate()?,
+        };
         Ok(JobSpec {
             job_name,
             command: self.command,
@@ -458,6 +555,7 @@ impl SubmitRequest {
             target,
             env,
             secret_env,
+            limits,
         })
     }
 }
@@ -575,6 +673,7 @@ mod tests {
             target: None,
             env: None,
             secret_env: None,
+            limits: None,
         }
     }
 
@@ -628,6 +727,48 @@ mod tests {
         let mut r = req();
         r.secret_env = Some(BTreeMap::from([("A".to_owned(), "x\0".to_owned())]).into());
         assert_eq!(r.validate().unwrap_err().field, "secretEnv");
+    }
+
+    #[test]
+    fn limits_are_positive_bounded_whole_numbers_named_by_field() {
+        let with = |l: serde_json::Value| {
+            let mut r = req();
+            r.limits = Some(serde_json::from_value(l).unwrap());
+            r.validate()
+        };
+        let spec = with(serde_json::json!({"cpuSeconds": 1, "maxFiles": 16})).unwrap();
+        assert_eq!(
+            spec.limits,
+            Some(JobLimits {
+                cpu_seconds: Some(1),
+                max_files: Some(16),
+                ..Default::default()
+            })
+        );
+        assert_eq!(with(serde_json::json!({})).unwrap().limits, None);
+        assert_eq!(
+            with(serde_json::json!({"cpuSeconds": null}))
+                .unwrap()
+                .limits,
+            None
+        );
+        for (body, field) in [
+            (serde_json::json!({"cpuSeconds": 0}), "limits.cpuSeconds"),
+            (serde_json::json!({"memoryMb": -1}), "limits.memoryMb"),
+            (serde_json::json!({"maxFiles": 1.5}), "limits.maxFiles"),
+            (serde_json::json!({"maxFiles": "16"}), "limits.maxFiles"),
+            (
+                serde_json::json!({"maxProcesses": 1u64 << 40}),
+                "limits.maxProcesses",
+            ),
+            (
+                serde_json::json!({"cpuSeconds": 604_801}),
+                "limits.cpuSeconds",
+            ),
+        ] {
+            assert_eq!(with(body.clone()).unwrap_err().field, field, "{body}");
+        }
+        assert!(serde_json::from_value::<LimitsRequest>(serde_json::json!({"cpu": 1})).is_err());
     }
 
     #[test]

@@ -12,8 +12,9 @@ use uuid::Uuid;
 
 use crate::changelog::{self, Action, Change};
 use crate::model::{
-    ExecutionMode, Fanout, FieldError, JobSpec, MisfirePolicy, NoNodePolicy, OverlapPolicy,
-    SubmitRequest, Target, TargetRequest, check_secret_env, seal_secret_env,
+    ExecutionMode, Fanout, FieldError, JobLimits, JobSpec, LimitsRequest, MisfirePolicy,
+    NoNodePolicy, OverlapPolicy, SubmitRequest, Target, TargetRequest, check_secret_env,
+    seal_secret_env,
 };
 use crate::schedule::Schedule;
 use crate::secrets::{SecretKey, SecretValues};
@@ -70,6 +71,14 @@ pub struct TaskRequest {
     /// the stored ones, a map replaces them, `{}` clears them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_environment: Option<SecretValues>,
+    /// Limits of every run: absent keeps them, an object replaces them,
+    /// `null` or `{}` clears them.
+    #[serde(
+        default,
+        deserialize_with = "named",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub limits: Option<Option<LimitsRequest>>,
 }
 
 /// For fields that may be cleared: absent is `None` (unchanged), `null` is
@@ -117,6 +126,8 @@ pub struct Task {
     /// `***` instead.
     #[serde(skip)]
     pub secret_environment: Option<String>,
+    /// The limits of every run (camelCase JSON of [`JobLimits`]), or null.
+    pub limits: Option<Value>,
     pub created_by: String,
     pub created_at: DateTime<Utc>,
     pub modified_by: Option<String>,
@@ -174,6 +185,7 @@ impl Task {
             parameters: Value::Object(Default::default()),
             environment: Value::Object(Default::default()),
             secret_environment: None,
+            limits: None,
             created_by: user.to_owned(),
             created_at: Utc::now(),
             modified_by: None,
@@ -330,6 +342,14 @@ impl Task {
             self.environment = serde_json::to_value(v).unwrap_or(Value::Null);
         }
         self.apply_secrets(r.secret_environment, environment_changed, key)?;
+        if let Some(limits) = r.limits {
+            self.limits = match limits {
+                None => None,
+                Some(l) => l
+                    .validate()?
+                    .map(|l| serde_json::to_value(l).unwrap_or(Value::Null)),
+            };
+        }
         self.validate()
     }
 
@@ -397,6 +417,7 @@ impl Task {
             }),
             env: Some(env),
             secret_env: None,
+            limits: None,
         };
         request
             .validate()
@@ -412,11 +433,22 @@ impl Task {
                 },
                 message: e.message,
             })
-            .map(|mut spec| {
+            .and_then(|mut spec| {
                 // The sealed values go to the job as they are.
                 spec.secret_env = self.secret_environment.clone();
-                spec
+                spec.limits = self.job_limits()?;
+                Ok(spec)
             })
+    }
+
+    /// The limits of every run of this task.
+    pub fn job_limits(&self) -> Result<Option<JobLimits>, FieldError> {
+        match &self.limits {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => serde_json::from_value::<LimitsRequest>(v.clone())
+                .map_err(|e| err("limits", e.to_string()))?
+                .validate(),
+        }
     }
 
     /// The target of this task.
@@ -474,7 +506,7 @@ pub enum TaskError {
 pub const TASK_COLUMNS: &str = "task_id, task_name, app_name, command, execution_mode, schedule, timezone, enabled,
     assigned_node_id, assigned_node_group, assigned_node_role, fanout, priority, timeout_seconds, max_retries,
     retry_delay_seconds, kill_on_timeout, misfire_policy, overlap_policy, no_node_policy, description, tags,
-    parameters, environment, secret_environment, created_by, created_at, modified_by, modified_at";
+    parameters, environment, secret_environment, limits, created_by, created_at, modified_by, modified_at";
 
 fn json_of<T: Serialize>(v: &T) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
@@ -528,15 +560,16 @@ async fn write_task(conn: &mut PgConnection, t: &Task, insert: bool) -> Result<V
         "INSERT INTO tasks (task_id, task_name, app_name, command, execution_mode, schedule, timezone, enabled,
              assigned_node_id, assigned_node_group, assigned_node_role, fanout, priority, timeout_seconds, max_retries,
              retry_delay_seconds, kill_on_timeout, misfire_policy, overlap_policy, no_node_policy, description, tags,
-             parameters, environment, created_by, created_at, modified_by, modified_at, secret_environment)
-         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22,$23,$24,$25,$26,$27,$28,$29)
+             parameters, environment, created_by, created_at, modified_by, modified_at, secret_environment, limits)
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22,$23,$24,$25,$26,$27,$28,$29,$30)
          RETURNING to_jsonb(tasks.*)"
     } else {
         "UPDATE tasks SET task_name=$2, app_name=$3, command=$4, execution_mode=$5, schedule=$6, timezone=$7, enabled=$8,
              assigned_node_id=$9, assigned_node_group=$10, assigned_node_role=$11, fanout=$12, priority=$13,
              timeout_seconds=$14, max_retries=$15, retry_delay_seconds=$16, kill_on_timeout=$17, misfire_policy=$18,
              overlap_policy=$19, no_node_policy=$20, description=$21, tags=$22, parameters=$23, environment=$24,
-             created_by=$25, created_at=$26, modified_by=$27, modified_at=$28, secret_environment=$29
+             created_by=$25, created_at=$26, modified_by=$27, modified_at=$28, secret_environment=$29,
+             limits=$30
          WHERE task_id = $1 RETURNING to_jsonb(tasks.*)"
     };
     sqlx::query_scalar(sql)
@@ -569,6 +602,7 @@ async fn write_task(conn: &mut PgConnection, t: &Task, insert: bool) -> Result<V
         .bind(&t.modified_by)
         .bind(t.modified_at)
         .bind(&t.secret_environment)
+        .bind(&t.limits)
         .fetch_one(conn)
         .await
 }

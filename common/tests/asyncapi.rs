@@ -247,6 +247,7 @@ fn job_submit_matches_the_submit_request() {
         target: Some(TargetRequest::default()),
         env: Some(Default::default()),
         secret_env: Some(Default::default()),
+        limits: Some(Default::default()),
     };
     let submit = JobSubmit {
         user_id: "alice".into(),

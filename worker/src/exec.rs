@@ -72,6 +72,8 @@ pub struct CommandSpec<'a> {
     pub sandbox: Option<&'a crate::sandbox::Sandbox>,
     /// Its working directory (None: the worker's).
     pub dir: Option<&'a std::path::Path>,
+    /// The job's own limits, which tighten the sandbox's.
+    pub limits: Option<&'a taskhost_common::model::JobLimits>,
 }
 
 async fn read_capped<R: AsyncRead + Unpin>(mut reader: R, cap: usize) -> (Vec<u8>, bool) {
@@ -115,7 +117,10 @@ pub async fn run(spec: CommandSpec<'_>, cancel: CancellationToken) -> Outcome {
         return spawn_failed(started_at, clock, "no shell configured".into());
     }
     let argv = match spec.sandbox {
-        Some(s) => s.argv(spec.shell, spec.command),
+        Some(s) => match s.argv(spec.shell, spec.command, spec.limits) {
+            Ok(argv) => argv,
+            Err(e) => return spawn_failed(started_at, clock, format!("taskhost: {e}\n")),
+        },
         None => {
             let mut argv = spec.shell.to_vec();
             argv.push(spec.command.to_owned());
@@ -253,6 +258,7 @@ mod tests {
                 kill_on_timeout: true,
                 sandbox: None,
                 dir: None,
+                limits: None,
             },
             CancellationToken::new(),
         )
@@ -304,6 +310,7 @@ mod tests {
                 kill_on_timeout: true,
                 sandbox: None,
                 dir: None,
+                limits: None,
             },
             CancellationToken::new(),
         )
@@ -326,6 +333,7 @@ mod tests {
                 kill_on_timeout: false,
                 sandbox: None,
                 dir: None,
+                limits: None,
             },
             CancellationToken::new(),
         )

@@ -415,6 +415,7 @@ async fn execute(ctx: &Ctx, claimed: &Claimed, cancel: CancellationToken) -> Out
             kill_on_timeout: claimed.kill_on_timeout,
             sandbox: Some(&ctx.sandbox),
             dir: dir.as_deref(),
+            limits: claimed.limits.as_deref(),
         },
         cancel,
     )
@@ -435,10 +436,13 @@ async fn execute(ctx: &Ctx, claimed: &Claimed, cancel: CancellationToken) -> Out
 pub(crate) fn finish_of(outcome: &Outcome, cancelled: bool) -> Finish {
     let (status, mut reason) = match outcome.ending {
         Ending::Exited if outcome.exit_code == Some(0) => (JobStatus::Succeeded, None),
-        // 128 + SIGXCPU: the kernel stopped it at worker.job_cpu_secs.
+        // 128 + SIGXCPU: the kernel stopped it at its CPU limit.
         Ending::Exited if outcome.exit_code == Some(128 + 24) => (
             JobStatus::Failed,
-            Some("killed at its CPU time limit (worker.job_cpu_secs)".to_owned()),
+            Some(
+                "killed at its CPU time limit (the job's limits.cpuSeconds or worker.job_cpu_secs)"
+                    .to_owned(),
+            ),
         ),
         Ending::Exited => (
             JobStatus::Failed,

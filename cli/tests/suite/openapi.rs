@@ -50,6 +50,7 @@ const SUBMIT_FIELDS: &[&str] = &[
     "target",
     "env",
     "secretEnv",
+    "limits",
 ];
 
 const HTTP_METHODS: &[&str] = &[

@@ -14,7 +14,7 @@ use uuid::Uuid;
 use crate::changelog::{self, Action, Change, RowJson};
 use crate::db;
 use crate::messages::JobRun;
-use crate::model::{ExecutionMode, JobStatus, TriggeredBy};
+use crate::model::{ExecutionMode, JobLimits, JobStatus, TriggeredBy};
 use crate::tasks;
 
 /// A job this worker now owns, for one attempt.
@@ -39,6 +39,9 @@ pub struct Claimed {
     /// The sealed secret environment (`base64(nonce || ciphertext)`), which
     /// the worker opens with its `secrets.key`; never in a work message.
     pub secret_env: Option<String>,
+    /// Limits of this job, which tighten the worker's (boxed: most jobs
+    /// have none, and a claim stays small).
+    pub limits: Option<Box<JobLimits>>,
     /// The work queue the job is addressed to.
     pub routing_key: String,
     /// Retries allowed after a failed attempt (task runs).
@@ -106,6 +109,7 @@ pub(super) struct Current {
     timeout_seconds: Option<i32>,
     env: Json<BTreeMap<String, String>>,
     secret_env: Option<String>,
+    limits: Option<Json<JobLimits>>,
     target_node_id: Option<Uuid>,
     target_node_group: Option<String>,
     target_node_role: Option<String>,
@@ -214,7 +218,7 @@ macro_rules! current_select {
         concat!(
             "SELECT job_id, to_jsonb(j.*)::text AS row, status, attempt, claimed_by,
                     coalesce(claim_expiry > now(), false) AS claim_live, task_id, triggered_by,
-                    execution_mode, command, timeout_seconds, env, secret_env, target_node_id, target_node_group,
+                    execution_mode, command, timeout_seconds, env, secret_env, limits, target_node_id, target_node_group,
                     target_node_role, max_retries, retry_delay_seconds, cancel_requested,
                     kill_on_timeout, coalesce(retry_at > now(), false) AS retry_pending,
                     priority, submitted_at
@@ -519,6 +523,7 @@ impl Current {
             timeout_seconds: self.timeout_seconds,
             env: self.env.0,
             secret_env: self.secret_env,
+            limits: self.limits.map(|l| Box::new(l.0)),
             routing_key: crate::model::Target {
                 node_id: self.target_node_id,
                 node_group: self.target_node_group,
