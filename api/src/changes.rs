@@ -10,7 +10,7 @@ use axum::Json;
 use axum::extract::{Query, State};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use taskhost_common::{changelog, sync};
+use taskhost_common::{changelog, secrets, sync};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -78,8 +78,20 @@ pub(crate) async fn list(
         (None, since) => since.unwrap_or(0),
     };
     let head = state.watermark.safe_head(&mut conn).await?;
-    let changes =
+    let mut changes =
         changelog::read_between(&mut conn, q.table.as_deref(), since, head, limit).await?;
+    // Sealed secrets show as their names with `***` (README, "Secrets").
+    let key = state.settings.secrets.key();
+    for change in &mut changes {
+        for row in [&mut change.old_data, &mut change.new_data]
+            .into_iter()
+            .flatten()
+        {
+            for column in ["secret_env", "secret_environment"] {
+                secrets::mask_row_column(row, column, key.as_ref());
+            }
+        }
+    }
     // Everything up to the head was read unless the page filled up.
     let next = match changes.last() {
         Some(last) if changes.len() as i64 >= limit => last.change_seq,

@@ -572,9 +572,12 @@ struct StoredSpec {
     target_node_role: Option<String>,
     fanout: taskhost_common::model::Fanout,
     env: sqlx::types::Json<std::collections::BTreeMap<String, String>>,
+    secret_env: Option<String>,
+    limits: Option<sqlx::types::Json<taskhost_common::model::JobLimits>>,
 }
 
-/// `POST /api/v1/jobs/{id}/rerun`: a new job with the same spec, owned by
+/// `POST /api/v1/jobs/{id}/rerun`: a new job with the same spec (secret
+/// environment and limits included), owned by
 /// the caller, linked to the original (`rerunOf`). Who may see the
 /// original (its owner, an admin) may re-run it, if their roles allow its
 /// execution mode, as for a submission.
@@ -586,7 +589,8 @@ pub(crate) async fn rerun(
     let original: Uuid = raw.parse().map_err(|_| ApiError::NotFound("job"))?;
     let stored: Option<StoredSpec> = sqlx::query_as(
         "SELECT job_name, command, description, execution_mode, timeout_seconds, priority,
-                target_node_id, target_node_group, target_node_role, fanout, env
+                target_node_id, target_node_group, target_node_role, fanout, env,
+                secret_env, limits
          FROM jobs WHERE job_id = $1 AND (user_id = $2 OR $3)",
     )
     .bind(original)
@@ -613,6 +617,9 @@ pub(crate) async fn rerun(
             fanout: stored.fanout,
         },
         env: stored.env.0,
+        // Sealed as stored: the re-run opens them like the original.
+        secret_env: stored.secret_env,
+        limits: stored.limits.map(|l| l.0),
     };
     let accepted = taskhost_common::jobs::accept(
         &state.pool,

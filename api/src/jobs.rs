@@ -83,8 +83,9 @@ async fn submit_inner(
     body: &[u8],
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let request: SubmitRequest = parse_json(body)?;
+    let key = state.settings.secrets.key();
     let spec = request
-        .validate()
+        .validate_with(key.as_ref())
         .map_err(|e| ApiError::Invalid(e.to_string()))?;
     caller.require_any(
         spec.execution_mode.allowed_roles(),
@@ -110,7 +111,12 @@ async fn submit_inner(
         let canonical =
             serde_json::to_vec(&serde_json::from_slice::<Value>(body).unwrap_or(Value::Null))
                 .unwrap_or_default();
-        hex::encode(Sha256::digest(canonical))
+        // A body with secret values is hashed with the secrets key, so the
+        // stored hash cannot be used to guess them.
+        match (&spec.secret_env, &key) {
+            (Some(_), Some(key)) => key.keyed_hash(&canonical),
+            _ => hex::encode(Sha256::digest(canonical)),
+        }
     });
     let accepted = if jobs::PlainJob::fits(&spec, idempotency_key.as_deref()) {
         // The bulk of submissions: accepted together with whatever else
@@ -272,6 +278,26 @@ pub(crate) struct JobFields {
     triggered_by: String,
     /// The job it re-runs.
     rerun_of: Option<Uuid>,
+    /// The job's own limits (`{cpuSeconds, memoryMb, maxFiles,
+    /// maxProcesses}`, each only when set), or null.
+    limits: Option<Value>,
+    /// The sealed secret environment (never shown).
+    #[serde(skip)]
+    secret_env: Option<String>,
+    /// Its names, each with `***` (README, "Secrets"); null when none.
+    #[sqlx(skip)]
+    #[serde(rename = "secretEnv")]
+    secret_env_names: Option<Value>,
+}
+
+impl JobFields {
+    /// Fills in the masked names of the job's secret environment.
+    fn mask(&mut self, key: Option<&taskhost_common::secrets::SecretKey>) {
+        self.secret_env_names = self
+            .secret_env
+            .as_deref()
+            .map(|sealed| taskhost_common::secrets::masked(key, sealed));
+    }
 }
 
 /// `GET /jobs/{id}`: the job with its whole output, as it always was.
@@ -315,7 +341,7 @@ const FIELDS_SELECT: &str =
             h.duration_ms::float8 / 1000 AS runtime,
             h.output_truncated, coalesce(h.node_id, j.claimed_by) AS node_id, j.attempt, j.priority,
             j.target_node_id, j.target_node_group, j.target_node_role, j.timeout_seconds,
-            j.user_id, n.node_name, j.task_id, j.triggered_by, j.rerun_of";
+            j.user_id, n.node_name, j.task_id, j.triggered_by, j.rerun_of, j.secret_env, j.limits";
 
 const FROM_JOBS: &str = "FROM jobs j LEFT JOIN task_history h ON h.job_id = j.job_id AND h.is_final
      LEFT JOIN nodes n ON n.node_id = coalesce(h.node_id, j.claimed_by)";
@@ -384,8 +410,10 @@ pub(crate) async fn results(
         .bind(limit)
         .fetch(&state.pool);
     let mut results = Vec::new();
+    let key = state.settings.secrets.key();
     while let Some(mut entry) = rows.try_next().await? {
         entry.out = entry.raw.previews();
+        entry.fields.mask(key.as_ref());
         results.push(entry);
     }
     Ok(Json(Results {
@@ -412,7 +440,12 @@ async fn load_visible(
         .bind(caller.0.is_admin())
         .fetch_optional(&state.pool)
         .await?;
-    row.map(JobView::finish).ok_or(ApiError::NotFound("job"))
+    let key = state.settings.secrets.key();
+    row.map(|mut view| {
+        view.fields.mask(key.as_ref());
+        view.finish()
+    })
+    .ok_or(ApiError::NotFound("job"))
 }
 
 /// Fails with 404 unless the caller may act on the job: its owner, or an

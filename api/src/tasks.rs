@@ -49,6 +49,13 @@ fn require_writer(caller: &Caller, mode: &str) -> Result<(), ApiError> {
 
 async fn with_schedule(state: &AppState, task: Task) -> Result<Value, ApiError> {
     let mut v = serde_json::to_value(&task).map_err(|e| ApiError::Internal(e.to_string()))?;
+    // Names only, each with `***`; null when the task has none.
+    v["secretEnvironment"] = task
+        .secret_environment
+        .as_deref()
+        .map_or(Value::Null, |sealed| {
+            taskhost_common::secrets::masked(state.settings.secrets.key().as_ref(), sealed)
+        });
     if let Some(s) = tasks::schedule_state(&state.pool, task.task_id).await? {
         v["nextRun"] = json!(s.next_run);
         v["lastRun"] = json!(s.last_run);
@@ -78,7 +85,8 @@ pub(crate) async fn create(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let request: TaskRequest = parse_json(&body)?;
     require_writer(&caller, request.execution_mode.as_deref().unwrap_or("pool"))?;
-    let task = tasks::create(&state.pool, request, caller.user()).await?;
+    let key = state.settings.secrets.key();
+    let task = tasks::create_with(&state.pool, request, caller.user(), key.as_ref()).await?;
     let id = task.task_id;
     let body = with_schedule(&state, task).await?;
     Ok((
@@ -115,7 +123,8 @@ pub(crate) async fn update(
     if let Some(mode) = request.execution_mode.as_deref() {
         require_writer(&caller, mode)?;
     }
-    let task = tasks::update(&state.pool, id, request, caller.user()).await?;
+    let key = state.settings.secrets.key();
+    let task = tasks::update_with(&state.pool, id, request, caller.user(), key.as_ref()).await?;
     Ok(Json(with_schedule(&state, task).await?))
 }
 

@@ -52,6 +52,43 @@ pub struct Settings {
     pub sync: SyncSettings,
     /// Logging.
     pub log: LogSettings,
+    /// Secret environment values.
+    pub secrets: SecretsSettings,
+}
+
+/// Secret environment values (README, "Secrets").
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretsSettings {
+    /// Base64 of 32 random bytes (`head -c32 /dev/urandom | base64`): the
+    /// ChaCha20-Poly1305 key that seals `secretEnv` and `secretEnvironment`
+    /// values at rest. Empty (the default): requests carrying secret values
+    /// are refused. The api, the scheduler (queue ingress) and the workers
+    /// need the same key; a new key makes secrets sealed under the old one
+    /// unreadable.
+    pub key: String,
+}
+
+// The key never appears in logs or debug output.
+impl std::fmt::Debug for SecretsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = if self.key.trim().is_empty() {
+            "\"\""
+        } else {
+            "***"
+        };
+        f.debug_struct("SecretsSettings")
+            .field("key", &format_args!("{shown}"))
+            .finish()
+    }
+}
+
+impl SecretsSettings {
+    /// The parsed key; `None` when none is configured (or, in settings that
+    /// skipped [`Settings::validate`], when it is not valid).
+    pub fn key(&self) -> Option<crate::secrets::SecretKey> {
+        crate::secrets::SecretKey::parse(&self.key).ok().flatten()
+    }
 }
 
 /// The built-in relay that publishes the change feed as
@@ -291,7 +328,8 @@ impl Settings {
             .set_default("sync.interval_ms", 250)?
             .set_default("sync.batch", 500)?
             .set_default("log.format", "auto")?
-            .set_default("log.level", "info,sqlx=warn,lapin=warn")?;
+            .set_default("log.level", "info,sqlx=warn,lapin=warn")?
+            .set_default("secrets.key", "")?;
         if let Some(path) = &file {
             builder = builder.add_source(config::File::from(path.as_path()).required(true));
         }
@@ -416,6 +454,15 @@ impl Settings {
             return Err(invalid(
                 "worker.shell",
                 "must name a program, e.g. `/bin/sh -c`",
+            ));
+        }
+        if let Err(message) = crate::secrets::SecretKey::parse(&self.secrets.key) {
+            return Err(invalid(
+                "secrets.key",
+                format!(
+                    "{message} (TASKHOST__SECRETS__KEY); make one with \
+                     `head -c32 /dev/urandom | base64`"
+                ),
             ));
         }
         if self

@@ -15,6 +15,7 @@
 //! - [`shutdown`]: SIGTERM/SIGINT as a cancellation token.
 //! - [`startup`]: start-up checks that fail fast with the fix in one line.
 //! - [`store`]: the job store, the one owner of the `jobs` row.
+//! - [`secrets`]: sealed secret environment values and output masking.
 //! - [`text`]: the one rule for text fields (no NUL), at every entry point.
 //! - [`sync`]: the change feed's safe head, consumer cursors, the events relay.
 
@@ -30,6 +31,7 @@ pub mod keys;
 pub mod messages;
 pub mod model;
 pub mod schedule;
+pub mod secrets;
 pub mod shutdown;
 pub mod startup;
 pub mod store;

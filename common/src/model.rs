@@ -8,6 +8,8 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::secrets::{SecretKey, SecretValues};
+
 /// True when `name` matches `^[a-z0-9][a-z0-9_-]{0,63}$` (groups, roles,
 /// prefixes).
 pub fn is_valid_name(name: &str) -> bool {
@@ -248,6 +250,95 @@ pub mod limits {
     pub const TIMEOUT_MAX: i32 = 7 * 24 * 3600;
     /// Most environment variables.
     pub const ENV_MAX: usize = 100;
+    /// Largest `limits.cpuSeconds` (7 days of CPU).
+    pub const CPU_SECONDS_MAX: u64 = 7 * 24 * 3600;
+    /// Largest `limits.memoryMb` (1 TiB).
+    pub const MEMORY_MB_MAX: u64 = 1 << 20;
+    /// Largest `limits.maxFiles`.
+    pub const MAX_FILES_MAX: u64 = 1 << 20;
+    /// Largest `limits.maxProcesses` (Linux's highest `pid_max`).
+    pub const MAX_PROCESSES_MAX: u64 = 1 << 22;
+}
+
+/// Per-job limits as a submit or task body carries them (`limits`): each
+/// optional, a whole number from 1 up to its bound. Held as JSON values so
+/// a wrong one is refused naming its field (`limits.cpuSeconds`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LimitsRequest {
+    /// CPU seconds (RLIMIT_CPU).
+    pub cpu_seconds: Option<serde_json::Value>,
+    /// Address space of each process, in MiB (RLIMIT_AS).
+    pub memory_mb: Option<serde_json::Value>,
+    /// Open files of each process (RLIMIT_NOFILE).
+    pub max_files: Option<serde_json::Value>,
+    /// Processes of the job's user (RLIMIT_NPROC).
+    pub max_processes: Option<serde_json::Value>,
+}
+
+/// Validated per-job limits (README, "Guarantees and choices", jobs run
+/// bounded). A worker applies each as min(job, worker) where it has a limit
+/// of its own, else the job's: a job can only tighten the operator's
+/// limits. Stored as JSON in `jobs.limits` and `tasks.limits`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobLimits {
+    /// CPU seconds (RLIMIT_CPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<u64>,
+    /// Address space of each process, in MiB (RLIMIT_AS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    /// Open files of each process (RLIMIT_NOFILE).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_files: Option<u64>,
+    /// Processes of the job's user (RLIMIT_NPROC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_processes: Option<u64>,
+}
+
+impl JobLimits {
+    /// True when no limit is set.
+    pub fn is_empty(&self) -> bool {
+        *self == JobLimits::default()
+    }
+}
+
+impl LimitsRequest {
+    /// Checks every limit; `None` when none is set.
+    pub fn validate(&self) -> Result<Option<JobLimits>, FieldError> {
+        fn one(
+            field: &'static str,
+            value: &Option<serde_json::Value>,
+            max: u64,
+        ) -> Result<Option<u64>, FieldError> {
+            match value {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(v) => match v.as_u64() {
+                    Some(n) if (1..=max).contains(&n) => Ok(Some(n)),
+                    _ => Err(field_error(
+                        field,
+                        format!("must be a whole number from 1 to {max}, not {v}"),
+                    )),
+                },
+            }
+        }
+        let l = JobLimits {
+            cpu_seconds: one(
+                "limits.cpuSeconds",
+                &self.cpu_seconds,
+                limits::CPU_SECONDS_MAX,
+            )?,
+            memory_mb: one("limits.memoryMb", &self.memory_mb, limits::MEMORY_MB_MAX)?,
+            max_files: one("limits.maxFiles", &self.max_files, limits::MAX_FILES_MAX)?,
+            max_processes: one(
+                "limits.maxProcesses",
+                &self.max_processes,
+                limits::MAX_PROCESSES_MAX,
+            )?,
+        };
+        Ok((!l.is_empty()).then_some(l))
+    }
 }
 
 /// Where a job should run, as submitted.
@@ -285,6 +376,12 @@ pub struct SubmitRequest {
     pub target: Option<TargetRequest>,
     /// Extra environment variables.
     pub env: Option<BTreeMap<String, String>>,
+    /// Extra environment variables whose values are secret: sealed at rest
+    /// under `secrets.key`, masked in output and answers (README,
+    /// "Secrets").
+    pub secret_env: Option<SecretValues>,
+    /// Limits of this job, tightening the worker's.
+    pub limits: Option<LimitsRequest>,
 }
 
 /// A validated target.
@@ -333,6 +430,12 @@ pub struct JobSpec {
     pub target: Target,
     /// Extra environment variables.
     pub env: BTreeMap<String, String>,
+    /// The secret environment variables, sealed (`base64(nonce ||
+    /// ciphertext)` of their JSON map, see [`crate::secrets`]); `None` when
+    /// there are none. Never the clear values.
+    pub secret_env: Option<String>,
+    /// Limits of this job (None: the worker's alone).
+    pub limits: Option<JobLimits>,
 }
 
 /// A validation failure naming the field.
@@ -356,8 +459,16 @@ fn field_error(field: &'static str, message: impl Into<String>) -> FieldError {
 pub const INLINE_COMMANDS: &[&str] = &["diagnostics", "noop"];
 
 impl SubmitRequest {
-    /// Checks every field and returns the trusted form.
+    /// Checks every field and returns the trusted form, with no
+    /// `secrets.key`: a request carrying `secretEnv` values is refused.
     pub fn validate(self) -> Result<JobSpec, FieldError> {
+        self.validate_with(None)
+    }
+
+    /// Checks every field and returns the trusted form, sealing
+    /// `secretEnv` under `key` (a request carrying secret values without a
+    /// key is refused, naming `secretEnv`).
+    pub fn validate_with(self, key: Option<&SecretKey>) -> Result<JobSpec, FieldError> {
         let job_name = self.job_name.trim().to_owned();
         if job_name.is_empty() {
             return Err(field_error("jobName", "must not be empty"));
@@ -426,27 +537,14 @@ impl SubmitRequest {
         };
         let target = validate_target(self.target.unwrap_or_default())?;
         let env = self.env.unwrap_or_default();
-        if env.len() > limits::ENV_MAX {
-            return Err(field_error(
-                "env",
-                format!("must have at most {} variables", limits::ENV_MAX),
-            ));
-        }
-        if env.values().any(|v| v.contains('\0')) {
-            return Err(field_error("env", "values must not contain NUL bytes"));
-        }
-        for name in env.keys() {
-            let ok = !name.is_empty()
-                && name.len() <= 128
-                && !name.as_bytes()[0].is_ascii_digit()
-                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-            if !ok {
-                return Err(field_error(
-                    "env",
-                    format!("`{name}` is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"),
-                ));
-            }
-        }
+        check_env("env", &env)?;
+        let secret_env = self.secret_env.unwrap_or_default().0;
+        check_secret_env("secretEnv", &secret_env, &env)?;
+        let secret_env = seal_secret_env("secretEnv", &secret_env, key)?;
+        let limits = match &self.limits {
+            None => None,
+            Some(l) => l.validate()?,
+        };
         Ok(JobSpec {
             job_name,
             command: self.command,
@@ -456,8 +554,76 @@ impl SubmitRequest {
             priority,
             target,
             env,
+            secret_env,
+            limits,
         })
     }
+}
+
+/// Checks an environment map (`env`, or a task's `environment`): at most
+/// [`limits::ENV_MAX`] variables, names `[A-Za-z_][A-Za-z0-9_]*`, no NUL.
+pub fn check_env(field: &'static str, env: &BTreeMap<String, String>) -> Result<(), FieldError> {
+    if env.len() > limits::ENV_MAX {
+        return Err(field_error(
+            field,
+            format!("must have at most {} variables", limits::ENV_MAX),
+        ));
+    }
+    if env.values().any(|v| v.contains('\0')) {
+        return Err(field_error(field, "values must not contain NUL bytes"));
+    }
+    for name in env.keys() {
+        let ok = !name.is_empty()
+            && name.len() <= 128
+            && !name.as_bytes()[0].is_ascii_digit()
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !ok {
+            return Err(field_error(
+                field,
+                format!("`{name}` is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a secret environment map like [`check_env`], and that none of
+/// its names is in the plain `env` too (a variable is plain or secret).
+pub fn check_secret_env(
+    field: &'static str,
+    secrets: &BTreeMap<String, String>,
+    env: &BTreeMap<String, String>,
+) -> Result<(), FieldError> {
+    check_env(field, secrets)?;
+    if let Some(name) = secrets.keys().find(|n| env.contains_key(*n)) {
+        return Err(field_error(
+            field,
+            format!(
+                "`{name}` is also a plain environment variable; a name may be plain or secret, not both"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Seals checked secret values under `key`: `None` when there are none, a
+/// 422 naming `field` when there are some and no key is configured.
+pub fn seal_secret_env(
+    field: &'static str,
+    secrets: &BTreeMap<String, String>,
+    key: Option<&SecretKey>,
+) -> Result<Option<String>, FieldError> {
+    if secrets.is_empty() {
+        return Ok(None);
+    }
+    let key = key.ok_or_else(|| {
+        field_error(
+            field,
+            "secret values need secrets.key (TASKHOST__SECRETS__KEY) to be configured; \
+             see README, \"Secrets\"",
+        )
+    })?;
+    Ok(Some(key.seal(secrets)))
 }
 
 fn validate_target(t: TargetRequest) -> Result<Target, FieldError> {
@@ -506,6 +672,8 @@ mod tests {
             priority: None,
             target: None,
             env: None,
+            secret_env: None,
+            limits: None,
         }
     }
 
@@ -556,6 +724,85 @@ mod tests {
         let mut r = req();
         r.env = Some([("A".to_owned(), "x\0".to_owned())].into());
         assert_eq!(r.validate().unwrap_err().field, "env");
+        let mut r = req();
+        r.secret_env = Some(BTreeMap::from([("A".to_owned(), "x\0".to_owned())]).into());
+        assert_eq!(r.validate().unwrap_err().field, "secretEnv");
+    }
+
+    #[test]
+    fn limits_are_positive_bounded_whole_numbers_named_by_field() {
+        let with = |l: serde_json::Value| {
+            let mut r = req();
+            r.limits = Some(serde_json::from_value(l).unwrap());
+            r.validate()
+        };
+        let spec = with(serde_json::json!({"cpuSeconds": 1, "maxFiles": 16})).unwrap();
+        assert_eq!(
+            spec.limits,
+            Some(JobLimits {
+                cpu_seconds: Some(1),
+                max_files: Some(16),
+                ..Default::default()
+            })
+        );
+        assert_eq!(with(serde_json::json!({})).unwrap().limits, None);
+        assert_eq!(
+            with(serde_json::json!({"cpuSeconds": null}))
+                .unwrap()
+                .limits,
+            None
+        );
+        for (body, field) in [
+            (serde_json::json!({"cpuSeconds": 0}), "limits.cpuSeconds"),
+            (serde_json::json!({"memoryMb": -1}), "limits.memoryMb"),
+            (serde_json::json!({"maxFiles": 1.5}), "limits.maxFiles"),
+            (serde_json::json!({"maxFiles": "16"}), "limits.maxFiles"),
+            (
+                serde_json::json!({"maxProcesses": 1u64 << 40}),
+                "limits.maxProcesses",
+            ),
+            (
+                serde_json::json!({"cpuSeconds": 604_801}),
+                "limits.cpuSeconds",
+            ),
+        ] {
+            assert_eq!(with(body.clone()).unwrap_err().field, field, "{body}");
+        }
+        assert!(serde_json::from_value::<LimitsRequest>(serde_json::json!({"cpu": 1})).is_err());
+    }
+
+    #[test]
+    fn secret_env_is_sealed_checked_and_needs_a_key() {
+        let key = SecretKey::from_bytes([1; 32]);
+        let mut r = req();
+        r.env = Some([("PLAIN".to_owned(), "p".to_owned())].into());
+        r.secret_env = Some(BTreeMap::from([("TOKEN".to_owned(), "s3cr3t".to_owned())]).into());
+        let spec = r.clone().validate_with(Some(&key)).unwrap();
+        let sealed = spec.secret_env.expect("sealed");
+        assert!(!sealed.contains("s3cr3t"));
+        assert_eq!(key.open(&sealed).unwrap()["TOKEN"], "s3cr3t");
+        assert!(!spec.env.contains_key("TOKEN"));
+        // Without a key: 422 naming the field and the setting.
+        let e = r.clone().validate().unwrap_err();
+        assert_eq!(e.field, "secretEnv");
+        assert!(e.message.contains("secrets.key"), "{e}");
+        // A name in both maps.
+        let mut both = r.clone();
+        both.secret_env = Some(BTreeMap::from([("PLAIN".to_owned(), "s".to_owned())]).into());
+        let e = both.validate_with(Some(&key)).unwrap_err();
+        assert_eq!(e.field, "secretEnv");
+        assert!(e.message.contains("PLAIN"), "{e}");
+        // Bad names, as for env.
+        let mut bad = req();
+        bad.secret_env = Some(BTreeMap::from([("1X".to_owned(), "s".to_owned())]).into());
+        assert_eq!(
+            bad.validate_with(Some(&key)).unwrap_err().field,
+            "secretEnv"
+        );
+        // None at all, or an empty map: nothing sealed, no key needed.
+        let mut empty = req();
+        empty.secret_env = Some(SecretValues::default());
+        assert_eq!(empty.validate().unwrap().secret_env, None);
     }
 
     #[test]

@@ -12,10 +12,12 @@ use uuid::Uuid;
 
 use crate::changelog::{self, Action, Change};
 use crate::model::{
-    ExecutionMode, Fanout, FieldError, JobSpec, MisfirePolicy, NoNodePolicy, OverlapPolicy,
-    SubmitRequest, Target, TargetRequest,
+    ExecutionMode, Fanout, FieldError, JobLimits, JobSpec, LimitsRequest, MisfirePolicy,
+    NoNodePolicy, OverlapPolicy, SubmitRequest, Target, TargetRequest, check_secret_env,
+    seal_secret_env,
 };
 use crate::schedule::Schedule;
+use crate::secrets::{SecretKey, SecretValues};
 
 /// Body of `POST /tasks` and `PUT /tasks/{id}`. For PUT every field is
 /// optional and only the named fields change.
@@ -65,6 +67,18 @@ pub struct TaskRequest {
     pub tags: Option<Vec<String>>,
     pub parameters: Option<Value>,
     pub environment: Option<BTreeMap<String, String>>,
+    /// Secret environment values: sealed under `secrets.key`. Absent keeps
+    /// the stored ones, a map replaces them, `{}` clears them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_environment: Option<SecretValues>,
+    /// Limits of every run: absent keeps them, an object replaces them,
+    /// `null` or `{}` clears them.
+    #[serde(
+        default,
+        deserialize_with = "named",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub limits: Option<Option<LimitsRequest>>,
 }
 
 /// For fields that may be cleared: absent is `None` (unchanged), `null` is
@@ -107,6 +121,13 @@ pub struct Task {
     pub tags: Value,
     pub parameters: Value,
     pub environment: Value,
+    /// The secret environment, sealed (`base64(nonce || ciphertext)`, see
+    /// [`crate::secrets`]). Never serialized: answers show the names with
+    /// `***` instead.
+    #[serde(skip)]
+    pub secret_environment: Option<String>,
+    /// The limits of every run (camelCase JSON of [`JobLimits`]), or null.
+    pub limits: Option<Value>,
     pub created_by: String,
     pub created_at: DateTime<Utc>,
     pub modified_by: Option<String>,
@@ -163,6 +184,8 @@ impl Task {
             tags: Value::Array(Vec::new()),
             parameters: Value::Object(Default::default()),
             environment: Value::Object(Default::default()),
+            secret_environment: None,
+            limits: None,
             created_by: user.to_owned(),
             created_at: Utc::now(),
             modified_by: None,
@@ -172,7 +195,17 @@ impl Task {
 
     /// The task a `POST /tasks` body describes (before it is stored):
     /// `taskName`, `command` and `schedule` are required, the rest default.
+    /// No `secrets.key`: a body with secret values is refused.
     pub fn from_request(request: TaskRequest, user: &str) -> Result<Self, FieldError> {
+        Self::from_request_with(request, user, None)
+    }
+
+    /// [`Task::from_request`], sealing `secretEnvironment` under `key`.
+    pub fn from_request_with(
+        request: TaskRequest,
+        user: &str,
+        key: Option<&SecretKey>,
+    ) -> Result<Self, FieldError> {
         for (field, present) in [
             ("taskName", request.task_name.is_some()),
             ("command", request.command.is_some()),
@@ -183,13 +216,24 @@ impl Task {
             }
         }
         let mut task = Task::blank(user);
-        task.apply(request)?;
+        task.apply_with(request, key)?;
         Ok(task)
     }
 
     /// Applies the fields a request names, validating each (`PUT
-    /// /tasks/{id}`); on an error the task may be partly changed.
+    /// /tasks/{id}`); on an error the task may be partly changed. No
+    /// `secrets.key`: a body with secret values is refused.
     pub fn apply(&mut self, r: TaskRequest) -> Result<(), FieldError> {
+        self.apply_with(r, None)
+    }
+
+    /// [`Task::apply`], sealing `secretEnvironment` under `key`.
+    pub fn apply_with(
+        &mut self,
+        r: TaskRequest,
+        key: Option<&SecretKey>,
+    ) -> Result<(), FieldError> {
+        let environment_changed = r.environment.is_some();
         if let Some(v) = r.task_name {
             self.task_name = v.trim().to_owned();
         }
@@ -297,7 +341,46 @@ impl Task {
         if let Some(v) = r.environment {
             self.environment = serde_json::to_value(v).unwrap_or(Value::Null);
         }
+        self.apply_secrets(r.secret_environment, environment_changed, key)?;
+        if let Some(limits) = r.limits {
+            self.limits = match limits {
+                None => None,
+                Some(l) => l
+                    .validate()?
+                    .map(|l| serde_json::to_value(l).unwrap_or(Value::Null)),
+            };
+        }
         self.validate()
+    }
+
+    /// Replaces (a map), clears (`{}`) or keeps (absent) the sealed secret
+    /// environment, checking its names against the plain `environment`.
+    fn apply_secrets(
+        &mut self,
+        secrets: Option<SecretValues>,
+        environment_changed: bool,
+        key: Option<&SecretKey>,
+    ) -> Result<(), FieldError> {
+        let env: BTreeMap<String, String> =
+            serde_json::from_value(self.environment.clone()).unwrap_or_default();
+        if let Some(secrets) = secrets {
+            check_secret_env("secretEnvironment", &secrets.0, &env)?;
+            self.secret_environment = seal_secret_env("secretEnvironment", &secrets.0, key)?;
+        } else if environment_changed
+            && let Some(sealed) = &self.secret_environment
+            && let Ok(stored) = crate::secrets::open(key, sealed)
+            && let Some(name) = stored.keys().find(|n| env.contains_key(*n))
+        {
+            // Kept secrets that the key can read are checked too; ones it
+            // cannot read make the run fail with the reason instead.
+            return Err(err(
+                "environment",
+                format!(
+                    "`{name}` is a secret environment variable of this task; a name may be plain or secret, not both"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Checks the whole task.
@@ -333,19 +416,39 @@ impl Task {
                 fanout: Some(self.fanout.as_str().to_owned()),
             }),
             env: Some(env),
+            secret_env: None,
+            limits: None,
         };
-        request.validate().map_err(|e| FieldError {
-            field: match e.field {
-                "jobName" => "taskName",
-                "target" => "assignedNodeId",
-                "target.nodeGroup" => "assignedNodeGroup",
-                "target.nodeRole" => "assignedNodeRole",
-                "target.fanout" => "fanout",
-                "env" => "environment",
-                other => other,
-            },
-            message: e.message,
-        })
+        request
+            .validate()
+            .map_err(|e| FieldError {
+                field: match e.field {
+                    "jobName" => "taskName",
+                    "target" => "assignedNodeId",
+                    "target.nodeGroup" => "assignedNodeGroup",
+                    "target.nodeRole" => "assignedNodeRole",
+                    "target.fanout" => "fanout",
+                    "env" => "environment",
+                    other => other,
+                },
+                message: e.message,
+            })
+            .and_then(|mut spec| {
+                // The sealed values go to the job as they are.
+                spec.secret_env = self.secret_environment.clone();
+                spec.limits = self.job_limits()?;
+                Ok(spec)
+            })
+    }
+
+    /// The limits of every run of this task.
+    pub fn job_limits(&self) -> Result<Option<JobLimits>, FieldError> {
+        match &self.limits {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => serde_json::from_value::<LimitsRequest>(v.clone())
+                .map_err(|e| err("limits", e.to_string()))?
+                .validate(),
+        }
     }
 
     /// The target of this task.
@@ -403,7 +506,7 @@ pub enum TaskError {
 pub const TASK_COLUMNS: &str = "task_id, task_name, app_name, command, execution_mode, schedule, timezone, enabled,
     assigned_node_id, assigned_node_group, assigned_node_role, fanout, priority, timeout_seconds, max_retries,
     retry_delay_seconds, kill_on_timeout, misfire_policy, overlap_policy, no_node_policy, description, tags,
-    parameters, environment, created_by, created_at, modified_by, modified_at";
+    parameters, environment, secret_environment, limits, created_by, created_at, modified_by, modified_at";
 
 fn json_of<T: Serialize>(v: &T) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
@@ -457,15 +560,16 @@ async fn write_task(conn: &mut PgConnection, t: &Task, insert: bool) -> Result<V
         "INSERT INTO tasks (task_id, task_name, app_name, command, execution_mode, schedule, timezone, enabled,
              assigned_node_id, assigned_node_group, assigned_node_role, fanout, priority, timeout_seconds, max_retries,
              retry_delay_seconds, kill_on_timeout, misfire_policy, overlap_policy, no_node_policy, description, tags,
-             parameters, environment, created_by, created_at, modified_by, modified_at)
-         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22,$23,$24,$25,$26,$27,$28)
+             parameters, environment, created_by, created_at, modified_by, modified_at, secret_environment, limits)
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22,$23,$24,$25,$26,$27,$28,$29,$30)
          RETURNING to_jsonb(tasks.*)"
     } else {
         "UPDATE tasks SET task_name=$2, app_name=$3, command=$4, execution_mode=$5, schedule=$6, timezone=$7, enabled=$8,
              assigned_node_id=$9, assigned_node_group=$10, assigned_node_role=$11, fanout=$12, priority=$13,
              timeout_seconds=$14, max_retries=$15, retry_delay_seconds=$16, kill_on_timeout=$17, misfire_policy=$18,
              overlap_policy=$19, no_node_policy=$20, description=$21, tags=$22, parameters=$23, environment=$24,
-             created_by=$25, created_at=$26, modified_by=$27, modified_at=$28
+             created_by=$25, created_at=$26, modified_by=$27, modified_at=$28, secret_environment=$29,
+             limits=$30
          WHERE task_id = $1 RETURNING to_jsonb(tasks.*)"
     };
     sqlx::query_scalar(sql)
@@ -497,6 +601,8 @@ async fn write_task(conn: &mut PgConnection, t: &Task, insert: bool) -> Result<V
         .bind(t.created_at)
         .bind(&t.modified_by)
         .bind(t.modified_at)
+        .bind(&t.secret_environment)
+        .bind(&t.limits)
         .fetch_one(conn)
         .await
 }
@@ -558,9 +664,20 @@ pub async fn notify_scheduler(conn: &mut PgConnection, task_id: Uuid) -> Result<
         .map(|_| ())
 }
 
-/// Creates a task and its schedule row.
+/// Creates a task and its schedule row (no `secrets.key`: a request with
+/// secret values is refused).
 pub async fn create(pool: &PgPool, request: TaskRequest, user: &str) -> Result<Task, TaskError> {
-    let task = Task::from_request(request, user)?;
+    create_with(pool, request, user, None).await
+}
+
+/// [`create`], sealing `secretEnvironment` under `key`.
+pub async fn create_with(
+    pool: &PgPool,
+    request: TaskRequest,
+    user: &str,
+    key: Option<&SecretKey>,
+) -> Result<Task, TaskError> {
+    let task = Task::from_request_with(request, user, key)?;
     let mut tx = pool.begin().await?;
     let new = write_task(&mut tx, &task, true)
         .await
@@ -584,12 +701,24 @@ pub async fn create(pool: &PgPool, request: TaskRequest, user: &str) -> Result<T
     Ok(task)
 }
 
-/// Changes the fields a request names.
+/// Changes the fields a request names (no `secrets.key`: a request with
+/// secret values is refused).
 pub async fn update(
     pool: &PgPool,
     task_id: Uuid,
     request: TaskRequest,
     user: &str,
+) -> Result<Task, TaskError> {
+    update_with(pool, task_id, request, user, None).await
+}
+
+/// [`update`], sealing `secretEnvironment` under `key`.
+pub async fn update_with(
+    pool: &PgPool,
+    task_id: Uuid,
+    request: TaskRequest,
+    user: &str,
+    key: Option<&SecretKey>,
 ) -> Result<Task, TaskError> {
     let mut tx = pool.begin().await?;
     let mut task: Task = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -603,7 +732,7 @@ pub async fn update(
     let old_row = row_json(&mut tx, "tasks", task_id).await?;
     let schedule_changed =
         request.schedule.is_some() || request.timezone.is_some() || request.enabled.is_some();
-    task.apply(request)?;
+    task.apply_with(request, key)?;
     task.modified_by = Some(user.to_owned());
     task.modified_at = Some(Utc::now());
     let new = write_task(&mut tx, &task, false)

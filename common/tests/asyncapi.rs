@@ -246,6 +246,8 @@ fn job_submit_matches_the_submit_request() {
         priority: Some(5),
         target: Some(TargetRequest::default()),
         env: Some(Default::default()),
+        secret_env: Some(Default::default()),
+        limits: Some(Default::default()),
     };
     let submit = JobSubmit {
         user_id: "alice".into(),

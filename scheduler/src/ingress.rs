@@ -43,6 +43,8 @@ struct Ingress {
     publisher: Arc<Publisher>,
     accepter: Batcher<PlainJob, Accepted>,
     published: PublishBatcher,
+    /// `secrets.key`, which seals `secretEnv` values.
+    secret_key: Option<taskhost_common::secrets::SecretKey>,
     /// Tries so far of messages that could not reach Postgres, by message id.
     retries: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
@@ -61,6 +63,7 @@ impl Ingress {
             publisher,
             accepter,
             published,
+            secret_key: settings.secrets.key(),
             retries: std::sync::Mutex::default(),
         }
     }
@@ -131,7 +134,7 @@ async fn process(
         Ok(r) => r,
         Err(e) => return Verdict::Refused(format!("invalid body: {e}")),
     };
-    let spec = match request.validate() {
+    let spec = match request.validate_with(ing.secret_key.as_ref()) {
         Ok(s) => s,
         Err(e) => return Verdict::Refused(format!("invalid body: {e}")),
     };

@@ -21,6 +21,9 @@ pub const PG_SERVER: &str = "postgres://postgres@127.0.0.1:5432";
 pub const BUILTIN_DIAGNOSTICS_TASK: Uuid = Uuid::from_u128(0x00000000_0000_7000_8000_000000000001);
 /// The local RabbitMQ.
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// A `secrets.key` for tests (base64 of 32 bytes), see
+/// [`TestEnv::set_secrets_key`].
+pub const TEST_SECRETS_KEY: &str = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";
 
 /// One test's world: a fresh database, a unique prefix, settings for both.
 pub struct TestEnv {
@@ -166,7 +169,21 @@ impl TestEnv {
 
     /// The environment a child `taskhost` process needs for this test.
     pub fn env(&self) -> HashMap<String, String> {
-        env_map(&self.db_url(), &self.prefix)
+        let mut env = env_map(&self.db_url(), &self.prefix);
+        if !self.settings.secrets.key.is_empty() {
+            env.insert(
+                "TASKHOST__SECRETS__KEY".into(),
+                self.settings.secrets.key.clone(),
+            );
+        }
+        env
+    }
+
+    /// Sets `secrets.key` for every service this env starts from now on
+    /// (api, scheduler, workers, child processes); `""` removes it.
+    pub fn set_secrets_key(&mut self, key: &str) {
+        self.settings.secrets.key = key.to_owned();
+        self.settings.validate().expect("a valid secrets.key");
     }
 
     /// Creates an API key and returns it.

@@ -26,6 +26,8 @@ pub enum Ending {
     Cancelled,
     /// Could not be started.
     SpawnFailed,
+    /// Not started: its secret environment could not be decrypted here.
+    SecretsUnreadable,
 }
 
 /// The result of one run.
@@ -97,6 +99,8 @@ pub struct CommandSpec<'a> {
     pub dir: Option<&'a std::path::Path>,
     /// Where the output is captured as it comes (None: a private one).
     pub capture: Option<std::sync::Arc<Capture>>,
+    /// The job's own limits, which tighten the sandbox's.
+    pub limits: Option<&'a taskhost_common::model::JobLimits>,
 }
 
 async fn read_capped<R: AsyncRead + Unpin>(
@@ -150,7 +154,10 @@ pub async fn run(spec: CommandSpec<'_>, cancel: CancellationToken) -> Outcome {
         return spawn_failed(started_at, clock, "no shell configured".into());
     }
     let argv = match spec.sandbox {
-        Some(s) => s.argv(spec.shell, spec.command),
+        Some(s) => match s.argv(spec.shell, spec.command, spec.limits) {
+            Ok(argv) => argv,
+            Err(e) => return spawn_failed(started_at, clock, format!("taskhost: {e}\n")),
+        },
         None => {
             let mut argv = spec.shell.to_vec();
             argv.push(spec.command.to_owned());
@@ -246,8 +253,18 @@ pub async fn run(spec: CommandSpec<'_>, cancel: CancellationToken) -> Outcome {
 }
 
 fn spawn_failed(started_at: DateTime<Utc>, clock: Instant, message: String) -> Outcome {
+    not_started(Ending::SpawnFailed, started_at, clock, message)
+}
+
+/// The outcome of a run that never started, with `message` as its stderr.
+pub(crate) fn not_started(
+    ending: Ending,
+    started_at: DateTime<Utc>,
+    clock: Instant,
+    message: String,
+) -> Outcome {
     Outcome {
-        ending: Ending::SpawnFailed,
+        ending,
         exit_code: None,
         stdout: Vec::new(),
         stderr: message.into_bytes(),
@@ -280,6 +297,7 @@ mod tests {
                 sandbox: None,
                 dir: None,
                 capture: None,
+                limits: None,
             },
             CancellationToken::new(),
         )
@@ -332,6 +350,7 @@ mod tests {
                 sandbox: None,
                 dir: None,
                 capture: None,
+                limits: None,
             },
             CancellationToken::new(),
         )
@@ -355,6 +374,7 @@ mod tests {
                 sandbox: None,
                 dir: None,
                 capture: None,
+                limits: None,
             },
             CancellationToken::new(),
         )

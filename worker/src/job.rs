@@ -5,7 +5,7 @@
 //! run and recorded in one. A delivery is acked only after the run's end is
 //! committed (`background` jobs: once claimed; their liveness is the lease).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use taskhost_common::model::{ExecutionMode, JobStatus};
 use taskhost_common::store::{
     self, ClaimRequest, ClaimResult, Claimed, Finish, FinishRequest, Finished, Step, StepResult,
 };
-use taskhost_common::{CancellationToken, changelog, events};
+use taskhost_common::{CancellationToken, changelog, events, secrets};
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -372,6 +372,24 @@ async fn execute(ctx: &Ctx, claimed: &Claimed, cancel: CancellationToken) -> Out
     };
     let shell = ctx.settings.worker.shell_argv();
     let mut env = claimed.env.clone();
+    // Secret values are opened now, at claim time, and only here.
+    let secrets = match &claimed.secret_env {
+        None => BTreeMap::new(),
+        Some(sealed) => match secrets::open(ctx.settings.secrets.key().as_ref(), sealed) {
+            Ok(values) => values,
+            Err(error) => {
+                tracing::warn!(%error, job_id = %claimed.job_id, "the job's secret environment cannot be decrypted; it is not run");
+                return exec::not_started(
+                    Ending::SecretsUnreadable,
+                    chrono::Utc::now(),
+                    std::time::Instant::now(),
+                    format!("taskhost: worker {}: {error}\n", ctx.node_name),
+                );
+            }
+        },
+    };
+    let masks = secrets::mask_patterns(secrets.values());
+    env.extend(secrets);
     env.insert("TASKHOST_JOB_ID".into(), claimed.job_id.to_string());
     env.insert("TASKHOST_ATTEMPT".into(), claimed.attempt.to_string());
     env.insert("TASKHOST_NODE_ID".into(), ctx.node_id.to_string());
@@ -388,9 +406,14 @@ async fn execute(ctx: &Ctx, claimed: &Claimed, cancel: CancellationToken) -> Out
         }
     };
     let capture = Arc::new(exec::Capture::default());
-    let live =
-        crate::live::LiveOutput::start(&ctx.pool, claimed.job_id, claimed.attempt, capture.clone());
-    let outcome = exec::run(
+    let live = crate::live::LiveOutput::start(
+        &ctx.pool,
+        claimed.job_id,
+        claimed.attempt,
+        capture.clone(),
+        masks.clone(),
+    );
+    let mut outcome = exec::run(
         CommandSpec {
             shell: &shell,
             command: &claimed.command,
@@ -401,6 +424,7 @@ async fn execute(ctx: &Ctx, claimed: &Claimed, cancel: CancellationToken) -> Out
             sandbox: Some(&ctx.sandbox),
             dir: dir.as_deref(),
             capture: Some(capture),
+            limits: claimed.limits.as_deref(),
         },
         cancel,
     )
@@ -408,6 +432,11 @@ async fn execute(ctx: &Ctx, claimed: &Claimed, cancel: CancellationToken) -> Out
     live.stop().await;
     if let Some(dir) = dir {
         crate::sandbox::Sandbox::remove_dir(&dir);
+    }
+    // Secret values never reach the stored output (README, "Secrets").
+    if !masks.is_empty() {
+        outcome.stdout = secrets::mask_output(&outcome.stdout, &masks);
+        outcome.stderr = secrets::mask_output(&outcome.stderr, &masks);
     }
     outcome
 }
@@ -417,10 +446,13 @@ async fn execute(ctx: &Ctx, claimed: &Claimed, cancel: CancellationToken) -> Out
 pub(crate) fn finish_of(outcome: &Outcome, cancelled: bool) -> Finish {
     let (status, mut reason) = match outcome.ending {
         Ending::Exited if outcome.exit_code == Some(0) => (JobStatus::Succeeded, None),
-        // 128 + SIGXCPU: the kernel stopped it at worker.job_cpu_secs.
+        // 128 + SIGXCPU: the kernel stopped it at its CPU limit.
         Ending::Exited if outcome.exit_code == Some(128 + 24) => (
             JobStatus::Failed,
-            Some("killed at its CPU time limit (worker.job_cpu_secs)".to_owned()),
+            Some(
+                "killed at its CPU time limit (the job's limits.cpuSeconds or worker.job_cpu_secs)"
+                    .to_owned(),
+            ),
         ),
         Ending::Exited => (
             JobStatus::Failed,
@@ -439,6 +471,14 @@ pub(crate) fn finish_of(outcome: &Outcome, cancelled: bool) -> Finish {
         ),
         Ending::Cancelled => (JobStatus::Failed, Some("stopped".to_owned())),
         Ending::SpawnFailed => (JobStatus::Failed, Some("could not be started".to_owned())),
+        Ending::SecretsUnreadable => (
+            JobStatus::Failed,
+            Some(
+                "not started: its secret environment cannot be decrypted on this worker \
+                 (secrets.key missing, or not the key that encrypted it)"
+                    .to_owned(),
+            ),
+        ),
     };
     if outcome.overran {
         let note = "ran past its timeout (kill_on_timeout is off)";

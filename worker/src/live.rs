@@ -5,7 +5,10 @@
 //! than [`EVERY`] never writes there, so the hot path of short jobs pays
 //! nothing. The row is removed when the run ends; the stored copy in
 //! `task_history` is written as before, and what was shown live is always
-//! a prefix of it.
+//! a prefix of it. Secret values are masked in the live copy as in the
+//! stored one, and its last few bytes (three times the longest secret) are
+//! held back until more follows, so a secret half-printed at the moment of
+//! a copy is never shown.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,13 +34,20 @@ pub(crate) struct LiveOutput {
 
 impl LiveOutput {
     /// Starts copying `capture` for one attempt of a job.
-    pub(crate) fn start(pool: &PgPool, job_id: Uuid, attempt: i32, capture: Arc<Capture>) -> Self {
+    pub(crate) fn start(
+        pool: &PgPool,
+        job_id: Uuid,
+        attempt: i32,
+        capture: Arc<Capture>,
+        masks: Vec<Vec<u8>>,
+    ) -> Self {
         let wrote = Arc::new(AtomicBool::new(false));
         let task = tokio::spawn(copy_loop(
             pool.clone(),
             job_id,
             attempt,
             capture,
+            masks,
             wrote.clone(),
         ));
         Self {
@@ -73,8 +83,18 @@ async fn copy_loop(
     job_id: Uuid,
     attempt: i32,
     capture: Arc<Capture>,
+    masks: Vec<Vec<u8>>,
     wrote: Arc<AtomicBool>,
 ) {
+    let hold = 3 * masks.iter().map(Vec::len).max().unwrap_or(0);
+    let shown = |raw: Vec<u8>| -> Vec<u8> {
+        if masks.is_empty() {
+            return raw;
+        }
+        let mut masked = taskhost_common::secrets::mask_output(&raw, &masks);
+        masked.truncate(masked.len().saturating_sub(hold));
+        masked
+    };
     let mut written = 0usize;
     loop {
         tokio::time::sleep(EVERY).await;
@@ -88,6 +108,7 @@ async fn copy_loop(
         if len <= written {
             continue;
         }
+        let (stdout, stderr) = (shown(stdout), shown(stderr));
         match sqlx::query(
             "INSERT INTO job_output_live (job_id, attempt, stdout, stderr, updated_at)
              VALUES ($1, $2, $3, $4, now())

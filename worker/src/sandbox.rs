@@ -4,14 +4,19 @@
 //! kernel-enforced limits (rlimits): open files and processes are set on the
 //! worker process at start and inherited by every job at no cost per job;
 //! CPU seconds and address space, which would bind the worker too, are set
-//! per job by util-linux `prlimit` just before the shell starts. Each run
-//! gets a working directory of its own, removed afterwards.
+//! per job by util-linux `prlimit` just before the shell starts. A job's
+//! own `limits` can only tighten these: the worker applies min(job,
+//! worker) for each limit it has, else the job's value, through the same
+//! `prlimit` (for open files and processes too when the job asks for less
+//! than the worker's); a job that tightens nothing costs nothing more. Each
+//! run gets a working directory of its own, removed afterwards.
 
 use std::path::{Path, PathBuf};
 
 use nix::sys::resource::Resource;
 use nix::unistd::{Gid, Uid, User};
 use taskhost_common::config::WorkerSettings;
+use taskhost_common::model::JobLimits;
 use taskhost_common::startup::StartupError;
 use uuid::Uuid;
 
@@ -29,6 +34,13 @@ pub struct Sandbox {
     pub limits: Vec<String>,
     /// The program that applies them (util-linux `prlimit`).
     pub prlimit: Option<PathBuf>,
+    /// `prlimit` wherever it is installed, for the limits a job asks for
+    /// (None: not installed; a job that asks for limits is then not run).
+    pub prlimit_program: Option<PathBuf>,
+    /// `worker.job_cpu_secs` (0: none).
+    pub cpu_secs: u64,
+    /// `worker.job_memory_mb` (0: none).
+    pub memory_mb: u64,
     /// util-linux `setpriv`, which switches to [`Sandbox::ids`] in front of
     /// the shell, so the worker itself can start the job with a cheap
     /// `posix_spawn` (a user switch in the spawn would fork the worker).
@@ -105,10 +117,11 @@ impl Sandbox {
         if w.job_max_processes > 0 && ids.is_some() {
             inherited.push((Resource::RLIMIT_NPROC, w.job_max_processes, "processes"));
         }
+        let prlimit_program = find_program("prlimit");
         let prlimit = if limits.is_empty() {
             None
         } else {
-            Some(find_program("prlimit").ok_or_else(|| {
+            Some(prlimit_program.clone().ok_or_else(|| {
                 StartupError(
                     "the worker.job_* limits need `prlimit` (util-linux) on the PATH; install it \
                      or set the limits to 0"
@@ -133,6 +146,9 @@ impl Sandbox {
             user,
             limits,
             prlimit,
+            prlimit_program,
+            cpu_secs: w.job_cpu_secs,
+            memory_mb: w.job_memory_mb,
             setpriv,
             inherited,
             work_root,
@@ -205,9 +221,65 @@ impl Sandbox {
         }
     }
 
+    /// The `prlimit` options of one run: the worker's, tightened by the
+    /// job's `limits` (min(job, worker) where the worker has a limit, else
+    /// the job's). `None` when the job tightens nothing, so the run costs
+    /// what any other run of this worker does. Open files and processes are
+    /// compared with this process's own (inherited) soft limits.
+    pub fn job_options(&self, job: &JobLimits) -> Option<Vec<String>> {
+        let tighter =
+            |worker: u64, asked: Option<u64>| asked.filter(|&asked| worker == 0 || asked < worker);
+        let mut tightened = false;
+        let mut options = Vec::new();
+        let cpu = tighter(self.cpu_secs, job.cpu_seconds).map_or(self.cpu_secs, |c| {
+            tightened = true;
+            c
+        });
+        if cpu > 0 {
+            // As for the worker's limit: SIGXCPU at it, SIGKILL a second later.
+            options.push(format!("--cpu={cpu}:{}", cpu + 1));
+        }
+        let memory = tighter(self.memory_mb, job.memory_mb).map_or(self.memory_mb, |m| {
+            tightened = true;
+            m
+        });
+        if memory > 0 {
+            let bytes = memory.saturating_mul(1024 * 1024);
+            options.push(format!("--as={bytes}:{bytes}"));
+        }
+        for (resource, option, asked) in [
+            (Resource::RLIMIT_NOFILE, "nofile", job.max_files),
+            (Resource::RLIMIT_NPROC, "nproc", job.max_processes),
+        ] {
+            let current =
+                nix::sys::resource::getrlimit(resource).map_or(u64::MAX, |(soft, _)| soft);
+            if let Some(value) = asked.filter(|&v| v < current) {
+                options.push(format!("--{option}={value}:{value}"));
+                tightened = true;
+            }
+        }
+        tightened.then_some(options)
+    }
+
     /// The program and arguments that run `command` with `shell` inside
-    /// the limits.
-    pub fn argv(&self, shell: &[String], command: &str) -> Vec<String> {
+    /// the worker's limits, tightened by the job's `limits`; an error when
+    /// the job asks for limits this worker cannot apply (no `prlimit`).
+    pub fn argv(
+        &self,
+        shell: &[String],
+        command: &str,
+        job: Option<&JobLimits>,
+    ) -> Result<Vec<String>, String> {
+        let per_job = job.and_then(|j| self.job_options(j));
+        let wrapper = match &per_job {
+            Some(options) => Some((
+                self.prlimit_program.as_ref().ok_or_else(|| {
+                    "the job's limits need `prlimit` (util-linux) on this worker's PATH".to_owned()
+                })?,
+                options.as_slice(),
+            )),
+            None => self.prlimit.as_ref().map(|p| (p, self.limits.as_slice())),
+        };
         let mut argv = Vec::new();
         if let (Some(p), Some((uid, gid))) = (&self.setpriv, self.ids) {
             argv.push(p.display().to_string());
@@ -216,13 +288,103 @@ impl Sandbox {
             argv.push("--clear-groups".into());
             argv.push("--".into());
         }
-        if let Some(p) = &self.prlimit {
-            argv.push(p.display().to_string());
-            argv.extend(self.limits.iter().cloned());
+        if let Some((program, options)) = wrapper {
+            argv.push(program.display().to_string());
+            argv.extend(options.iter().cloned());
             argv.push("--".into());
         }
         argv.extend(shell.iter().cloned());
         argv.push(command.to_owned());
-        argv
+        Ok(argv)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sandbox(cpu_secs: u64, memory_mb: u64) -> Sandbox {
+        Sandbox {
+            ids: None,
+            user: "me".into(),
+            limits: Vec::new(),
+            prlimit: None,
+            prlimit_program: Some(PathBuf::from("/usr/bin/prlimit")),
+            cpu_secs,
+            memory_mb,
+            setpriv: None,
+            inherited: Vec::new(),
+            work_root: std::env::temp_dir(),
+        }
+    }
+
+    #[test]
+    fn a_job_only_tightens_the_workers_limits() {
+        let none = JobLimits::default();
+        assert_eq!(
+            sandbox(10, 0).job_options(&none),
+            None,
+            "no limits: no wrapper"
+        );
+        let cpu = |c| JobLimits {
+            cpu_seconds: Some(c),
+            ..Default::default()
+        };
+        // Tighter than the worker's, or where the worker has none: the job's.
+        assert_eq!(
+            sandbox(10, 64).job_options(&cpu(2)),
+            Some(vec![
+                "--cpu=2:3".into(),
+                format!("--as={}:{}", 64 << 20, 64 << 20)
+            ])
+        );
+        assert_eq!(
+            sandbox(0, 0).job_options(&cpu(5)),
+            Some(vec!["--cpu=5:6".into()])
+        );
+        // Looser: the worker's stays, and the run needs no change.
+        assert_eq!(sandbox(10, 0).job_options(&cpu(60)), None);
+        let files = JobLimits {
+            max_files: Some(16),
+            ..Default::default()
+        };
+        let (soft, _) = nix::sys::resource::getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+        if soft > 16 {
+            assert_eq!(
+                sandbox(0, 0).job_options(&files),
+                Some(vec!["--nofile=16:16".into()])
+            );
+        }
+        let huge = JobLimits {
+            max_files: Some(u64::MAX - 1),
+            ..Default::default()
+        };
+        if soft < u64::MAX - 1 {
+            assert_eq!(sandbox(0, 0).job_options(&huge), None);
+        }
+        // The wrapper goes in front of the shell.
+        let argv = sandbox(0, 0)
+            .argv(&["/bin/sh".into(), "-c".into()], "true", Some(&cpu(1)))
+            .expect("argv");
+        assert_eq!(
+            argv,
+            [
+                "/usr/bin/prlimit",
+                "--cpu=1:2",
+                "--",
+                "/bin/sh",
+                "-c",
+                "true"
+            ]
+        );
+        let mut without = sandbox(0, 0);
+        without.prlimit_program = None;
+        assert!(without.argv(&[], "true", Some(&cpu(1))).is_err());
+        assert_eq!(
+            without
+                .argv(&["/bin/sh".into()], "true", None)
+                .expect("argv"),
+            ["/bin/sh", "true"]
+        );
     }
 }

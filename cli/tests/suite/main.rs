@@ -17,6 +17,7 @@ mod jobs;
 mod openapi;
 mod routing;
 mod sandbox;
+mod secrets;
 mod smoke;
 mod soak;
 mod startup;

@@ -53,6 +53,8 @@ const SUBMIT_FIELDS: &[&str] = &[
     "priority",
     "target",
     "env",
+    "secretEnv",
+    "limits",
 ];
 
 const HTTP_METHODS: &[&str] = &[

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use taskhost_common::model::Role;
-use taskhost_testkit::{Api, TestEnv, get, job_id, submit};
+use taskhost_testkit::{Api, TestEnv, call, get, job_id, submit};
 
 async fn run_job(env: &TestEnv, api: &Api, key: &str, command: &str) -> Value {
     let (status, body) = submit(
@@ -135,6 +135,200 @@ async fn a_root_worker_defaults_to_nobody_and_keeps_root_only_on_request() {
         env.wait_terminal(id, Duration::from_secs(30)).await;
         let (_, job) = get(&api, &key, &format!("/jobs/{id}")).await;
         assert_eq!(job["output"], expect, "group {group}: {job}");
+    }
+    env.cleanup().await;
+}
+
+/// Submits `body`, waits for the job and returns its answer.
+async fn run_body(env: &TestEnv, api: &Api, key: &str, body: &Value) -> Value {
+    let (status, answer) = submit(api, key, body).await;
+    assert_eq!(status, 202, "{answer}");
+    let id = job_id(&answer);
+    env.wait_terminal(id, Duration::from_secs(40)).await;
+    let (status, job) = get(api, key, &format!("/jobs/{id}")).await;
+    assert_eq!(status, 200, "{job}");
+    job
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jobs_or_tasks_own_limits_tighten_the_workers_and_never_loosen_them() {
+    let mut env = TestEnv::new().await;
+    let api = env.start_api().await;
+    env.start_scheduler().await;
+    // The defaults: no CPU or memory limit, open files 4096 (inherited).
+    let settings = env.worker_settings("limits", "default", "worker");
+    assert_eq!(settings.worker.job_cpu_secs, 0);
+    assert_eq!(settings.worker.job_memory_mb, 0);
+    env.start_worker_with(settings).await;
+    let (workers_files, _) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .expect("getrlimit");
+    let key = env.key("alice", &[Role::TaskManager]).await;
+
+    // CPU seconds, where the worker has no limit at all.
+    let hog = run_body(
+        &env,
+        &api,
+        &key,
+        &json!({"jobName": "hog", "command": "while :; do :; done", "timeoutSeconds": 30,
+                "limits": {"cpuSeconds": 1}}),
+    )
+    .await;
+    assert_eq!(hog["status"], "failed", "{hog}");
+    assert!(
+        hog["statusReason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("CPU time limit"),
+        "{hog}"
+    );
+    assert_eq!(hog["limits"], json!({"cpuSeconds": 1}), "{hog}");
+
+    // Open files: 16, and 40 cannot be opened.
+    let files = run_body(
+        &env,
+        &api,
+        &key,
+        &json!({"jobName": "files", "limits": {"maxFiles": 16, "maxProcesses": 50},
+                "command": "ulimit -n; grep 'Max processes' /proc/self/limits; \
+                            python3 -c \"fs = [open('/dev/null') for _ in range(40)]\""}),
+    )
+    .await;
+    let out = files["output"].as_str().unwrap_or_default();
+    assert!(out.starts_with("16\n"), "{files}");
+    assert!(
+        out.lines()
+            .nth(1)
+            .is_some_and(|l| l.split_whitespace().filter(|w| *w == "50").count() == 2),
+        "{files}"
+    );
+    assert_eq!(files["status"], "failed", "{files}");
+    assert!(out.contains("Too many open files"), "{files}");
+
+    // Memory (address space).
+    let memory = run_body(
+        &env,
+        &api,
+        &key,
+        &json!({"jobName": "memory", "limits": {"memoryMb": 256},
+                "command": "python3 -c 'bytearray(1024*1024*1024)'"}),
+    )
+    .await;
+    assert_eq!(memory["status"], "failed", "{memory}");
+    assert!(
+        memory["output"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("MemoryError"),
+        "{memory}"
+    );
+
+    // A looser value than the worker's changes nothing; no limits, neither.
+    for limits in [json!({"maxFiles": 1_000_000}), Value::Null] {
+        let loose = run_body(
+            &env,
+            &api,
+            &key,
+            &json!({"jobName": "loose", "command": "ulimit -n", "limits": limits}),
+        )
+        .await;
+        assert_eq!(loose["output"], format!("{workers_files}\n"), "{loose}");
+    }
+
+    // A task's limits go to the jobs it fires (run now), and can be cleared.
+    let (status, created) = call(
+        &api,
+        reqwest::Method::POST,
+        &key,
+        "/tasks",
+        Some(
+            &json!({"taskName": "bounded", "command": "ulimit -n", "schedule": "0 0 1 1 *",
+                     "limits": {"maxFiles": 16}}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(
+        created["task"]["limits"],
+        json!({"maxFiles": 16}),
+        "{created}"
+    );
+    let task = created["taskId"].as_str().expect("taskId").to_owned();
+    let run_now = || async {
+        let (status, body) = call(
+            &api,
+            reqwest::Method::POST,
+            &key,
+            &format!("/tasks/{task}/run"),
+            Some(&json!({})),
+        )
+        .await;
+        assert_eq!(status, 202, "{body}");
+        let id = job_id(&body);
+        env.wait_terminal(id, Duration::from_secs(30)).await;
+        get(&api, &key, &format!("/jobs/{id}")).await.1
+    };
+    let job = run_now().await;
+    assert_eq!(job["output"], "16\n", "{job}");
+    assert_eq!(job["limits"], json!({"maxFiles": 16}), "{job}");
+    let (status, edited) = call(
+        &api,
+        reqwest::Method::PUT,
+        &key,
+        &format!("/tasks/{task}"),
+        Some(&json!({"description": "kept"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{edited}");
+    assert_eq!(edited["limits"], json!({"maxFiles": 16}), "{edited}");
+    let (status, cleared) = call(
+        &api,
+        reqwest::Method::PUT,
+        &key,
+        &format!("/tasks/{task}"),
+        Some(&json!({"limits": null})),
+    )
+    .await;
+    assert_eq!(status, 200, "{cleared}");
+    assert_eq!(cleared["limits"], Value::Null, "{cleared}");
+    let job = run_now().await;
+    assert_eq!(job["output"], format!("{workers_files}\n"), "{job}");
+
+    // Wrong limits are refused, naming the field.
+    for (limits, field) in [
+        (json!({"cpuSeconds": 0}), "limits.cpuSeconds"),
+        (json!({"memoryMb": -5}), "limits.memoryMb"),
+        (json!({"maxFiles": "many"}), "limits.maxFiles"),
+        (json!({"maxProcesses": 1.5}), "limits.maxProcesses"),
+        (json!({"cpuSeconds": 604_801}), "limits.cpuSeconds"),
+        (json!({"cpu": 1}), "cpu"),
+    ] {
+        let (status, body) = submit(
+            &api,
+            &key,
+            &json!({"jobName": "bad", "command": "true", "limits": limits}),
+        )
+        .await;
+        assert_eq!(status, 422, "{limits}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(field),
+            "{limits}: {body}"
+        );
+        let (status, body) = call(
+            &api,
+            reqwest::Method::POST,
+            &key,
+            "/tasks",
+            Some(
+                &json!({"taskName": "bad", "command": "true", "schedule": "@daily",
+                         "limits": limits}),
+            ),
+        )
+        .await;
+        assert_eq!(status, 422, "task {limits}: {body}");
     }
     env.cleanup().await;
 }

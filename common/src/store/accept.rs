@@ -303,6 +303,12 @@ pub(super) struct SpecColumns<'a> {
     priorities: Vec<i16>,
     timeouts: Vec<Option<i32>>,
     envs: Vec<Value>,
+    /// The sealed secret environments; bound apart by each query
+    /// ([`SpecColumns::secret_envs`]), after its own columns.
+    secret_envs: Vec<Option<&'a str>>,
+    /// The limits, as JSON; bound apart like the secret environments
+    /// ([`SpecColumns::limits`]).
+    limits: Vec<Option<Value>>,
 }
 
 impl<'a> SpecColumns<'a> {
@@ -325,9 +331,22 @@ impl<'a> SpecColumns<'a> {
             priorities: specs.clone().map(|s| s.priority).collect(),
             timeouts: specs.clone().map(|s| s.timeout_seconds).collect(),
             envs: specs
+                .clone()
                 .map(|s| serde_json::to_value(&s.env).unwrap_or(Value::Null))
                 .collect(),
+            secret_envs: specs.clone().map(|s| s.secret_env.as_deref()).collect(),
+            limits: specs.map(|s| limits_json(s.limits.as_ref())).collect(),
         }
+    }
+
+    /// The limits, in order (NULL: none).
+    pub(super) fn limits(&self) -> &[Option<Value>] {
+        &self.limits
+    }
+
+    /// The sealed secret environments, in order (NULL: none).
+    pub(super) fn secret_envs(&self) -> &[Option<&'a str>] {
+        &self.secret_envs
     }
 
     /// Binds the ten arrays, in their order, after the query's first two.
@@ -385,11 +404,12 @@ pub async fn accept_batch(pool: &PgPool, jobs: &[PlainJob]) -> Result<Vec<Accept
     let inserted = sqlx::query_as(
         "INSERT INTO jobs (job_id, user_id, job_name, command, description, execution_mode, status,
                            target_node_id, target_node_group, target_node_role, fanout, priority,
-                           timeout_seconds, env, triggered_by)
-         SELECT id, u, n, c, d, m, 'pending', ni, ng, nr, 'one', p, t, e, tb
+                           timeout_seconds, env, triggered_by, secret_env, limits)
+         SELECT id, u, n, c, d, m, 'pending', ni, ng, nr, 'one', p, t, e, tb, se, li
          FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                      $7::uuid[], $8::text[], $9::text[], $10::int2[], $11::int4[], $12::jsonb[],
-                     $13::text[]) AS x(id, u, n, c, d, m, ni, ng, nr, p, t, e, tb)
+                     $13::text[], $14::text[], $15::jsonb[])
+              AS x(id, u, n, c, d, m, ni, ng, nr, p, t, e, tb, se, li)
          ON CONFLICT DO NOTHING
          RETURNING job_id, to_jsonb(jobs.*)::text, submitted_at",
     )
@@ -398,6 +418,8 @@ pub async fn accept_batch(pool: &PgPool, jobs: &[PlainJob]) -> Result<Vec<Accept
     let inserted: Vec<(Uuid, String, DateTime<Utc>)> = spec
         .bind(inserted)
         .bind(&triggers)
+        .bind(spec.secret_envs())
+        .bind(spec.limits())
         .fetch_all(&mut *tx)
         .await?;
     let by_id: std::collections::HashMap<Uuid, usize> = inserted
@@ -501,10 +523,10 @@ async fn insert_job_row(
                            status_reason, target_node_id, target_node_group, target_node_role, fanout,
                            priority, timeout_seconds, env, triggered_by, idempotency_key, request_hash,
                            completed_at, success, task_id, fire_at, max_retries, retry_delay_seconds,
-                           kill_on_timeout, rerun_of)
+                           kill_on_timeout, secret_env, limits, rerun_of)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
                  CASE WHEN $19 THEN now() END, CASE WHEN $19 THEN false END, $20, $21, $22, $23, $24,
-                 $25)
+                 $25, $26, $27)
          ON CONFLICT DO NOTHING
          RETURNING to_jsonb(jobs.*)::text, submitted_at",
     )
@@ -534,7 +556,14 @@ async fn insert_job_row(
     .bind(new.task.map_or(0, |t| t.max_retries))
     .bind(new.task.map_or(0, |t| t.retry_delay_seconds))
     .bind(new.task.is_none_or(|t| t.kill_on_timeout))
+    .bind(spec.secret_env.as_deref())
+    .bind(limits_json(spec.limits.as_ref()))
     .bind(new.rerun_of)
     .fetch_optional(&mut **tx)
     .await
+}
+
+/// A job's limits as stored in `jobs.limits` (NULL: none).
+fn limits_json(limits: Option<&crate::model::JobLimits>) -> Option<Value> {
+    limits.and_then(|l| serde_json::to_value(l).ok())
 }

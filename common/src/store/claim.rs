@@ -14,7 +14,7 @@ use uuid::Uuid;
 use crate::changelog::{self, Action, Change, RowJson};
 use crate::db;
 use crate::messages::JobRun;
-use crate::model::{ExecutionMode, JobStatus, TriggeredBy};
+use crate::model::{ExecutionMode, JobLimits, JobStatus, TriggeredBy};
 use crate::tasks;
 
 /// A job this worker now owns, for one attempt.
@@ -36,6 +36,12 @@ pub struct Claimed {
     pub timeout_seconds: Option<i32>,
     /// Extra environment.
     pub env: BTreeMap<String, String>,
+    /// The sealed secret environment (`base64(nonce || ciphertext)`), which
+    /// the worker opens with its `secrets.key`; never in a work message.
+    pub secret_env: Option<String>,
+    /// Limits of this job, which tighten the worker's (boxed: most jobs
+    /// have none, and a claim stays small).
+    pub limits: Option<Box<JobLimits>>,
     /// The work queue the job is addressed to.
     pub routing_key: String,
     /// Retries allowed after a failed attempt (task runs).
@@ -102,6 +108,8 @@ pub(super) struct Current {
     command: String,
     timeout_seconds: Option<i32>,
     env: Json<BTreeMap<String, String>>,
+    secret_env: Option<String>,
+    limits: Option<Json<JobLimits>>,
     target_node_id: Option<Uuid>,
     target_node_group: Option<String>,
     target_node_role: Option<String>,
@@ -210,7 +218,7 @@ macro_rules! current_select {
         concat!(
             "SELECT job_id, to_jsonb(j.*)::text AS row, status, attempt, claimed_by,
                     coalesce(claim_expiry > now(), false) AS claim_live, task_id, triggered_by,
-                    execution_mode, command, timeout_seconds, env, target_node_id, target_node_group,
+                    execution_mode, command, timeout_seconds, env, secret_env, limits, target_node_id, target_node_group,
                     target_node_role, max_retries, retry_delay_seconds, cancel_requested,
                     kill_on_timeout, coalesce(retry_at > now(), false) AS retry_pending,
                     priority, submitted_at
@@ -514,6 +522,8 @@ impl Current {
             command: self.command,
             timeout_seconds: self.timeout_seconds,
             env: self.env.0,
+            secret_env: self.secret_env,
+            limits: self.limits.map(|l| Box::new(l.0)),
             routing_key: crate::model::Target {
                 node_id: self.target_node_id,
                 node_group: self.target_node_group,

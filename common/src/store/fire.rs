@@ -61,12 +61,13 @@ pub async fn fire_batch(
         "INSERT INTO jobs (job_id, user_id, job_name, command, description, execution_mode, status,
                            target_node_id, target_node_group, target_node_role, fanout, priority,
                            timeout_seconds, env, triggered_by, task_id, fire_at, max_retries,
-                           retry_delay_seconds, kill_on_timeout)
-         SELECT id, u, n, c, d, m, 'pending', ni, ng, nr, 'one', p, t, e, 'schedule', ti, fa, mr, rd, k
+                           retry_delay_seconds, kill_on_timeout, secret_env, limits)
+         SELECT id, u, n, c, d, m, 'pending', ni, ng, nr, 'one', p, t, e, 'schedule', ti, fa, mr, rd, k, se, li
          FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                      $7::uuid[], $8::text[], $9::text[], $10::int2[], $11::int4[], $12::jsonb[],
-                     $13::uuid[], $14::timestamptz[], $15::int4[], $16::int4[], $17::bool[])
-              AS x(id, u, n, c, d, m, ni, ng, nr, p, t, e, ti, fa, mr, rd, k)
+                     $13::uuid[], $14::timestamptz[], $15::int4[], $16::int4[], $17::bool[],
+                     $18::text[], $19::jsonb[])
+              AS x(id, u, n, c, d, m, ni, ng, nr, p, t, e, ti, fa, mr, rd, k, se, li)
          ON CONFLICT DO NOTHING
          RETURNING job_id, to_jsonb(jobs.*)::text, submitted_at",
     )
@@ -79,6 +80,8 @@ pub async fn fire_batch(
         .bind(&max_retries)
         .bind(&delays)
         .bind(&kills)
+        .bind(spec.secret_envs())
+        .bind(spec.limits())
         .fetch_all(&mut *conn)
         .await?;
     let by_id: HashMap<Uuid, usize> = inserted
