@@ -21,3 +21,4 @@ mod soak;
 mod startup;
 mod sync;
 mod tasks;
+mod transport;
