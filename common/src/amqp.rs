@@ -391,7 +391,16 @@ pub enum PublishError {
 struct Live {
     connection: Connection,
     channel: Channel,
-    declared: Arc<Mutex<HashSet<String>>>,
+    declared: Arc<Mutex<Declared>>,
+}
+
+/// What a publisher's connection has declared so far.
+#[derive(Default)]
+struct Declared {
+    /// Logical exchange names.
+    exchanges: HashSet<String>,
+    /// Work routing keys whose queue is declared.
+    work_queues: HashSet<String>,
 }
 
 /// A shared publisher with confirms. It connects on first use and again after
@@ -427,7 +436,7 @@ impl Publisher {
         &self.names
     }
 
-    async fn channel(&self) -> Result<(Channel, Arc<Mutex<HashSet<String>>>), lapin::Error> {
+    async fn channel(&self) -> Result<(Channel, Arc<Mutex<Declared>>), lapin::Error> {
         let mut live = self.live.lock().await;
         if let Some(l) = live.as_ref()
             && l.connection.status().connected()
@@ -443,7 +452,7 @@ impl Publisher {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        let declared = Arc::new(Mutex::new(HashSet::new()));
+        let declared = Arc::new(Mutex::new(Declared::default()));
         *live = Some(Live {
             connection,
             channel: channel.clone(),
@@ -532,20 +541,18 @@ impl Publisher {
     async fn declare_for(
         &self,
         channel: &Channel,
-        declared: &Mutex<HashSet<String>>,
+        declared: &Mutex<Declared>,
         messages: &[Outgoing],
     ) -> Result<(), lapin::Error> {
-        let mut set = declared.lock().await;
+        let mut declared = declared.lock().await;
         for m in messages {
-            let exchange = format!("exchange {}", m.exchange);
-            if !set.contains(&exchange) {
+            if !declared.exchanges.contains(&m.exchange) {
                 declare_exchange(channel, &self.names, &m.exchange).await?;
-                set.insert(exchange);
+                declared.exchanges.insert(m.exchange.clone());
             }
-            let queue = format!("work queue {}", m.routing_key);
-            if m.exchange == "work" && !set.contains(&queue) {
+            if m.exchange == "work" && !declared.work_queues.contains(&m.routing_key) {
                 declare_work_queue(channel, &self.names, &m.routing_key).await?;
-                set.insert(queue);
+                declared.work_queues.insert(m.routing_key.clone());
             }
         }
         Ok(())
