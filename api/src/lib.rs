@@ -55,7 +55,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub fn state(settings: &Settings) -> anyhow::Result<AppState> {
     let pool = db::pool(&settings.database).context("database.url")?;
     let publisher = Arc::new(Publisher::new(
-        settings.amqp.url.clone(),
+        &settings.amqp,
         Names::new(settings.amqp.prefix.clone()),
         format!("taskhost-api@{}", taskhost_common::hostname()),
     ));

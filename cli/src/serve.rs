@@ -45,7 +45,7 @@ pub(crate) async fn standalone(settings: Settings) -> anyhow::Result<ExitCode> {
         created_database = report.created_database,
         "schema ready"
     );
-    startup::reach_broker(&settings.amqp.url, "taskhost-standalone start-up check").await?;
+    startup::reach_broker(&settings.amqp, "taskhost-standalone start-up check").await?;
     let mut services = tokio::task::JoinSet::new();
     services.spawn(taskhost_api::run_on(
         listener,

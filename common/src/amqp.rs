@@ -9,6 +9,7 @@ use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
@@ -79,16 +80,132 @@ impl Names {
     }
 }
 
-/// Connects to the broker. Reconnection is the caller's loop (see
-/// [`Publisher`] and the worker's consumer supervisor), because lapin's own
-/// recovery is still settling.
-pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
+/// Where the broker is and how to reach it: `amqp.url` and, for
+/// `amqps://`, the TLS files of `amqp.tls_*`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `amqp://` (clear) or `amqps://` (TLS) URL.
+    pub url: String,
+    /// PEM of CA certificates trusted besides the webpki roots; empty: none.
+    pub tls_ca_file: String,
+    /// PEM client certificate (chain); empty: none.
+    pub tls_client_cert_file: String,
+    /// PEM (PKCS#8) key of the client certificate; empty: none.
+    pub tls_client_key_file: String,
+}
+
+impl Endpoint {
+    /// The URL with its password hidden, for messages and logs.
+    pub fn shown(&self) -> String {
+        crate::startup::redact(&self.url)
+    }
+
+    /// The TLS configuration: the CA file's certificates (added to the
+    /// webpki roots) and the client identity, read now, so a reconnect
+    /// picks up rotated files.
+    fn tls_config(&self) -> std::io::Result<OwnedTLSConfig> {
+        let read = |key: &str, path: &str| {
+            std::fs::read(path).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("cannot read {key} {path}: {e}"))
+            })
+        };
+        let cert_chain = if self.tls_ca_file.is_empty() {
+            None
+        } else {
+            let pem = read("amqp.tls_ca_file", &self.tls_ca_file)?;
+            let text = String::from_utf8(pem).map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("amqp.tls_ca_file {} is not PEM text", self.tls_ca_file),
+                )
+            })?;
+            if !text.contains("-----BEGIN CERTIFICATE-----") {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "amqp.tls_ca_file {} holds no PEM certificate",
+                        self.tls_ca_file
+                    ),
+                ));
+            }
+            Some(text)
+        };
+        let identity = if self.tls_client_cert_file.is_empty() {
+            None
+        } else {
+            Some(OwnedIdentity::PKCS8 {
+                pem: read("amqp.tls_client_cert_file", &self.tls_client_cert_file)?,
+                key: read("amqp.tls_client_key_file", &self.tls_client_key_file)?,
+            })
+        };
+        Ok(OwnedTLSConfig {
+            identity,
+            cert_chain,
+        })
+    }
+}
+
+impl From<&crate::config::AmqpSettings> for Endpoint {
+    fn from(s: &crate::config::AmqpSettings) -> Self {
+        Self {
+            url: s.url.clone(),
+            tls_ca_file: s.tls_ca_file.clone(),
+            tls_client_cert_file: s.tls_client_cert_file.clone(),
+            tls_client_key_file: s.tls_client_key_file.clone(),
+        }
+    }
+}
+
+impl From<&str> for Endpoint {
+    fn from(url: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            ..Self::default()
+        }
+    }
+}
+
+impl From<String> for Endpoint {
+    fn from(url: String) -> Self {
+        Self {
+            url,
+            ..Self::default()
+        }
+    }
+}
+
+impl From<&String> for Endpoint {
+    fn from(url: &String) -> Self {
+        url.as_str().into()
+    }
+}
+
+impl From<&Endpoint> for Endpoint {
+    fn from(e: &Endpoint) -> Self {
+        e.clone()
+    }
+}
+
+/// Connects to the broker at `endpoint` (a URL, or `&settings.amqp` for
+/// its TLS files too), asking for a [`HEARTBEAT_SECS`] heartbeat.
+/// `amqps://` connects over TLS, verifying the broker's certificate and
+/// host name against the webpki roots and `amqp.tls_ca_file`. Reconnection
+/// is the caller's loop (see [`Publisher`] and [`supervise`]), because
+/// lapin's own recovery is still settling.
+pub async fn connect(endpoint: impl Into<Endpoint>, name: &str) -> lapin::Result<Connection> {
+    let endpoint = endpoint.into();
     let props = ConnectionProperties::default().with_connection_name(name.into());
+    let tls = endpoint.tls_config()?;
     // A handshake across a silent network (a partition) would otherwise
     // wait forever and the caller's reconnect loop would never try again.
     match tokio::time::timeout(
         CONNECT_TIMEOUT,
-        Connection::connect(&with_heartbeat(url), props),
+        Connection::connect_with_config(
+            &with_heartbeat(&endpoint.url),
+            props,
+            tls,
+            lapin::runtime::default_runtime()?,
+        ),
     )
     .await
     {
@@ -131,18 +248,40 @@ fn durable_queue() -> QueueDeclareOptions {
     }
 }
 
-/// Declares every exchange and the fixed queues. Idempotent: declaring twice
-/// with the same arguments is a no-op on the broker.
+/// The logical exchanges under the prefix and their kinds
+/// (docs/contract.md, "Queue topology").
+pub const EXCHANGES: [(&str, ExchangeKind); 5] = [
+    ("work", ExchangeKind::Direct),
+    ("dead", ExchangeKind::Fanout),
+    ("submit", ExchangeKind::Direct),
+    ("events", ExchangeKind::Topic),
+    ("control", ExchangeKind::Topic),
+];
+
+/// Declares the durable exchange `<p>.<logical>` (one of [`EXCHANGES`]);
+/// an unknown logical name declares nothing. Each process declares only
+/// the exchanges it uses, so a broker user needs configure permission on
+/// those alone (README, "Transport security and least privilege").
+pub async fn declare_exchange(ch: &Channel, names: &Names, logical: &str) -> lapin::Result<()> {
+    let Some((_, kind)) = EXCHANGES.iter().find(|(name, _)| *name == logical) else {
+        return Ok(());
+    };
+    ch.exchange_declare(
+        names.exchange(logical).into(),
+        kind.clone(),
+        durable(),
+        FieldTable::default(),
+    )
+    .await
+}
+
+/// Declares every exchange and the fixed queues (`<p>.dead`, `<p>.submit`,
+/// `<p>.work.any`): what the scheduler, which consumes `<p>.submit` and
+/// owns the dead letters, declares when it connects. Idempotent: declaring
+/// twice with the same arguments is a no-op on the broker.
 pub async fn declare_topology(ch: &Channel, names: &Names) -> lapin::Result<()> {
-    for (exchange, kind) in [
-        (names.work(), ExchangeKind::Direct),
-        (names.dead(), ExchangeKind::Fanout),
-        (names.submit(), ExchangeKind::Direct),
-        (names.events(), ExchangeKind::Topic),
-        (names.control(), ExchangeKind::Topic),
-    ] {
-        ch.exchange_declare(exchange.into(), kind, durable(), FieldTable::default())
-            .await?;
+    for (logical, _) in &EXCHANGES {
+        declare_exchange(ch, names, logical).await?;
     }
 
     ch.queue_declare(names.dead().into(), durable_queue(), FieldTable::default())
@@ -268,24 +407,40 @@ pub enum PublishError {
 struct Live {
     connection: Connection,
     channel: Channel,
-    declared: Arc<Mutex<HashSet<String>>>,
+    declared: Arc<Mutex<Declared>>,
+}
+
+/// What a publisher's connection has declared so far.
+#[derive(Default)]
+struct Declared {
+    /// Logical exchange names.
+    exchanges: HashSet<String>,
+    /// Work routing keys whose queue is declared.
+    work_queues: HashSet<String>,
 }
 
 /// A shared publisher with confirms. It connects on first use and again after
 /// any failure; callers keep the outbox row until a publish is confirmed, so a
 /// failure here only delays a message.
 pub struct Publisher {
-    url: String,
+    endpoint: Endpoint,
     names: Names,
     name: String,
     live: Mutex<Option<Live>>,
 }
 
 impl Publisher {
-    /// A publisher that has not connected yet.
-    pub fn new(url: impl Into<String>, names: Names, connection_name: impl Into<String>) -> Self {
+    /// A publisher that has not connected yet; `endpoint` is a URL, or
+    /// `&settings.amqp` for its TLS files too. It declares each exchange
+    /// the first time it publishes to it, and the work queue of each
+    /// routing key it publishes work to, nothing else.
+    pub fn new(
+        endpoint: impl Into<Endpoint>,
+        names: Names,
+        connection_name: impl Into<String>,
+    ) -> Self {
         Self {
-            url: url.into(),
+            endpoint: endpoint.into(),
             names,
             name: connection_name.into(),
             live: Mutex::new(None),
@@ -297,7 +452,7 @@ impl Publisher {
         &self.names
     }
 
-    async fn channel(&self) -> Result<(Channel, Arc<Mutex<HashSet<String>>>), lapin::Error> {
+    async fn channel(&self) -> Result<(Channel, Arc<Mutex<Declared>>), lapin::Error> {
         let mut live = self.live.lock().await;
         if let Some(l) = live.as_ref()
             && l.connection.status().connected()
@@ -308,13 +463,12 @@ impl Publisher {
         if let Some(old) = live.take() {
             let _ = old.connection.close(200, "reconnecting".into()).await;
         }
-        let connection = connect(&self.url, &self.name).await?;
+        let connection = connect(&self.endpoint, &self.name).await?;
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        declare_topology(&channel, &self.names).await?;
-        let declared = Arc::new(Mutex::new(HashSet::from(["any".to_owned()])));
+        let declared = Arc::new(Mutex::new(Declared::default()));
         *live = Some(Live {
             connection,
             channel: channel.clone(),
@@ -442,18 +596,34 @@ impl Publisher {
             .unwrap_or(Err(PublishError::Timeout))
     }
 
+    /// Declares, once per connection, the exchanges `messages` go to and
+    /// the work queues of their work routing keys.
+    async fn declare_for(
+        &self,
+        channel: &Channel,
+        declared: &Mutex<Declared>,
+        messages: &[Outgoing],
+    ) -> Result<(), lapin::Error> {
+        let mut declared = declared.lock().await;
+        for m in messages {
+            if !declared.exchanges.contains(&m.exchange) {
+                declare_exchange(channel, &self.names, &m.exchange).await?;
+                declared.exchanges.insert(m.exchange.clone());
+            }
+            if m.exchange == "work" && !declared.work_queues.contains(&m.routing_key) {
+                declare_work_queue(channel, &self.names, &m.routing_key).await?;
+                declared.work_queues.insert(m.routing_key.clone());
+            }
+        }
+        Ok(())
+    }
+
     async fn publish_all_inner(
         &self,
         messages: &[Outgoing],
     ) -> Result<Vec<Result<(), PublishError>>, lapin::Error> {
         let (channel, declared) = self.channel().await?;
-        for m in messages.iter().filter(|m| m.exchange == "work") {
-            let mut set = declared.lock().await;
-            if !set.contains(&m.routing_key) {
-                declare_work_queue(&channel, &self.names, &m.routing_key).await?;
-                set.insert(m.routing_key.clone());
-            }
-        }
+        self.declare_for(&channel, &declared, messages).await?;
         let mut confirms = Vec::with_capacity(messages.len());
         for m in messages {
             let confirm = channel
@@ -483,7 +653,8 @@ impl Publisher {
     /// round trip to the caller's path.
     pub async fn publish_unconfirmed(&self, messages: &[Outgoing]) -> Result<(), PublishError> {
         let sent = async {
-            let (channel, _) = self.channel().await?;
+            let (channel, declared) = self.channel().await?;
+            self.declare_for(&channel, &declared, messages).await?;
             for m in messages {
                 // Dropping the confirm future is how lapin skips the wait.
                 drop(

@@ -134,12 +134,22 @@ pub struct DatabaseSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AmqpSettings {
-    /// Connection URL.
+    /// Connection URL: `amqp://` in the clear, `amqps://` over TLS.
     pub url: String,
     /// Prefix of every exchange and queue name.
     pub prefix: String,
     /// Deliveries of one job message before it is dead-lettered.
     pub delivery_limit: u32,
+    /// With `amqps://`: a PEM file of CA certificates to trust besides the
+    /// built-in webpki roots (a private CA). Empty: the webpki roots alone.
+    pub tls_ca_file: String,
+    /// With `amqps://`: a PEM certificate (chain) this process presents to
+    /// a broker that asks for client certificates. Empty: none. Needs
+    /// `tls_client_key_file`.
+    pub tls_client_cert_file: String,
+    /// With `amqps://`: the PEM (PKCS#8, unencrypted) private key of
+    /// `tls_client_cert_file`. Empty: none.
+    pub tls_client_key_file: String,
 }
 
 /// HTTP API settings.
@@ -289,6 +299,9 @@ impl Settings {
             .set_default("amqp.url", "amqp://guest:guest@127.0.0.1:5672/%2f")?
             .set_default("amqp.prefix", "taskhost")?
             .set_default("amqp.delivery_limit", 5)?
+            .set_default("amqp.tls_ca_file", "")?
+            .set_default("amqp.tls_client_cert_file", "")?
+            .set_default("amqp.tls_client_key_file", "")?
             .set_default("api.bind", "127.0.0.1:8080")?
             .set_default("api.max_body_bytes", 256 * 1024)?
             .set_default("api.rate_limit_per_sec", 1000)?
@@ -378,6 +391,7 @@ impl Settings {
         if !self.amqp.url.starts_with("amqp://") && !self.amqp.url.starts_with("amqps://") {
             return Err(invalid("amqp.url", "must start with amqp:// or amqps://"));
         }
+        self.amqp.validate_tls()?;
         if !crate::model::is_valid_name(&self.amqp.prefix) {
             return Err(invalid(
                 "amqp.prefix",
@@ -480,9 +494,84 @@ impl Settings {
     }
 }
 
+impl AmqpSettings {
+    /// The TLS files make sense only together with `amqps://`, and a client
+    /// certificate only with its key.
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        let tls = [
+            ("amqp.tls_ca_file", &self.tls_ca_file),
+            ("amqp.tls_client_cert_file", &self.tls_client_cert_file),
+            ("amqp.tls_client_key_file", &self.tls_client_key_file),
+        ];
+        if !self.url.starts_with("amqps://")
+            && let Some((key, _)) = tls.iter().find(|(_, v)| !v.is_empty())
+        {
+            return Err(ConfigError::Invalid {
+                key,
+                message: "is set but amqp.url does not start with amqps:// (TLS); use amqps://"
+                    .into(),
+            });
+        }
+        if self.tls_client_cert_file.is_empty() != self.tls_client_key_file.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "amqp.tls_client_key_file",
+                message: "and amqp.tls_client_cert_file must be set together".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
 impl WorkerSettings {
     /// The shell program and its leading arguments, e.g. `["/bin/sh", "-c"]`.
     pub fn shell_argv(&self) -> Vec<String> {
         self.shell.split_whitespace().map(str::to_owned).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let env = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Settings::load_from(None, &env)
+    }
+
+    #[test]
+    fn amqp_tls_files_default_to_empty() {
+        let s = load(&[]).expect("defaults");
+        assert_eq!(s.amqp.tls_ca_file, "");
+        assert_eq!(s.amqp.tls_client_cert_file, "");
+        assert_eq!(s.amqp.tls_client_key_file, "");
+    }
+
+    #[test]
+    fn amqp_tls_files_need_amqps() {
+        let err = load(&[("TASKHOST__AMQP__TLS_CA_FILE", "/etc/ca.pem")])
+            .expect_err("a CA file with amqp:// is refused");
+        assert!(
+            err.to_string().contains("`amqp.tls_ca_file`") && err.to_string().contains("amqps://"),
+            "{err}"
+        );
+        let s = load(&[
+            ("TASKHOST__AMQP__URL", "amqps://u:p@mq.example:5671/%2f"),
+            ("TASKHOST__AMQP__TLS_CA_FILE", "/etc/ca.pem"),
+        ])
+        .expect("amqps with a CA file");
+        assert_eq!(s.amqp.tls_ca_file, "/etc/ca.pem");
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_key() {
+        let err = load(&[
+            ("TASKHOST__AMQP__URL", "amqps://u:p@mq.example:5671/%2f"),
+            ("TASKHOST__AMQP__TLS_CLIENT_CERT_FILE", "/etc/me.pem"),
+        ])
+        .expect_err("a certificate without a key is refused");
+        assert!(err.to_string().contains("tls_client_key_file"), "{err}");
     }
 }

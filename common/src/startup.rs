@@ -10,6 +10,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 use tokio::net::TcpListener;
 
 use crate::Settings;
+use crate::amqp::Endpoint;
 use crate::config::DatabaseSettings;
 use crate::db::{self, DbError};
 
@@ -76,6 +77,8 @@ pub fn explain_db_error(url: &str, error: &sqlx::Error) -> String {
                 e.message()
             ),
         },
+        // sqlx reports a failed TLS handshake as I/O.
+        sqlx::Error::Io(e) if tls_trouble(&e.to_string()).is_some() => tls_to_postgres(&shown, e),
         sqlx::Error::Io(e) => format!(
             "cannot reach PostgreSQL at {shown}: {e}; is it running there? (database.url, DATABASE_URL)"
         ),
@@ -87,9 +90,16 @@ pub fn explain_db_error(url: &str, error: &sqlx::Error) -> String {
         sqlx::Error::Configuration(e) => {
             format!("database.url {shown} is not a valid PostgreSQL URL: {e}")
         }
-        sqlx::Error::Tls(e) => format!("TLS to PostgreSQL at {shown} failed: {e}"),
+        sqlx::Error::Tls(e) => tls_to_postgres(&shown, e),
         other => format!("PostgreSQL at {shown}: {other}"),
     }
+}
+
+fn tls_to_postgres(shown: &str, error: &dyn std::fmt::Display) -> String {
+    format!(
+        "TLS to PostgreSQL at {shown} failed: {error}; check sslmode, sslrootcert, sslcert and \
+         sslkey in database.url (DATABASE_URL)"
+    )
 }
 
 /// One connection to `options`, closed again.
@@ -126,7 +136,7 @@ pub fn explain(url: &str, error: &DbError) -> String {
 pub async fn check_services(settings: &Settings, name: &str) -> Result<(), StartupError> {
     let pool = database(&settings.database, 1).await?;
     pool.close().await;
-    reach_broker(&settings.amqp.url, name).await
+    reach_broker(&settings.amqp, name).await
 }
 
 /// Proves Postgres answers at `database.url` and the schema is current,
@@ -151,25 +161,86 @@ pub async fn database(
 }
 
 /// Connects to RabbitMQ once (within [`CHECK_TIMEOUT`]) and hands the
-/// connection back, or says why not.
-pub async fn broker(url: &str, name: &str) -> Result<lapin::Connection, StartupError> {
-    let shown = redact(url);
-    let fix = "is RabbitMQ running there, and are amqp.url (AMQP_URL) and its credentials right?";
-    match tokio::time::timeout(CHECK_TIMEOUT, crate::amqp::connect(url, name)).await {
+/// connection back, or says why not. `endpoint` is a URL, or
+/// `&settings.amqp` for its TLS files too: the same
+/// [`amqp::connect`](crate::amqp::connect) every service uses.
+pub async fn broker(
+    endpoint: impl Into<Endpoint>,
+    name: &str,
+) -> Result<lapin::Connection, StartupError> {
+    let endpoint = endpoint.into();
+    let shown = endpoint.shown();
+    match tokio::time::timeout(CHECK_TIMEOUT, crate::amqp::connect(&endpoint, name)).await {
         Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(e)) => Err(StartupError(format!(
-            "cannot reach RabbitMQ at {shown}: {e}; {fix}"
-        ))),
+        Ok(Err(e)) => Err(StartupError(explain_broker_error(&shown, &e.to_string()))),
         Err(_) => Err(StartupError(format!(
-            "cannot reach RabbitMQ at {shown}: no answer within {} s; {fix}",
+            "cannot reach RabbitMQ at {shown}: no answer within {} s; {BROKER_FIX}",
             CHECK_TIMEOUT.as_secs()
         ))),
     }
 }
 
+const BROKER_FIX: &str =
+    "is RabbitMQ running there, and are amqp.url (AMQP_URL) and its credentials right?";
+
+/// What went wrong connecting to RabbitMQ at `shown` (a redacted URL), in
+/// one line with the fix: TLS problems name the `amqp.tls_*` key to set.
+pub fn explain_broker_error(shown: &str, error: &str) -> String {
+    let error = error.replace('\n', " ");
+    match tls_trouble(&error) {
+        _ if error.contains("amqp.tls_") => format!(
+            "cannot connect to RabbitMQ at {shown}: {error}; check amqp.tls_ca_file \
+             (TASKHOST__AMQP__TLS_CA_FILE), amqp.tls_client_cert_file and amqp.tls_client_key_file"
+        ),
+        Some(TlsTrouble::Refused) => format!(
+            "TLS to RabbitMQ at {shown} failed: the broker refused the handshake ({error}); if it \
+             asks for a client certificate, set amqp.tls_client_cert_file and \
+             amqp.tls_client_key_file (TASKHOST__AMQP__TLS_CLIENT_CERT_FILE, \
+             TASKHOST__AMQP__TLS_CLIENT_KEY_FILE)"
+        ),
+        Some(TlsTrouble::Untrusted) => format!(
+            "TLS to RabbitMQ at {shown} failed: the broker's certificate is not trusted \
+             ({error}); set amqp.tls_ca_file (TASKHOST__AMQP__TLS_CA_FILE) to the PEM of the CA \
+             that signed it, and make sure the URL's host is a name in that certificate"
+        ),
+        Some(TlsTrouble::Other) => format!(
+            "TLS to RabbitMQ at {shown} failed: {error}; is the port a TLS listener (amqps://, \
+             usually 5671)?"
+        ),
+        None => format!("cannot reach RabbitMQ at {shown}: {error}; {BROKER_FIX}"),
+    }
+}
+
+/// What kind of TLS failure an error's text tells of, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TlsTrouble {
+    /// The peer sent an alert: it refused us (e.g. no client certificate).
+    Refused,
+    /// The peer's certificate did not verify (issuer, name, expiry).
+    Untrusted,
+    /// Anything else about TLS (e.g. a plain port answering).
+    Other,
+}
+
+fn tls_trouble(error: &str) -> Option<TlsTrouble> {
+    let lower = error.to_ascii_lowercase();
+    if lower.contains("received fatal alert") {
+        Some(TlsTrouble::Refused)
+    } else if lower.contains("certificate") || lower.contains("unknownissuer") {
+        Some(TlsTrouble::Untrusted)
+    } else if ["tls", "handshake", "corrupt message", "alert"]
+        .iter()
+        .any(|w| lower.contains(w))
+    {
+        Some(TlsTrouble::Other)
+    } else {
+        None
+    }
+}
+
 /// [`broker`], closing the connection again.
-pub async fn reach_broker(url: &str, name: &str) -> Result<(), StartupError> {
-    let conn = broker(url, name).await?;
+pub async fn reach_broker(endpoint: impl Into<Endpoint>, name: &str) -> Result<(), StartupError> {
+    let conn = broker(endpoint, name).await?;
     let _ = conn.close(200, "start-up check".into()).await;
     Ok(())
 }
@@ -193,5 +264,32 @@ mod tests {
             "postgres://postgres@127.0.0.1:5432/taskhost"
         );
         assert_eq!(redact("not a url"), "not a url");
+    }
+
+    #[test]
+    fn broker_errors_name_the_tls_key_to_set() {
+        let shown = "amqps://u:***@mq:5671/%2f";
+        let untrusted =
+            explain_broker_error(shown, "IO error: invalid peer certificate: UnknownIssuer");
+        assert!(untrusted.contains("not trusted"), "{untrusted}");
+        assert!(
+            untrusted.contains("TASKHOST__AMQP__TLS_CA_FILE"),
+            "{untrusted}"
+        );
+        let refused =
+            explain_broker_error(shown, "IO error: received fatal alert: CertificateRequired");
+        assert!(refused.contains("tls_client_cert_file"), "{refused}");
+        let plain = explain_broker_error(
+            shown,
+            "IO error: received corrupt message of type InvalidContentType",
+        );
+        assert!(plain.contains("TLS listener"), "{plain}");
+        let file = explain_broker_error(
+            shown,
+            "IO error: cannot read amqp.tls_ca_file /x: No such file or directory (os error 2)",
+        );
+        assert!(file.contains("check amqp.tls_ca_file"), "{file}");
+        let down = explain_broker_error(shown, "IO error: Connection refused (os error 111)");
+        assert!(down.contains("is RabbitMQ running there"), "{down}");
     }
 }

@@ -52,7 +52,7 @@ struct Ingress {
 impl Ingress {
     fn new(pool: PgPool, settings: &Settings) -> Self {
         let publisher = Arc::new(Publisher::new(
-            settings.amqp.url.clone(),
+            &settings.amqp,
             Names::new(settings.amqp.prefix.clone()),
             "taskhost-scheduler-ingress",
         ));
@@ -244,7 +244,7 @@ async fn consume(
     names: &Names,
     shutdown: &CancellationToken,
 ) -> Result<(), lapin::Error> {
-    let conn = amqp::connect(&settings.amqp.url, "taskhost-scheduler-ingress").await?;
+    let conn = amqp::connect(&settings.amqp, "taskhost-scheduler-ingress").await?;
     let ch = conn.create_channel().await?;
     amqp::declare_topology(&ch, names).await?;
     ch.basic_qos(IN_FLIGHT, BasicQosOptions::default()).await?;

@@ -35,7 +35,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         .await?;
     let pool = db::pool(&settings.database).context("database.url")?;
     let names = Names::new(settings.amqp.prefix.clone());
-    let publisher = Publisher::new(settings.amqp.url.clone(), names, "taskhost-scheduler");
+    let publisher = Publisher::new(&settings.amqp, names, "taskhost-scheduler");
     tracing::info!("scheduler started");
     tokio::join!(
         tick_loop(&pool, &publisher, &settings, &shutdown),

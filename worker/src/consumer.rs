@@ -58,12 +58,16 @@ pub(crate) async fn declare_control_queue(
 /// the channel is still open for acks) or until the connection fails.
 pub(crate) async fn consume(ctx: &Arc<Ctx>) -> Result<(), lapin::Error> {
     let conn = amqp::connect(
-        &ctx.settings.amqp.url,
+        &ctx.settings.amqp,
         &format!("taskhost-worker@{}", ctx.node_name),
     )
     .await?;
     let ch = conn.create_channel().await?;
-    amqp::declare_topology(&ch, &ctx.names).await?;
+    // Only what this node binds to; its publisher declares the exchanges
+    // it publishes to, and the scheduler the rest (least privilege).
+    for exchange in ["work", "control"] {
+        amqp::declare_exchange(&ch, &ctx.names, exchange).await?;
+    }
     // The node's exclusive control queue first: when another process holds
     // it (a second worker with this node name), fail before consuming work.
     let control_ch = conn.create_channel().await?;

@@ -104,7 +104,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     // before it changes the node's row, and checked again after a first
     // registration (two new workers racing for one name).
     let identity = startup::broker(
-        &settings.amqp.url,
+        &settings.amqp,
         &format!("taskhost-worker@{node_name} identity check"),
     )
     .await?;
@@ -151,7 +151,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         }
     });
     let publisher = Arc::new(Publisher::new(
-        settings.amqp.url.clone(),
+        &settings.amqp,
         names.clone(),
         format!("taskhost-worker@{node_name}"),
     ));

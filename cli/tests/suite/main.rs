@@ -23,3 +23,4 @@ mod soak;
 mod startup;
 mod sync;
 mod tasks;
+mod transport;

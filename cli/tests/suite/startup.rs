@@ -17,7 +17,11 @@ const FAST: Duration = Duration::from_secs(15);
 /// Runs `taskhost <args>` with the test's environment plus `extra`; fails
 /// the test if it does not exit within [`FAST`]. Returns the output and how
 /// long it took.
-async fn run(env: &TestEnv, args: &[&str], extra: &[(&str, &str)]) -> (Output, Duration) {
+pub(crate) async fn run(
+    env: &TestEnv,
+    args: &[&str],
+    extra: &[(&str, &str)],
+) -> (Output, Duration) {
     let mut vars: HashMap<String, String> = env.env();
     for (k, v) in extra {
         vars.insert((*k).to_owned(), (*v).to_owned());
@@ -48,7 +52,7 @@ fn error_lines(out: &Output) -> Vec<String> {
 }
 
 /// The one error line of a failed run, checked for a non-zero exit.
-fn one_error(what: &str, out: &Output) -> String {
+pub(crate) fn one_error(what: &str, out: &Output) -> String {
     assert!(
         !out.status.success(),
         "{what}: exited 0\n{}",
