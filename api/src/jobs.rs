@@ -271,6 +271,10 @@ pub(crate) struct JobView {
     #[sqlx(flatten)]
     #[serde(flatten)]
     fields: JobFields,
+    /// The owner (only admins see other users' jobs).
+    user_id: String,
+    /// The job this one re-runs, if any.
+    rerun_of: Option<Uuid>,
     /// stdout then stderr.
     #[sqlx(skip)]
     output: Option<String>,
@@ -392,7 +396,8 @@ async fn load_visible(
     job_id: Uuid,
 ) -> Result<JobView, ApiError> {
     let sql = format!(
-        "{FIELDS_SELECT}, h.output AS raw_output, h.error AS raw_error {FROM_JOBS}
+        "{FIELDS_SELECT}, j.user_id, j.rerun_of, h.output AS raw_output, h.error AS raw_error
+         {FROM_JOBS}
          WHERE j.job_id = $1 AND (j.user_id = $2 OR $3)"
     );
     let row: Option<JobView> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
