@@ -502,7 +502,20 @@ async fn an_admin_sees_the_system_finds_jobs_watches_output_and_steers_tasks_in_
     .await;
     assert_eq!(status, 201, "{task}");
     let task_id = task["taskId"].as_str().expect("taskId").to_owned();
+    // Two pages of its history (20 a page).
+    for _ in 0..21 {
+        let (status, body) = call(
+            &api,
+            reqwest::Method::POST,
+            &admin,
+            &format!("/tasks/{task_id}/run"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 202, "{body}");
+    }
     wait_all_done(&env).await;
+    let succeeded = 60 + 21;
 
     let b = Browser::start().await;
     b.window(1400, 900).await;
@@ -528,7 +541,7 @@ async fn an_admin_sees_the_system_finds_jobs_watches_output_and_steers_tasks_in_
         .map(|(k, v)| (k.clone(), json!(v.as_i64().expect("count").to_string())))
         .collect();
     assert_eq!(counts.len(), 8, "{ov}");
-    assert_eq!(counts["succeeded"], json!("60"), "{ov}");
+    assert_eq!(counts["succeeded"], json!(succeeded.to_string()), "{ov}");
     assert_eq!(counts["running"], json!("0"), "{ov}");
     b.wait_for(
         "the counts by state of /overview",
@@ -546,7 +559,7 @@ async fn an_admin_sees_the_system_finds_jobs_watches_output_and_steers_tasks_in_
         .iter()
         .map(|b| b["succeeded"].as_i64().expect("succeeded"))
         .sum();
-    assert_eq!(per_minute, 60, "{ov}");
+    assert_eq!(per_minute, succeeded, "{ov}");
     let chart = b
         .wait_for(
             "the per-minute chart",
@@ -557,7 +570,7 @@ async fn an_admin_sees_the_system_finds_jobs_watches_output_and_steers_tasks_in_
             json!([]),
         )
         .await;
-    assert_eq!(chart, json!(["60", 60, "60", "1", true]));
+    assert_eq!(chart, json!(["60", 60, succeeded.to_string(), "1", true]));
     b.click("#tp-hour").await;
     let chart = b
         .wait_for(
@@ -567,7 +580,7 @@ async fn an_admin_sees_the_system_finds_jobs_watches_output_and_steers_tasks_in_
             json!([]),
         )
         .await;
-    assert_eq!(chart, json!([24, "60"]));
+    assert_eq!(chart, json!([24, succeeded.to_string()]));
     b.click("#tp-minute").await;
     b.wait_for(
         "the failed job among recent failures",
@@ -583,7 +596,7 @@ async fn an_admin_sees_the_system_finds_jobs_watches_output_and_steers_tasks_in_
     .await;
     b.screenshot_into_dir("dashboard-overview-1400.png").await;
 
-    // Jobs: only succeeded ones, 25 a page; forward twice and back.
+    // Jobs: alice's succeeded ones, 25 a page; forward twice and back.
     show(&b, "jobs").await;
     b.js(
         "const l = document.querySelector('#f-limit'); l.value = '25';
@@ -592,32 +605,35 @@ async fn an_admin_sees_the_system_finds_jobs_watches_output_and_steers_tasks_in_
     )
     .await;
     b.click("#f-status input[value=\"succeeded\"]").await;
-    let (_, p1) = get(&api, &admin, "/jobs?status=succeeded&limit=25").await;
+    b.type_into("#f-user", "alice").await;
+    b.click("#f-apply").await;
+    let (_, p1) = get(&api, &admin, "/jobs?status=succeeded&user=alice&limit=25").await;
     let cursor = p1["nextCursor"].as_str().expect("a second page").to_owned();
     let (_, p2) = get(
         &api,
         &admin,
-        &format!("/jobs?status=succeeded&limit=25&cursor={cursor}"),
+        &format!("/jobs?status=succeeded&user=alice&limit=25&cursor={cursor}"),
     )
     .await;
     let cursor = p2["nextCursor"].as_str().expect("a third page").to_owned();
     let (_, p3) = get(
         &api,
         &admin,
-        &format!("/jobs?status=succeeded&limit=25&cursor={cursor}"),
+        &format!("/jobs?status=succeeded&user=alice&limit=25&cursor={cursor}"),
     )
     .await;
     let (p1, p2, p3) = (page_ids(&p1), page_ids(&p2), page_ids(&p3));
     assert_eq!((p1.len(), p2.len(), p3.len()), (25, 25, 10));
     wait_for_page(&b, "page 1 of the succeeded jobs", &p1).await;
-    let statuses = b
+    let shown = b
         .js(
-            "return [...new Set([...document.querySelectorAll('#results-table tbody tr td:nth-child(2)')]
-               .map(td => td.textContent))];",
+            "const rows = [...document.querySelectorAll('#results-table tbody tr')];
+             return [[...new Set(rows.map(r => r.cells[1].textContent))],
+                     [...new Set(rows.map(r => r.cells[0].querySelector('.muted').textContent))]];",
             json!([]),
         )
         .await;
-    assert_eq!(statuses, json!(["succeeded"]));
+    assert_eq!(shown, json!([["succeeded"], ["alice"]]));
     b.click("#jobs-next").await;
     wait_for_page(&b, "page 2", &p2).await;
     b.click("#jobs-next").await;
@@ -794,16 +810,138 @@ async fn an_admin_sees_the_system_finds_jobs_watches_output_and_steers_tasks_in_
             .expect("task row");
         assert_eq!(stored, enabled);
     }
-    // Its page: schedule and history.
-    show(&b, &format!("task/{task_id}")).await;
+    // Its page: schedule, and history (attempt, node) paged with `before`.
+    let (_, h1) = get(&api, &admin, &format!("/tasks/{task_id}/history?limit=20")).await;
+    let before = h1["nextBefore"].as_i64().expect("a second history page");
+    let (_, h2) = get(
+        &api,
+        &admin,
+        &format!("/tasks/{task_id}/history?limit=20&before={before}"),
+    )
+    .await;
+    let history_ids = |page: &Value| -> Vec<String> {
+        page["history"]
+            .as_array()
+            .expect("history")
+            .iter()
+            .map(|h| h["historyId"].as_i64().expect("historyId").to_string())
+            .collect()
+    };
+    let (h1, h2) = (history_ids(&h1), history_ids(&h2));
+    assert_eq!((h1.len(), h2.len()), (20, 1));
+    let shown_history = "return JSON.stringify([...document.querySelectorAll('#task-history tbody tr[data-history-id]')]
+                           .map(r => r.dataset.historyId)) === JSON.stringify(arguments[0]);";
+    b.wait_for(
+        "a click on the task's row",
+        "const row = document.querySelector(`#tasks-table tr[data-task-id=\"${arguments[0]}\"]`);
+         if (!row) return false;
+         row.cells[0].click();
+         return true;",
+        json!([task_id]),
+    )
+    .await;
     b.wait_for(
         "the task's page",
         "const s = document.querySelector('#task-schedule');
-         return document.querySelector('#task-title').textContent.includes('nightly-report')
-           && s.textContent.includes('Next run') && document.querySelector('#task-history tbody tr');",
+         return !document.querySelector('#task-detail').hidden
+           && document.querySelector('#task-title').textContent.includes('nightly-report')
+           && s.textContent.includes('Next run');",
         json!([]),
     )
     .await;
+    b.wait_for("history page 1", shown_history, json!([h1]))
+        .await;
+    let row = b
+        .js(
+            "const r = document.querySelector('#task-history tbody tr');
+             return [r.cells[1].textContent, r.cells[2].textContent, r.cells[3].textContent];",
+            json!([]),
+        )
+        .await;
+    assert_eq!(
+        row,
+        json!(["1", format!("{}-console", env.prefix), "succeeded"]),
+        "attempt, node name, state"
+    );
+    b.click("#history-older").await;
+    b.wait_for("history page 2", shown_history, json!([h2]))
+        .await;
+    b.click("#history-newer").await;
+    b.wait_for("history page 1 again", shown_history, json!([h1]))
+        .await;
+
+    // Create a task in the form, edit it, delete it (after a yes).
+    show(&b, "tasks").await;
+    b.click("#task-new").await;
+    b.wait_for(
+        "the empty task form",
+        "return !document.querySelector('[data-panel=taskform]').hidden;",
+        json!([]),
+    )
+    .await;
+    b.type_into("#t-name", "weekly-cleanup").await;
+    b.type_into("#t-schedule", "0 4 * * 0").await;
+    b.type_into("#t-timezone", "UTC").await;
+    b.type_into("#t-command", "echo cleanup").await;
+    b.click("#task-save").await;
+    let created = b
+        .wait_for(
+            "the new task's page",
+            "const t = document.querySelector('#task-title');
+             return !document.querySelector('#task-detail').hidden && t.textContent.includes('weekly-cleanup')
+               && location.hash.split('/')[1];",
+            json!([]),
+        )
+        .await;
+    let created = created.as_str().expect("task id").to_owned();
+    b.click("#task-edit").await;
+    b.wait_for(
+        "the form filled with the task",
+        "return document.querySelector('#t-name').value === 'weekly-cleanup'
+           && document.querySelector('#t-schedule').value === '0 4 * * 0';",
+        json!([]),
+    )
+    .await;
+    b.type_into("#t-schedule", "30 5 * * 0").await;
+    b.click("#task-save").await;
+    b.wait_for(
+        "the edited task's page",
+        "return !document.querySelector('#task-detail').hidden
+           && document.querySelector('#task-fields').textContent.includes('30 5 * * 0');",
+        json!([]),
+    )
+    .await;
+    let schedule: String =
+        sqlx::query_scalar("SELECT schedule FROM tasks WHERE task_id = $1::uuid")
+            .bind(&created)
+            .fetch_one(&env.pool)
+            .await
+            .expect("the created task");
+    assert_eq!(schedule, "30 5 * * 0");
+    b.click("#task-delete").await;
+    b.wait_for(
+        "the confirmation",
+        "return document.querySelector('#confirm-dialog').open;",
+        json!([]),
+    )
+    .await;
+    b.click("#confirm-ok").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE task_id = $1::uuid")
+            .bind(&created)
+            .fetch_one(&env.pool)
+            .await
+            .expect("count");
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the confirmed task delete did not happen"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // 420 px: every view fits; wide tables scroll inside their boxes.
     b.window(420, 900).await;

@@ -146,7 +146,6 @@ async fn the_event_stream_pushes_own_job_and_node_changes_and_hides_other_users_
     let (status, body) = submit(&api, &bob, &json!({"jobName": "bobs", "command": "true"})).await;
     assert_eq!(status, 202, "{body}");
     let bobs = job_id(&body).to_string();
-    let started = Instant::now();
     let (status, body) = submit(
         &api,
         &alice,
@@ -157,22 +156,30 @@ async fn the_event_stream_pushes_own_job_and_node_changes_and_hides_other_users_
     let alices = job_id(&body).to_string();
     env.wait_terminal(job_id(&body), Duration::from_secs(30))
         .await;
+    let ended = Instant::now();
 
+    // Her job's last change (its end) must arrive, and the node's.
+    let last_change: i64 = sqlx::query_scalar(
+        "SELECT max(change_seq) FROM data_change WHERE table_name = 'jobs' AND record_id = $1",
+    )
+    .bind(&alices)
+    .fetch_one(&env.pool)
+    .await
+    .expect("her job's changes");
     let seen = as_alice
         .collect_until(Duration::from_secs(10), |seen| {
-            // Her job inserted and finished (its last change), and the node.
-            let mine: Vec<_> = seen
-                .iter()
-                .filter(|e| e["recordId"] == alices.as_str())
-                .collect();
-            mine.iter().any(|e| e["action"] == "INSERT")
-                && mine.iter().any(|e| e["action"] == "UPDATE")
+            seen.iter().any(|e| e["changeSeq"] == last_change)
                 && seen.iter().any(|e| e["table"] == "nodes")
         })
         .await;
-    let first_own = started.elapsed();
+    let delay = ended.elapsed();
     let ids = job_ids_in(&seen);
     assert!(ids.contains(&alices), "alice's job not pushed: {seen:?}");
+    assert!(
+        seen.iter()
+            .any(|e| e["changeSeq"] == last_change && e["recordId"] == alices.as_str()),
+        "her job's end not pushed: {seen:?}"
+    );
     assert!(!ids.contains(&bobs), "bob's job reached alice: {seen:?}");
     assert!(
         seen.iter()
@@ -180,8 +187,8 @@ async fn the_event_stream_pushes_own_job_and_node_changes_and_hides_other_users_
         "the new node not pushed: {seen:?}"
     );
     assert!(
-        first_own < Duration::from_secs(15),
-        "events came late: {first_own:?}"
+        delay < Duration::from_secs(5),
+        "the job's end was pushed {delay:?} after it ended"
     );
     // Every event is compact and in feed order.
     let seqs: Vec<i64> = seen
