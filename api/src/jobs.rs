@@ -431,7 +431,8 @@ async fn load_visible(
     job_id: Uuid,
 ) -> Result<JobView, ApiError> {
     let sql = format!(
-        "{FIELDS_SELECT}, h.output AS raw_output, h.error AS raw_error {FROM_JOBS}
+        "{FIELDS_SELECT}, h.output AS raw_output, h.error AS raw_error
+         {FROM_JOBS}
          WHERE j.job_id = $1 AND (j.user_id = $2 OR $3)"
     );
     let row: Option<JobView> = sqlx::query_as(sqlx::AssertSqlSafe(sql))

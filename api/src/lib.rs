@@ -5,11 +5,12 @@
 //!   [`serve`] takes an already-bound listener.
 //! - Modules: `jobs` (submit, results, cancel), `tasks`, `nodes`,
 //!   `output` (bounded previews, whole outputs streamed), `changes` (the
-//!   feed), `sync` (consumer cursors, the events relay),
-//!   `ops` (`/livez`, `/readyz`, OpenAPI), `metrics`, `dashboard` (the
-//!   browser page), `auth` (Bearer keys), `ratelimit` (per-key token
-//!   buckets), `error` (the one error type that owns status codes),
-//!   `server` (the accept loop: connection cap, header and idle timeouts).
+//!   feed), `live` (job and node changes pushed as Server-Sent Events),
+//!   `sync` (consumer cursors, the events relay), `ops` (`/livez`,
+//!   `/readyz`, OpenAPI), `metrics`, `dashboard` (the browser page),
+//!   `auth` (Bearer keys), `ratelimit` (per-key token buckets), `error`
+//!   (the one error type that owns status codes), `server` (the accept
+//!   loop: connection cap, header and idle timeouts).
 //!
 //! The api never executes commands and never consumes work queues.
 
@@ -20,6 +21,7 @@ mod dashboard;
 mod error;
 mod health;
 mod jobs;
+mod live;
 mod metrics;
 mod nodes;
 mod ops;
@@ -70,6 +72,7 @@ pub fn state(settings: &Settings) -> anyhow::Result<AppState> {
         keys,
         accepter: Arc::new(taskhost_common::jobs::plain_accepter(pool.clone())),
         db_health: Arc::default(),
+        streams: CancellationToken::new(),
         batcher: taskhost_common::jobs::PublishBatcher::spawn(pool.clone(), publisher.clone()),
         pool,
         publisher,
@@ -105,6 +108,7 @@ pub fn router(state: AppState) -> Router {
         .route("/nodes", get(nodes::list))
         .route("/nodes/{node_id}", get(nodes::get_one))
         .route("/changes", get(changes::list))
+        .route("/events/stream", get(live::stream))
         .route("/sync/status", get(sync::status))
         .route("/sync/trigger", post(sync::trigger))
         .route("/tasks", get(tasks::list).post(tasks::create))
@@ -234,6 +238,10 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
+    // Endless answers (the event stream) end when shutdown begins, so the
+    // drain does not wait for them.
+    let mut state = state;
+    state.streams = shutdown.child_token();
     let limits = server::Limits::new(
         &state.settings.api,
         REQUEST_TIMEOUT + Duration::from_secs(5),

@@ -32,6 +32,9 @@ pub struct AppState {
     pub batcher: taskhost_common::jobs::PublishBatcher,
     /// Whether Postgres is known to be down (requests answered 503 at once).
     pub db_health: Arc<crate::health::DbHealth>,
+    /// Cancelled when the server begins to shut down, so answers that
+    /// never end by themselves (the event stream) end.
+    pub streams: taskhost_common::CancellationToken,
     /// Accepts plain submissions of concurrent requests together.
     pub accepter: Arc<
         taskhost_common::batch::Batcher<

@@ -8,6 +8,7 @@ mod bench;
 mod bounded_output;
 mod console;
 mod dashboard;
+mod events_stream;
 mod examples;
 mod faults;
 mod foundation;

@@ -23,6 +23,7 @@ const ROUTES: &[(&str, &[&str])] = &[
     ("/api/v1/nodes", &["get"]),
     ("/api/v1/nodes/{nodeId}", &["get"]),
     ("/api/v1/changes", &["get"]),
+    ("/api/v1/events/stream", &["get"]),
     ("/api/v1/sync/status", &["get"]),
     ("/api/v1/sync/trigger", &["post"]),
     ("/api/v1/tasks", &["get", "post"]),

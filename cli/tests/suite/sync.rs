@@ -396,7 +396,10 @@ async fn the_dashboard_is_served_without_a_key() {
     for needle in [
         "\"/api/v1\"",
         "/jobs/submit",
-        "/jobs/results",
+        "\"/jobs?\"",
+        "/overview",
+        "/events/stream",
+        "/me",
         "/nodes",
         "/tasks",
         "/sync/status",
