@@ -97,7 +97,12 @@ pub(crate) async fn render(State(state): State<AppState>) -> impl IntoResponse {
             out,
             "# HELP taskhost_jobs Jobs by status.\n# TYPE taskhost_jobs gauge"
         );
-        for (status, n) in statuses {
+        // Every state, zeros included, so a series never vanishes.
+        for status in taskhost_common::model::JobStatus::ALL {
+            let n = statuses
+                .iter()
+                .find(|(s, _)| s == status.as_str())
+                .map_or(0, |(_, n)| *n);
             let _ = writeln!(out, "taskhost_jobs{{status=\"{status}\"}} {n}");
         }
     }

@@ -350,6 +350,22 @@ async fn a_key_over_its_rate_gets_429_with_retry_after() {
         metrics.contains("taskhost_api_rate_limited_total 2"),
         "{metrics}"
     );
+    // Every job state has its line, zeros included.
+    for state in [
+        "pending",
+        "queued",
+        "running",
+        "succeeded",
+        "failed",
+        "timed_out",
+        "cancelled",
+        "dead",
+    ] {
+        assert!(
+            metrics.contains(&format!("taskhost_jobs{{status=\"{state}\"}} 0")),
+            "{state}: {metrics}"
+        );
+    }
     env.cleanup().await;
 }
 
