@@ -503,7 +503,12 @@ async fn a_scheduler_down_across_fire_times_follows_the_misfire_policy() {
     let admin = env.key("root", &[Role::SystemAdmin]).await;
     let (status, overview) = taskhost_testkit::get(&api, &admin, "/overview").await;
     assert_eq!(status, 200, "{overview}");
-    assert_eq!(overview["scheduler"]["misfires"], 2, "{overview}");
+    // At least the two backlogs (a pass late by more than the 2 s grace on
+    // a loaded machine adds its own).
+    assert!(
+        overview["scheduler"]["misfires"].as_i64().unwrap_or(0) >= 2,
+        "{overview}"
+    );
     assert!(
         overview["scheduler"]["lastMisfireAt"].is_string(),
         "{overview}"
