@@ -238,19 +238,12 @@ pub(crate) async fn results(a: &ResultsArgs) -> anyhow::Result<ExitCode> {
         outln!("{}", serde_json::to_string_pretty(&resp)?);
         return Ok(ExitCode::SUCCESS);
     }
-    outln!(
-        "{:<36}  {:<10}  {:>4}  {:>8}  {:<20}  NAME",
-        "JOB ID",
-        "STATUS",
-        "EXIT",
-        "SECONDS",
-        "COMPLETED"
-    );
+    let mut t =
+        crate::console::table(&["JOB ID", "STATUS", "EXIT", "SECONDS", "COMPLETED", "NAME"]);
     for r in resp["results"].as_array().into_iter().flatten() {
-        outln!(
-            "{:<36}  {:<10}  {:>4}  {:>8}  {:<20}  {}",
-            r["jobId"].as_str().unwrap_or("-"),
-            r["status"].as_str().unwrap_or("-"),
+        t.add_row(vec![
+            r["jobId"].as_str().unwrap_or("-").to_owned(),
+            r["status"].as_str().unwrap_or("-").to_owned(),
             r["exitCode"]
                 .as_i64()
                 .map_or_else(|| "-".to_owned(), |c| c.to_string()),
@@ -259,10 +252,12 @@ pub(crate) async fn results(a: &ResultsArgs) -> anyhow::Result<ExitCode> {
                 .map_or_else(|| "-".to_owned(), |s| format!("{s:.3}")),
             r["dateCompleted"]
                 .as_str()
-                .map_or("-", |d| d.get(..19).unwrap_or(d)),
-            r["jobName"].as_str().unwrap_or("-"),
-        );
+                .map_or("-", |d| d.get(..19).unwrap_or(d))
+                .replace('T', " "),
+            r["jobName"].as_str().unwrap_or("-").to_owned(),
+        ]);
     }
+    crate::console::print_table(&t);
     eprintln!("{} result(s)", resp["count"]);
     Ok(ExitCode::SUCCESS)
 }
