@@ -7,7 +7,8 @@
 //!   `output` (bounded previews, whole outputs streamed), `changes` (the
 //!   feed), `sync` (consumer cursors, the events relay),
 //!   `ops` (`/livez`, `/readyz`, OpenAPI), `metrics`, `dashboard` (the
-//!   browser page), `auth` (Bearer keys), `ratelimit` (per-key token
+//!   browser page), `auth` (Bearer keys), `path` (path ids as text, so a
+//!   malformed one is the handler's 404), `ratelimit` (per-key token
 //!   buckets), `error` (the one error type that owns status codes),
 //!   `server` (the accept loop: connection cap, header and idle timeouts).
 //!
@@ -23,6 +24,7 @@ mod metrics;
 mod nodes;
 mod ops;
 mod output;
+mod path;
 mod ratelimit;
 mod server;
 mod state;
