@@ -584,6 +584,37 @@ pub async fn create(pool: &PgPool, request: TaskRequest, user: &str) -> Result<T
     Ok(task)
 }
 
+/// How often a task write runs at most when Postgres keeps choosing it to
+/// break a deadlock (see [`retry_deadlock`]).
+const WRITE_TRIES: usize = 3;
+
+/// Runs a task write again when Postgres aborted it to break a deadlock
+/// (SQLSTATE 40P01), at most [`WRITE_TRIES`] times in all. Workers,
+/// schedulers and run-now lock a task's rows too, each in its own order (a
+/// run's job row or the task's schedule row, then the task row through the
+/// foreign key of the job or history row they write); deleting a task needs
+/// all of them. Postgres breaks such a cycle after `deadlock_timeout` by
+/// aborting one transaction; when it is this one, it runs again once the
+/// other is through, instead of failing the request.
+async fn retry_deadlock<T, F, Fut>(mut write: F) -> Result<T, TaskError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, TaskError>>,
+{
+    let mut tries = 1;
+    loop {
+        match write().await {
+            Err(TaskError::Db(sqlx::Error::Database(e)))
+                if e.code().as_deref() == Some("40P01") && tries < WRITE_TRIES =>
+            {
+                tracing::info!(error = %e, tries, "task write chosen to break a deadlock; trying again");
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Changes the fields a request names.
 pub async fn update(
     pool: &PgPool,
@@ -591,9 +622,20 @@ pub async fn update(
     request: TaskRequest,
     user: &str,
 ) -> Result<Task, TaskError> {
+    retry_deadlock(|| update_once(pool, task_id, request.clone(), user)).await
+}
+
+async fn update_once(
+    pool: &PgPool,
+    task_id: Uuid,
+    request: TaskRequest,
+    user: &str,
+) -> Result<Task, TaskError> {
     let mut tx = pool.begin().await?;
+    // NO KEY UPDATE: the runs recorded meanwhile only need the row to stay
+    // (their foreign keys take KEY SHARE), so neither waits for the other.
     let mut task: Task = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {TASK_COLUMNS} FROM tasks WHERE task_id = $1 FOR UPDATE"
+        "SELECT {TASK_COLUMNS} FROM tasks WHERE task_id = $1 FOR NO KEY UPDATE"
     )))
     .bind(task_id)
     .fetch_optional(&mut *tx)
@@ -632,6 +674,10 @@ pub async fn update(
 
 /// Deletes a task (its schedule row goes with it; its jobs stay).
 pub async fn delete(pool: &PgPool, task_id: Uuid, user: &str) -> Result<(), TaskError> {
+    retry_deadlock(|| delete_once(pool, task_id, user)).await
+}
+
+async fn delete_once(pool: &PgPool, task_id: Uuid, user: &str) -> Result<(), TaskError> {
     let mut tx = pool.begin().await?;
     let old_schedule = row_json(&mut tx, "task_schedule", task_id).await?;
     let old: Option<Value> =
