@@ -584,7 +584,7 @@ struct StoredSpec {
 pub(crate) async fn rerun(
     State(state): State<AppState>,
     caller: Caller,
-    axum::extract::Path(raw): axum::extract::Path<String>,
+    crate::path::RawPath(raw): crate::path::RawPath<String>,
 ) -> Result<(axum::http::StatusCode, Json<Value>), ApiError> {
     let original: Uuid = raw.parse().map_err(|_| ApiError::NotFound("job"))?;
     let stored: Option<StoredSpec> = sqlx::query_as(

@@ -2,7 +2,7 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use chrono::{DateTime, Utc};
@@ -25,6 +25,7 @@ use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::output::{PREVIEW_COLUMNS, PreviewColumns, Previews};
+use crate::path::RawPath;
 use crate::state::AppState;
 
 /// Longest `Idempotency-Key` accepted.
@@ -470,7 +471,7 @@ fn parse_job_id(raw: &str) -> Result<Uuid, ApiError> {
 pub(crate) async fn get_one(
     State(state): State<AppState>,
     caller: Caller,
-    Path(raw): Path<String>,
+    RawPath(raw): RawPath<String>,
 ) -> Result<Json<JobView>, ApiError> {
     let job_id = parse_job_id(&raw)?;
     Ok(Json(load_visible(&state, &caller, job_id).await?))
@@ -494,7 +495,7 @@ pub(crate) async fn delete_by_query(
 pub(crate) async fn delete_by_path(
     State(state): State<AppState>,
     caller: Caller,
-    Path(raw): Path<String>,
+    RawPath(raw): RawPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     delete_job(&state, &caller, parse_job_id(&raw)?).await
 }
@@ -518,7 +519,7 @@ async fn delete_job(
 pub(crate) async fn cancel(
     State(state): State<AppState>,
     caller: Caller,
-    Path(raw): Path<String>,
+    RawPath(raw): RawPath<String>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let job_id = parse_job_id(&raw)?;
     // Visibility first, so another user's job answers 404.

@@ -8,9 +8,10 @@
 //!   feed), `live` (job and node changes pushed as Server-Sent Events),
 //!   `sync` (consumer cursors, the events relay), `ops` (`/livez`,
 //!   `/readyz`, OpenAPI), `metrics`, `dashboard` (the browser page),
-//!   `auth` (Bearer keys), `ratelimit` (per-key token buckets), `error`
-//!   (the one error type that owns status codes), `server` (the accept
-//!   loop: connection cap, header and idle timeouts).
+//!   `auth` (Bearer keys), `path` (path ids as text, so a malformed one is
+//!   the handler's 404), `ratelimit` (per-key token buckets), `error` (the
+//!   one error type that owns status codes), `server` (the accept loop:
+//!   connection cap, header and idle timeouts).
 //!
 //! The api never executes commands and never consumes work queues.
 
@@ -26,6 +27,7 @@ mod metrics;
 mod nodes;
 mod ops;
 mod output;
+mod path;
 mod ratelimit;
 mod server;
 mod state;

@@ -1,7 +1,7 @@
 //! `/api/v1/nodes`: the node registry.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::path::RawPath;
 use crate::state::AppState;
 
 /// A node as the API shows it.
@@ -58,7 +59,7 @@ pub(crate) async fn list(
 pub(crate) async fn get_one(
     State(state): State<AppState>,
     _caller: Caller,
-    Path(raw): Path<String>,
+    RawPath(raw): RawPath<String>,
 ) -> Result<Json<NodeView>, ApiError> {
     let node_id: Uuid = raw.parse().map_err(|_| ApiError::NotFound("node"))?;
     let node: Option<NodeView> = sqlx::query_as(sqlx::AssertSqlSafe(format!(

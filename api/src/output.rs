@@ -24,7 +24,7 @@
 use std::io::{Read, Write};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use flate2::bufread::GzDecoder;
@@ -34,6 +34,7 @@ use uuid::Uuid;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::path::RawPath;
 use crate::state::AppState;
 
 /// Most bytes of text in one preview (`output` or `error` of a list entry).
@@ -230,7 +231,7 @@ pub(crate) struct JobOutputQuery {
 pub(crate) async fn job_output(
     State(state): State<AppState>,
     caller: Caller,
-    Path(raw): Path<String>,
+    RawPath(raw): RawPath<String>,
     query: Result<Query<JobOutputQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
@@ -409,7 +410,7 @@ fn follow_response(pool: PgPool, job_id: Uuid, stream: Stream) -> Response {
 pub(crate) async fn history_output(
     State(state): State<AppState>,
     _caller: Caller,
-    Path((raw_task, raw_history)): Path<(String, String)>,
+    RawPath((raw_task, raw_history)): RawPath<(String, String)>,
     query: Result<Query<OutputQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;

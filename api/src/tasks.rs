@@ -4,7 +4,7 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -17,6 +17,7 @@ use uuid::Uuid;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::jobs::parse_json;
+use crate::path::RawPath;
 use crate::state::AppState;
 
 const WRITERS: &[Role] = &[Role::TaskManager, Role::SystemAdmin, Role::SiteAdmin];
@@ -98,7 +99,7 @@ pub(crate) async fn create(
 pub(crate) async fn get_one(
     State(state): State<AppState>,
     _caller: Caller,
-    Path(raw): Path<String>,
+    RawPath(raw): RawPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let task = tasks::get(&state.pool, task_id(&raw)?)
         .await?
@@ -109,7 +110,7 @@ pub(crate) async fn get_one(
 pub(crate) async fn update(
     State(state): State<AppState>,
     caller: Caller,
-    Path(raw): Path<String>,
+    RawPath(raw): RawPath<String>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let id = task_id(&raw)?;
@@ -131,7 +132,7 @@ pub(crate) async fn update(
 pub(crate) async fn delete(
     State(state): State<AppState>,
     caller: Caller,
-    Path(raw): Path<String>,
+    RawPath(raw): RawPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = task_id(&raw)?;
     caller.require_any(WRITERS, "deleting tasks")?;
@@ -148,7 +149,7 @@ pub(crate) async fn delete(
 pub(crate) async fn schedule(
     State(state): State<AppState>,
     _caller: Caller,
-    Path(raw): Path<String>,
+    RawPath(raw): RawPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let s = tasks::schedule_state(&state.pool, task_id(&raw)?)
         .await?
@@ -195,7 +196,7 @@ struct HistoryEntry {
 pub(crate) async fn history(
     State(state): State<AppState>,
     _caller: Caller,
-    Path(raw): Path<String>,
+    RawPath(raw): RawPath<String>,
     query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let id = task_id(&raw)?;
@@ -241,7 +242,7 @@ pub(crate) async fn history(
 pub(crate) async fn run_now(
     State(state): State<AppState>,
     caller: Caller,
-    Path(raw): Path<String>,
+    RawPath(raw): RawPath<String>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let task = tasks::get(&state.pool, task_id(&raw)?)
         .await?

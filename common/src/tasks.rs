@@ -701,6 +701,37 @@ pub async fn create_with(
     Ok(task)
 }
 
+/// How often a task write runs at most when Postgres keeps choosing it to
+/// break a deadlock (see [`retry_deadlock`]).
+const WRITE_TRIES: usize = 3;
+
+/// Runs a task write again when Postgres aborted it to break a deadlock
+/// (SQLSTATE 40P01), at most [`WRITE_TRIES`] times in all. Workers,
+/// schedulers and run-now lock a task's rows too, each in its own order (a
+/// run's job row or the task's schedule row, then the task row through the
+/// foreign key of the job or history row they write); deleting a task needs
+/// all of them. Postgres breaks such a cycle after `deadlock_timeout` by
+/// aborting one transaction; when it is this one, it runs again once the
+/// other is through, instead of failing the request.
+async fn retry_deadlock<T, F, Fut>(mut write: F) -> Result<T, TaskError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, TaskError>>,
+{
+    let mut tries = 1;
+    loop {
+        match write().await {
+            Err(TaskError::Db(sqlx::Error::Database(e)))
+                if e.code().as_deref() == Some("40P01") && tries < WRITE_TRIES =>
+            {
+                tracing::info!(error = %e, tries, "task write chosen to break a deadlock; trying again");
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Changes the fields a request names (no `secrets.key`: a request with
 /// secret values is refused).
 pub async fn update(
@@ -720,9 +751,21 @@ pub async fn update_with(
     user: &str,
     key: Option<&SecretKey>,
 ) -> Result<Task, TaskError> {
+    retry_deadlock(|| update_once(pool, task_id, request.clone(), user, key)).await
+}
+
+async fn update_once(
+    pool: &PgPool,
+    task_id: Uuid,
+    request: TaskRequest,
+    user: &str,
+    key: Option<&SecretKey>,
+) -> Result<Task, TaskError> {
     let mut tx = pool.begin().await?;
+    // NO KEY UPDATE: the runs recorded meanwhile only need the row to stay
+    // (their foreign keys take KEY SHARE), so neither waits for the other.
     let mut task: Task = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {TASK_COLUMNS} FROM tasks WHERE task_id = $1 FOR UPDATE"
+        "SELECT {TASK_COLUMNS} FROM tasks WHERE task_id = $1 FOR NO KEY UPDATE"
     )))
     .bind(task_id)
     .fetch_optional(&mut *tx)
@@ -761,6 +804,10 @@ pub async fn update_with(
 
 /// Deletes a task (its schedule row goes with it; its jobs stay).
 pub async fn delete(pool: &PgPool, task_id: Uuid, user: &str) -> Result<(), TaskError> {
+    retry_deadlock(|| delete_once(pool, task_id, user)).await
+}
+
+async fn delete_once(pool: &PgPool, task_id: Uuid, user: &str) -> Result<(), TaskError> {
     let mut tx = pool.begin().await?;
     let old_schedule = row_json(&mut tx, "task_schedule", task_id).await?;
     let old: Option<Value> =

@@ -1,7 +1,9 @@
 //! Edges of the HTTP API found while documenting it: errors produced by the
 //! framework get the JSON error body, a fan-out submission with an
 //! Idempotency-Key is accepted once, idempotency ignores JSON formatting, and
-//! a cancelled task run keeps its task.
+//! a cancelled task run keeps its task. Found by fuzzing it
+//! (`scripts/fuzz-api`): an id that is not UTF-8 once percent-decoded is a
+//! malformed id like any other (404, not the framework's 400).
 
 use std::time::Duration;
 
@@ -18,6 +20,53 @@ async fn wrong_method_gets_the_json_error_body() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["success"], false);
     assert_eq!(body["error"]["code"], "method_not_allowed");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_that_is_not_utf8_answers_404_like_any_malformed_id() {
+    let mut env = TestEnv::new().await;
+    let api = env.start_api().await;
+    let key = env
+        .key(
+            "alice",
+            &[Role::TaskManager, Role::SystemAdmin, Role::Debug],
+        )
+        .await;
+    let task = "00000000-0000-7000-8000-000000000001";
+    let routes = [
+        ("GET", "/jobs/%FF".to_owned()),
+        ("DELETE", "/jobs/%FF".to_owned()),
+        ("POST", "/jobs/%FF/cancel".to_owned()),
+        ("GET", "/jobs/%C3%28/output".to_owned()),
+        ("GET", "/nodes/%FF".to_owned()),
+        ("GET", "/tasks/%FF".to_owned()),
+        ("PUT", "/tasks/%FF".to_owned()),
+        ("DELETE", "/tasks/%FF".to_owned()),
+        ("GET", "/tasks/%FF/history".to_owned()),
+        ("GET", "/tasks/%FF/schedule".to_owned()),
+        ("POST", "/tasks/%FF/run".to_owned()),
+        ("GET", "/tasks/%FF/history/1/output".to_owned()),
+        ("GET", format!("/tasks/{task}/history/%FF/output")),
+    ];
+    for (method, path) in routes {
+        let resp = api
+            .http
+            .request(method.parse().unwrap(), api.v1(&path))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(status, 404, "{method} {path}: {body}");
+        assert_eq!(
+            body["error"]["code"], "not_found",
+            "{method} {path}: {body}"
+        );
+    }
     env.cleanup().await;
 }
 

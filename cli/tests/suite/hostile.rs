@@ -2,7 +2,9 @@
 //! test failed before its fix. NUL characters anywhere, poison queue
 //! messages, a message id that is another user's job, a cursor beyond the
 //! feed's head, run-now racing a delete, an inline task changed without
-//! `debug`, contract slips, and Postgres going away under the api.
+//! `debug`, contract slips, Postgres going away under the api, and (found
+//! by `scripts/fuzz-api`) a task changed or deleted while a worker records
+//! one of its runs.
 
 use std::time::{Duration, Instant};
 
@@ -235,6 +237,93 @@ async fn run_now_on_a_task_deleted_meanwhile_is_404_and_inline_tasks_stay_debugs
     )
     .await;
     assert_eq!(status, 404, "{answer}");
+    env.cleanup().await;
+}
+
+/// Sends `method path` while another transaction holds the task's schedule
+/// row, as a worker recording one of the task's runs does, and once the
+/// request waits, takes what that worker takes next: KEY SHARE on the task
+/// row (the foreign key of the history row it inserts). Returns the answer.
+async fn write_while_a_run_is_recorded(
+    env: &TestEnv,
+    api: &taskhost_testkit::Api,
+    key: &str,
+    method: Method,
+    task: &str,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let task_id: Uuid = task.parse().expect("task id");
+    let mut worker = env.pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM task_schedule WHERE task_id = $1 FOR UPDATE")
+        .bind(task_id)
+        .execute(&mut *worker)
+        .await
+        .expect("lock the schedule row");
+    let path = format!("/tasks/{task}");
+    let request = call(api, method, key, &path, body);
+    let waiting = async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let waiters: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&env.pool)
+            .await
+            .expect("pg_stat_activity");
+            if waiters > 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the request never waited for the row"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        sqlx::query("SELECT 1 FROM tasks WHERE task_id = $1 FOR KEY SHARE")
+            .bind(task_id)
+            .execute(&mut *worker)
+            .await
+            .expect("key share on the task row");
+        worker.commit().await.expect("commit");
+    };
+    let (answer, ()) = tokio::join!(request, waiting);
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_changed_or_deleted_while_a_run_is_recorded_is_not_a_500() {
+    let mut env = TestEnv::new().await;
+    let api = env.start_api().await;
+    let manager = env.key("mia", &[Role::TaskManager]).await;
+    let create = |name: &str| json!({"taskName": name, "command": "true", "schedule": "@yearly"});
+    let mut ids = Vec::new();
+    for name in ["changed", "deleted"] {
+        let (status, created) =
+            call(&api, Method::POST, &manager, "/tasks", Some(&create(name))).await;
+        assert_eq!(status, 201, "{created}");
+        ids.push(created["taskId"].as_str().expect("taskId").to_owned());
+    }
+    // Changing the schedule locks the task row, then its schedule row.
+    let change = json!({"enabled": false});
+    let (status, answer) =
+        write_while_a_run_is_recorded(&env, &api, &manager, Method::PUT, &ids[0], Some(&change))
+            .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["enabled"], false, "{answer}");
+    // Deleting it locks the task row, then (cascading) its schedule row.
+    let (status, answer) =
+        write_while_a_run_is_recorded(&env, &api, &manager, Method::DELETE, &ids[1], None).await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, _) = call(
+        &api,
+        Method::GET,
+        &manager,
+        &format!("/tasks/{}", ids[1]),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404, "the deleted task is gone");
     env.cleanup().await;
 }
 

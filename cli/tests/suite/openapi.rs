@@ -2,7 +2,10 @@
 //! route of `api/src/lib.rs` is documented with its methods, the submit body
 //! schema lists exactly the fields `SubmitRequest` accepts, and `/docs`
 //! serves the page that renders it. When a route or the submit body changes,
-//! this fails until `api/openapi.json` is updated too.
+//! this fails until `api/openapi.json` is updated too. It also holds the
+//! document to what `scripts/fuzz-api` (schemathesis) found missing: every
+//! operation that reads a body documents 400, 413 and 422, every one with a
+//! path id documents 404, and the error codes are every code the api answers.
 
 use std::collections::BTreeSet;
 
@@ -56,6 +59,22 @@ const SUBMIT_FIELDS: &[&str] = &[
     "env",
     "secretEnv",
     "limits",
+];
+
+/// Every `error.code` the api answers (`api/src/error.rs`, and the 405 of
+/// `json_errors` in `api/src/lib.rs`).
+const ERROR_CODES: &[&str] = &[
+    "bad_request",
+    "invalid",
+    "unauthorized",
+    "forbidden",
+    "not_found",
+    "method_not_allowed",
+    "conflict",
+    "too_large",
+    "rate_limited",
+    "unavailable",
+    "internal",
 ];
 
 const HTTP_METHODS: &[&str] = &[
@@ -141,6 +160,20 @@ async fn openapi_document_matches_the_router() {
             if op["responses"].as_object().is_none_or(|r| r.is_empty()) {
                 problems.push(format!("{m} {path}: no responses"));
             }
+            // A body can be not JSON (400), too large (413) or wrong (422);
+            // a path id can name nothing (404).
+            let mut needed = Vec::new();
+            if op.get("requestBody").is_some() {
+                needed.extend(["400", "413", "422"]);
+            }
+            if path.contains('{') {
+                needed.push("404");
+            }
+            for status in needed {
+                if op["responses"].get(status).is_none() {
+                    problems.push(format!("{m} {path}: answers {status}, not documented"));
+                }
+            }
             // Only /api/v1 needs a key.
             let security = op.get("security").unwrap_or(&doc["security"]);
             let secured = security.as_array().is_some_and(|s| !s.is_empty());
@@ -157,6 +190,16 @@ async fn openapi_document_matches_the_router() {
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+
+    // The error codes: exactly those the api answers.
+    let codes: BTreeSet<&str> =
+        doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"]
+            .as_array()
+            .expect("error code enum")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+    assert_eq!(codes, ERROR_CODES.iter().copied().collect::<BTreeSet<_>>());
 
     // operationIds are unique.
     let mut ids = BTreeSet::new();
