@@ -247,7 +247,12 @@ pub(crate) async fn job_output(
         if visible.is_none() {
             return Err(ApiError::NotFound("job"));
         }
-        return Ok(follow_response(state.pool.clone(), job_id, q.stream));
+        return Ok(follow_response(
+            state.pool.clone(),
+            state.streams.clone(),
+            job_id,
+            q.stream,
+        ));
     }
     let row: Option<(Option<i64>, Option<i64>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT h.history_id, octet_length(h.{col})::int8
@@ -279,6 +284,9 @@ const FOLLOW_POLL: std::time::Duration = std::time::Duration::from_millis(500);
 /// Where a follower stands.
 struct Following {
     pool: PgPool,
+    /// Cancelled when the api shuts down: the follow ends (the client sees
+    /// the response end before the job did and may follow again).
+    stop: taskhost_common::CancellationToken,
     job_id: Uuid,
     stream: Stream,
     /// The attempt whose output is being sent, and how much of it was sent.
@@ -351,7 +359,13 @@ impl Following {
                     return Ok(Some(Bytes::from(piece)));
                 }
             }
-            tokio::time::sleep(FOLLOW_POLL).await;
+            tokio::select! {
+                () = tokio::time::sleep(FOLLOW_POLL) => {}
+                () = self.stop.cancelled() => {
+                    self.done = true;
+                    return Ok(None);
+                }
+            }
         }
     }
 
@@ -374,9 +388,15 @@ impl Following {
 }
 
 /// A chunked `text/plain` answer that follows a job's output until it ends.
-fn follow_response(pool: PgPool, job_id: Uuid, stream: Stream) -> Response {
+fn follow_response(
+    pool: PgPool,
+    stop: taskhost_common::CancellationToken,
+    job_id: Uuid,
+    stream: Stream,
+) -> Response {
     let state = Following {
         pool,
+        stop,
         job_id,
         stream,
         attempt: None,
