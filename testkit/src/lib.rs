@@ -353,6 +353,28 @@ impl TestEnv {
         }
     }
 
+    /// Waits (30 s at most) until the job is `running` with its claim held
+    /// by `node`.
+    pub async fn wait_running_on(&self, job_id: Uuid, node: Uuid) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, by): (String, Option<Uuid>) =
+                sqlx::query_as("SELECT status, claimed_by FROM jobs WHERE job_id = $1")
+                    .bind(job_id)
+                    .fetch_one(&self.pool)
+                    .await
+                    .expect("job");
+            if status == "running" && by == Some(node) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {job_id} never ran on node {node}: {status} {by:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Terminal history rows of a job.
     pub async fn final_history_rows(&self, job_id: Uuid) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM task_history WHERE job_id = $1 AND is_final")

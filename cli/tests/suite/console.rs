@@ -10,6 +10,8 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use taskhost_common::model::Role;
 use taskhost_testkit::{Api, TestEnv, call, get, job_id, submit};
+
+use crate::tasks::taskhost;
 use uuid::Uuid;
 
 async fn run(env: &TestEnv, api: &Api, key: &str, name: &str, command: &str) -> Uuid {
@@ -484,22 +486,6 @@ async fn a_running_jobs_output_is_followed_live_until_it_ends() {
         .expect("text");
     assert_eq!(whole, "oops\n");
     env.cleanup().await;
-}
-
-async fn taskhost(args: &[&str]) -> (i32, String, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskhost"))
-        .args(args)
-        .env_remove("TASKHOST_URL")
-        .env_remove("TASKHOST_API_KEY")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .expect("run taskhost");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

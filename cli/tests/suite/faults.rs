@@ -17,26 +17,6 @@ use uuid::Uuid;
 
 const BIN: &str = env!("CARGO_BIN_EXE_taskhost");
 
-async fn running_on(env: &TestEnv, id: Uuid, node: Uuid) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (status, by): (String, Option<Uuid>) =
-            sqlx::query_as("SELECT status, claimed_by FROM jobs WHERE job_id = $1")
-                .bind(id)
-                .fetch_one(&env.pool)
-                .await
-                .expect("job");
-        if status == "running" && by == Some(node) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never ran on the node: {status} {by:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_stopped_with_sigterm_mid_job_finishes_it_and_leaves() {
     let mut env = TestEnv::new().await;
@@ -55,7 +35,7 @@ async fn a_worker_stopped_with_sigterm_mid_job_finishes_it_and_leaves() {
     .await;
     assert_eq!(status, 202, "{body}");
     let id = job_id(&body);
-    running_on(&env, id, node).await;
+    env.wait_running_on(id, node).await;
     worker.signal(Signal::SIGTERM);
     let mut worker = worker;
     let exit = tokio::task::spawn_blocking(move || {
@@ -102,7 +82,7 @@ async fn a_worker_frozen_past_its_lease_is_fenced_when_it_wakes() {
     .await;
     assert_eq!(status, 202, "{body}");
     let id = job_id(&body);
-    running_on(&env, id, frozen_node).await;
+    env.wait_running_on(id, frozen_node).await;
     // Frozen past its lease (3 s in the tests): the reaper requeues the
     // job, and another worker runs it.
     frozen.signal(Signal::SIGSTOP);
@@ -207,7 +187,7 @@ async fn the_broker_closing_one_workers_connection_loses_nothing() {
         assert_eq!(status, 202, "{body}");
         ids.push(job_id(&body));
     }
-    running_on(&env, ids[0], node).await;
+    env.wait_running_on(ids[0], node).await;
     let name = broker_connection(&format!("taskhost-worker@{node_name}"))
         .expect("the worker's connection is listed");
     let out = std::process::Command::new("rabbitmqctl")
@@ -261,7 +241,7 @@ async fn a_worker_cut_off_from_the_broker_by_a_partition_loses_nothing() {
         assert_eq!(status, 202, "{body}");
         ids.push(job_id(&body));
     }
-    running_on(&env, ids[0], cut_node).await;
+    env.wait_running_on(ids[0], cut_node).await;
     // The partition: the cut-off worker still reaches Postgres, so it
     // finishes and records what it runs, but its acks and heartbeats are
     // lost; the broker gives its unacked deliveries to the other worker,

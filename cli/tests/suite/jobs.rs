@@ -1036,23 +1036,7 @@ async fn job_of_a_killed_worker_is_finished_by_another() {
         json!({"jobName": "survivor", "command": "sleep 3; echo done"}),
     )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (status, by): (String, Option<Uuid>) =
-            sqlx::query_as("SELECT status, claimed_by FROM jobs WHERE job_id = $1")
-                .bind(id)
-                .fetch_one(&env.pool)
-                .await
-                .expect("job");
-        if status == "running" && by == Some(victim_id) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the victim never ran the job: {status} {by:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    env.wait_running_on(id, victim_id).await;
     victim.0.kill().expect("SIGKILL the victim");
     victim.0.wait().expect("reap the victim");
 

@@ -1617,7 +1617,9 @@ async fn retention_prunes_old_rows_by_outcome() {
 
 // ------------------------------------------------------------------ 10. CLI
 
-async fn taskhost(args: &[&str]) -> (i32, String, String) {
+/// Runs the `taskhost` binary without the caller's URL and key variables;
+/// returns `(exit code, stdout, stderr)`. (Also used by `console`.)
+pub(crate) async fn taskhost(args: &[&str]) -> (i32, String, String) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskhost"))
         .args(args)
         .env_remove("TASKHOST_URL")
