@@ -32,10 +32,13 @@ impl FromRequestParts<AppState> for Caller {
             .authenticate(&state.pool, key)
             .await?
             .ok_or(ApiError::Unauthorized)?;
+        if let Some(note) = parts.extensions.get::<crate::metrics::AccessNote>() {
+            note.key(principal.key_id);
+        }
         if let Some(key_id) = principal.key_id
             && let Err(wait) = state.limiter.check(key_id)
         {
-            state.metrics.rate_limited();
+            crate::metrics::rate_limited();
             return Err(ApiError::RateLimited(wait));
         }
         Ok(Caller(principal))

@@ -23,7 +23,6 @@ use uuid::Uuid;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::metrics::Metrics;
 use crate::output::{PREVIEW_COLUMNS, PreviewColumns, Previews};
 use crate::path::RawPath;
 use crate::state::AppState;
@@ -70,9 +69,10 @@ pub(crate) async fn submit(
     body: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
     let result = submit_inner(&state, &caller, &headers, &body).await;
-    match &result {
-        Ok(_) => Metrics::add(&state.metrics.jobs_submitted, 1),
-        Err(_) => Metrics::add(&state.metrics.jobs_rejected, 1),
+    // Accepted jobs are counted where they commit (the store), with the
+    // scheduler's and the ingress's.
+    if result.is_err() {
+        crate::metrics::rejected();
     }
     result
 }
@@ -224,17 +224,14 @@ pub(crate) async fn dispatch(
     // The job is committed: answer now, and publish in the background with
     // whatever else was accepted meanwhile. What the broker does not
     // confirm stays in the outbox for the relay.
-    let (batcher, metrics) = (state.batcher.clone(), state.metrics.clone());
+    let batcher = state.batcher.clone();
     let (rows, user, count) = (outbox.to_vec(), user.to_owned(), outbox.len());
     tokio::spawn(async move {
         match batcher.publish(rows, &user).await {
-            Ok(n) => {
-                Metrics::add(&metrics.jobs_published, n as u64);
-                Metrics::add(&metrics.publish_failures, (count - n) as u64);
-            }
+            Ok(n) => crate::metrics::published(n, count - n),
             Err(error) => {
                 tracing::warn!(%error, "marking published jobs failed; the relay will finish them");
-                Metrics::add(&metrics.publish_failures, count as u64);
+                crate::metrics::published(0, count);
             }
         }
     });

@@ -47,7 +47,6 @@ use taskhost_common::{CancellationToken, Settings, db, startup};
 use tokio::net::TcpListener;
 
 pub use error::ApiError;
-pub use metrics::Metrics;
 pub use state::AppState;
 
 /// The longest a request may take in the router (then 503); shutdown waits
@@ -57,6 +56,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Builds the state from settings (connections are opened lazily). Call it
 /// inside the Tokio runtime: it starts the publish batcher.
 pub fn state(settings: &Settings) -> anyhow::Result<AppState> {
+    metrics::register();
     let pool = db::pool(&settings.database).context("database.url")?;
     let publisher = Arc::new(Publisher::new(
         &settings.amqp,
@@ -79,7 +79,6 @@ pub fn state(settings: &Settings) -> anyhow::Result<AppState> {
         pool,
         publisher,
         settings: Arc::new(settings.clone()),
-        metrics: Arc::new(Metrics::default()),
         watermark: Arc::new(taskhost_common::sync::Watermark::new()),
         limiter: Arc::new(ratelimit::RateLimiter::new(
             settings.api.rate_limit_per_sec,
@@ -128,7 +127,8 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             health::guard,
-        ));
+        ))
+        .route_layer(axum::middleware::from_fn(metrics::note_route));
     Router::new()
         .nest("/api/v1", v1)
         .route("/livez", get(ops::livez))
@@ -138,6 +138,7 @@ pub fn router(state: AppState) -> Router {
         .route("/docs", get(ops::docs))
         .route("/dashboard", get(dashboard::page))
         .route("/", get(dashboard::root))
+        .route_layer(axum::middleware::from_fn(metrics::note_route))
         .fallback(|| async { ApiError::NotFound("route") })
         .layer(axum::middleware::from_fn(refuse_nul_in_url))
         .layer(DefaultBodyLimit::max(max_body))
@@ -150,6 +151,8 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::map_response(move |r| async move {
             json_errors(r, max_body)
         }))
+        // Outside even that: the access log sees the final status.
+        .layer(axum::middleware::from_fn(metrics::access_log))
         .with_state(state)
 }
 

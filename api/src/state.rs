@@ -8,7 +8,6 @@ use taskhost_common::amqp::Publisher;
 
 use taskhost_common::sync::Watermark;
 
-use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 
 /// Everything a handler needs; cheap to clone.
@@ -20,8 +19,6 @@ pub struct AppState {
     pub publisher: Arc<Publisher>,
     /// Settings.
     pub settings: Arc<Settings>,
-    /// Counters for `/metrics`.
-    pub metrics: Arc<Metrics>,
     /// The change feed's safe head.
     pub watermark: Arc<Watermark>,
     /// Per-key request budget.

@@ -46,6 +46,12 @@ pub(crate) async fn standalone(settings: Settings) -> anyhow::Result<ExitCode> {
         "schema ready"
     );
     startup::reach_broker(&settings.amqp, "taskhost-standalone start-up check").await?;
+    // One process, one metrics registry: the api's `/metrics`, `/livez` and
+    // `/readyz` cover the worker and the scheduler, which serve no port of
+    // their own here.
+    let mut settings = settings;
+    settings.worker.metrics_bind = "off".to_owned();
+    settings.scheduler.metrics_bind = "off".to_owned();
     let mut services = tokio::task::JoinSet::new();
     services.spawn(taskhost_api::run_on(
         listener,

@@ -710,7 +710,14 @@ pub async fn requeue(delivery: &lapin::message::Delivery) {
 /// queue's own dead-letter exchange takes it (without the reason).
 pub async fn dead_letter(publisher: &Publisher, delivery: &lapin::message::Delivery, reason: &str) {
     use lapin::options::{BasicAckOptions, BasicNackOptions};
-    tracing::warn!(reason, routing_key = %delivery.routing_key, "message dead-lettered");
+    // The queue it came from by its exchange's logical name (`work`,
+    // `submit`): a bounded label.
+    let source = match delivery.exchange.as_str().rsplit('.').next() {
+        Some("submit") => "submit",
+        _ => "work",
+    };
+    metrics::counter!("taskhost_dead_letters_total", "queue" => source).increment(1);
+    tracing::warn!(reason, queue = source, routing_key = %delivery.routing_key, "message dead-lettered");
     let props = &delivery.properties;
     let msg = Outgoing {
         exchange: "dead".into(),
@@ -750,6 +757,7 @@ pub async fn dead_letter(publisher: &Publisher, delivery: &lapin::message::Deliv
 /// scheduler's ingress, so both recover from a broker restart alike.
 pub async fn supervise<F, Fut>(
     what: &str,
+    component: &'static str,
     url: &str,
     shutdown: &tokio_util::sync::CancellationToken,
     mut connection: F,
@@ -767,6 +775,8 @@ pub async fn supervise<F, Fut>(
                 if connected_at.elapsed() > Duration::from_secs(30) {
                     backoff = Duration::from_millis(200);
                 }
+                metrics::counter!("taskhost_broker_reconnects_total", "component" => component)
+                    .increment(1);
                 tracing::warn!(%error, %endpoint, retry_in_ms = backoff.as_millis() as u64, "{what} lost its broker connection; reconnecting");
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}

@@ -226,6 +226,10 @@ pub struct WorkerSettings {
     /// Where each run gets its own working directory (removed afterwards);
     /// empty: `$TMPDIR/taskhost-jobs`.
     pub work_dir: String,
+    /// Where `taskhost worker` serves `/livez`, `/readyz` and `/metrics`
+    /// (`host:port`), or `off`. Not used by `taskhost standalone`, whose
+    /// api serves the whole process's metrics.
+    pub metrics_bind: String,
 }
 
 /// Scheduler settings.
@@ -248,6 +252,9 @@ pub struct SchedulerSettings {
     pub tick_ms: u64,
     /// A fire time older than this many seconds counts as missed (misfire).
     pub misfire_grace_secs: u64,
+    /// Where `taskhost scheduler` serves `/livez`, `/readyz` and `/metrics`
+    /// (`host:port`), or `off`. Not used by `taskhost standalone`.
+    pub metrics_bind: String,
 }
 
 /// Log output settings.
@@ -327,12 +334,14 @@ impl Settings {
             .set_default("worker.job_max_files", 4096)?
             .set_default("worker.job_max_processes", 4096)?
             .set_default("worker.work_dir", "")?
+            .set_default("worker.metrics_bind", "0.0.0.0:9464")?
             .set_default("scheduler.relay_interval_ms", 500)?
             .set_default("scheduler.relay_grace_ms", 2000)?
             .set_default("scheduler.reaper_interval_secs", 5)?
             .set_default("scheduler.dead_after_missed_heartbeats", 3)?
             .set_default("scheduler.tick_ms", 1000)?
             .set_default("scheduler.misfire_grace_secs", 60)?
+            .set_default("scheduler.metrics_bind", "0.0.0.0:9465")?
             .set_default("retention.success_days", 7)?
             .set_default("retention.failure_days", 30)?
             .set_default("retention.change_days", 30)?

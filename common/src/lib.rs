@@ -2,6 +2,8 @@
 //!
 //! - [`config`]: typed, layered settings (the one way in for configuration).
 //! - [`telemetry`]: structured logs.
+//! - [`metrics`]: Prometheus metrics and the health/metrics server of the
+//!   worker and the scheduler.
 //! - [`db`]: the Postgres pool, embedded migrations, the schema check.
 //! - [`amqp`]: topology names and declaration, the confirming publisher.
 //! - [`messages`]: versioned wire messages.
@@ -29,6 +31,7 @@ pub mod failpoint;
 pub mod jobs;
 pub mod keys;
 pub mod messages;
+pub mod metrics;
 pub mod model;
 pub mod schedule;
 pub mod secrets;

@@ -1013,6 +1013,7 @@ pub async fn run_now(
         }
         notify_scheduler(&mut tx, task.task_id).await?;
         tx.commit().await?;
+        crate::metrics::submitted("manual", 1);
     }
     Ok(accepted)
 }

@@ -35,6 +35,12 @@ pub struct TickReport {
     pub fired_jobs: Vec<Uuid>,
     /// Fire times skipped (misfire policy `skip`, or overlap policy `skip`).
     pub skipped: usize,
+    /// Of `skipped`, those skipped because the previous run was still
+    /// going (overlap policy `skip`).
+    pub overlaps_skipped: usize,
+    /// The fire time of each run created, in `fired_jobs` order of tasks
+    /// (one per fire time, also for a fan-out).
+    pub fire_times: Vec<DateTime<Utc>>,
     /// Tasks whose backlog was missed past the grace (a misfire), each
     /// counted once per pass; recorded in `task_schedule.misfire_count`.
     pub misfires: usize,
@@ -316,6 +322,7 @@ pub async fn tick(
                     }
                     Step::Skip(at, reason) => {
                         report.skipped += 1;
+                        report.overlaps_skipped += usize::from(reason.starts_with("overlap"));
                         tracing::debug!(task_id = %task.task_id, fire_at = %at, reason, "fire time skipped");
                         update.last_state = Some("skipped");
                         if !any {
@@ -349,6 +356,7 @@ pub async fn tick(
         match fired {
             Some(message) => {
                 report.fired_jobs.push(job.job_id);
+                report.fire_times.extend(run.fire_at);
                 report.outbox.push(message);
                 update.runs += 1;
                 update.running = true;
@@ -375,6 +383,7 @@ pub async fn tick(
     let commit = Instant::now();
     tx.commit().await?;
     report.commit = commit.elapsed();
+    record_metrics(&report);
     report.elapsed = started.elapsed();
     if !report.fired_jobs.is_empty() || report.skipped > 0 {
         tracing::info!(
@@ -390,6 +399,21 @@ pub async fn tick(
         );
     }
     Ok(report)
+}
+
+/// Counts a committed pass: runs created with how late each was after
+/// its fire time, misfires and skipped overlaps.
+fn record_metrics(report: &TickReport) {
+    let now = Utc::now();
+    metrics::counter!("taskhost_scheduler_fires_total").increment(report.fire_times.len() as u64);
+    taskhost_common::metrics::submitted("schedule", report.fired_jobs.len());
+    let lateness = metrics::histogram!("taskhost_scheduler_tick_lateness_seconds");
+    for at in &report.fire_times {
+        lateness.record((now - *at).as_seconds_f64().max(0.0));
+    }
+    metrics::counter!("taskhost_scheduler_misfires_total").increment(report.misfires as u64);
+    metrics::counter!("taskhost_scheduler_overlaps_skipped_total")
+        .increment(report.overlaps_skipped as u64);
 }
 
 /// A fan-out (`all`) task: each fire time through `jobs::accept_in` (one
@@ -419,6 +443,7 @@ async fn fire_fanout(
         };
         if let Some(reason) = skip {
             report.skipped += 1;
+            report.overlaps_skipped += usize::from(reason.starts_with("overlap"));
             tracing::debug!(task_id = %task.task_id, fire_at = %at, reason, "fire time skipped");
             update.last_state = Some("skipped");
             if !any {
@@ -467,6 +492,7 @@ async fn fire_fanout(
                     update.last_state = Some("queued");
                 }
                 report.fired_jobs.extend(job_ids);
+                report.fire_times.push(at);
                 report.outbox.extend(outbox);
             }
             // Another scheduler fired this fire time already.

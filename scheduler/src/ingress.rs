@@ -18,6 +18,7 @@ use taskhost_common::amqp::{self, Names, Publisher};
 use taskhost_common::batch::Batcher;
 use taskhost_common::jobs::{self, Accepted, NewJob, PlainJob, PublishBatcher};
 use taskhost_common::messages::JOB_SUBMIT_V1;
+use taskhost_common::metrics::BrokerLink;
 use taskhost_common::model::{JobStatus, SubmitRequest, TriggeredBy};
 use taskhost_common::{CancellationToken, Settings};
 use taskhost_common::{db, keys, text};
@@ -225,14 +226,20 @@ fn failed(error: &str) -> Verdict {
 }
 
 /// Consumes the ingress queue until shutdown, reconnecting after failures.
-pub async fn run(pool: PgPool, settings: &Settings, shutdown: CancellationToken) {
+pub async fn run(
+    pool: PgPool,
+    settings: &Settings,
+    broker: Arc<BrokerLink>,
+    shutdown: CancellationToken,
+) {
     let names = Names::new(settings.amqp.prefix.clone());
     let ing = Arc::new(Ingress::new(pool, settings));
     amqp::supervise(
         "the ingress consumer",
+        "scheduler",
         &settings.amqp.url,
         &shutdown,
-        || consume(&ing, settings, &names, &shutdown),
+        || consume(&ing, settings, &names, &broker, &shutdown),
     )
     .await;
     ing.publisher.close().await;
@@ -242,6 +249,7 @@ async fn consume(
     ing: &Arc<Ingress>,
     settings: &Settings,
     names: &Names,
+    broker: &Arc<BrokerLink>,
     shutdown: &CancellationToken,
 ) -> Result<(), lapin::Error> {
     let conn = amqp::connect(&settings.amqp, "taskhost-scheduler-ingress").await?;
@@ -259,6 +267,7 @@ async fn consume(
         )
         .await?;
     tracing::info!(queue = %names.submit(), "ingress consuming");
+    let _up = broker.connected();
     loop {
         let delivery = tokio::select! {
             () = shutdown.cancelled() => {

@@ -18,6 +18,7 @@ pub mod ingress;
 pub mod reaper;
 pub mod retention;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -25,7 +26,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use taskhost_common::amqp::{Names, Publisher};
-use taskhost_common::{CancellationToken, Settings, db};
+use taskhost_common::{CancellationToken, Settings, db, metrics};
 use taskhost_common::{jobs, tasks};
 use tokio::sync::Notify;
 
@@ -36,18 +37,90 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let pool = db::pool(&settings.database).context("database.url")?;
     let names = Names::new(settings.amqp.prefix.clone());
     let publisher = Publisher::new(&settings.amqp, names, "taskhost-scheduler");
+    metrics::register_scheduler();
+    let broker = metrics::BrokerLink::new("scheduler");
+    // Health and metrics stop when this function returns, after the duties.
+    let ops = CancellationToken::new();
+    let _ops = ops.clone().drop_guard();
+    if let Some(bind) = metrics::bind_address(&settings.scheduler.metrics_bind) {
+        metrics::serve(bind, "scheduler.metrics_bind", probes(&pool, &broker), ops).await?;
+    }
     tracing::info!("scheduler started");
     tokio::join!(
         tick_loop(&pool, &publisher, &settings, &shutdown),
         retention_loop(&pool, &settings, &shutdown),
         relay_loop(&pool, &publisher, &settings, &shutdown),
         reaper_loop(&pool, &publisher, &settings, &shutdown),
-        ingress::run(pool.clone(), &settings, shutdown.clone()),
+        ingress::run(pool.clone(), &settings, broker.clone(), shutdown.clone()),
         change_relay_loop(&pool, &publisher, &settings, &shutdown),
     );
     publisher.close().await;
     tracing::info!("scheduler stopped");
     Ok(())
+}
+
+/// `/readyz` of a scheduler: Postgres answers and the ingress consumer is
+/// connected to the broker; `/metrics` reads the relay, change-feed and
+/// node gauges from Postgres at scrape time.
+fn probes(pool: &PgPool, broker: &Arc<metrics::BrokerLink>) -> metrics::Probes {
+    let (ready_pool, refresh_pool) = (pool.clone(), pool.clone());
+    let broker = broker.clone();
+    metrics::Probes {
+        component: "scheduler",
+        ready: Arc::new(move || {
+            let (pool, broker) = (ready_pool.clone(), broker.clone());
+            Box::pin(async move {
+                let database = metrics::database_up(&pool).await;
+                vec![("database", database), ("broker", broker.is_up())]
+            })
+        }),
+        refresh: Some(Arc::new(move || {
+            let pool = refresh_pool.clone();
+            Box::pin(async move { refresh_gauges(&pool).await })
+        })),
+    }
+}
+
+/// The gauges an operator alerts on, read at scrape time: relay lag and
+/// outbox backlog, change-feed consumer lag, nodes by group and state.
+async fn refresh_gauges(pool: &PgPool) {
+    let outbox: Result<(f64, i64), _> = sqlx::query_as(
+        "SELECT coalesce(extract(epoch FROM now() - min(available_at))::float8, 0),
+                count(*)
+         FROM outbox WHERE published_at IS NULL AND available_at <= now()",
+    )
+    .fetch_one(pool)
+    .await;
+    ::metrics::gauge!("taskhost_database_up").set(if outbox.is_ok() { 1.0 } else { 0.0 });
+    let Ok((lag, pending)) = outbox else { return };
+    ::metrics::gauge!("taskhost_relay_lag_seconds").set(lag.max(0.0));
+    ::metrics::gauge!("taskhost_outbox_pending").set(pending as f64);
+    if let Ok(mut conn) = pool.acquire().await {
+        let head = taskhost_common::sync::Watermark::new()
+            .safe_head(&mut conn)
+            .await;
+        if let Ok(head) = head
+            && let Ok(consumers) = taskhost_common::sync::status(&mut conn, head).await
+        {
+            for c in consumers {
+                let labels = [("consumer", c.consumer), ("table", c.table_name)];
+                ::metrics::gauge!("taskhost_change_feed_lag", &labels).set(c.lag as f64);
+                ::metrics::gauge!("taskhost_change_feed_lag_seconds", &labels).set(c.lag_seconds);
+            }
+        }
+    }
+    let nodes: Result<Vec<(String, i64, i64)>, _> = sqlx::query_as(
+        "SELECT node_group, count(*) FILTER (WHERE is_active), count(*) FILTER (WHERE NOT is_active)
+         FROM nodes GROUP BY node_group",
+    )
+    .fetch_all(pool)
+    .await;
+    for (group, active, inactive) in nodes.unwrap_or_default() {
+        ::metrics::gauge!("taskhost_nodes", "group" => group.clone(), "state" => "active")
+            .set(active as f64);
+        ::metrics::gauge!("taskhost_nodes", "group" => group, "state" => "inactive")
+            .set(inactive as f64);
+    }
 }
 
 async fn relay_loop(
@@ -60,8 +133,14 @@ async fn relay_loop(
     loop {
         match jobs::relay_outbox(pool, publisher, settings.scheduler.relay_grace_ms, 500).await {
             // A full batch means more may be waiting: go again at once.
-            Ok(n) if n >= 500 && !shutdown.is_cancelled() => continue,
-            Ok(n) if n > 0 => tracing::info!(published = n, "outbox relay published messages"),
+            Ok(n) if n >= 500 && !shutdown.is_cancelled() => {
+                ::metrics::counter!("taskhost_relay_published_total").increment(n as u64);
+                continue;
+            }
+            Ok(n) if n > 0 => {
+                ::metrics::counter!("taskhost_relay_published_total").increment(n as u64);
+                tracing::info!(published = n, "outbox relay published messages");
+            }
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "outbox relay pass failed"),
         }
@@ -117,7 +196,8 @@ async fn reaper_loop(
         match reaper::reap(pool, dead_after).await {
             Ok(r) => {
                 if r.dead_nodes > 0 || !r.requeued_jobs.is_empty() {
-                    tracing::info!(
+                    // A node died or lost its claims: worth an operator's look.
+                    tracing::warn!(
                         dead_nodes = r.dead_nodes,
                         requeued_jobs = r.requeued_jobs.len(),
                         "reaper pass"

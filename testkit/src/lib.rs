@@ -92,6 +92,15 @@ pub fn env_map(db_url: &str, prefix: &str) -> HashMap<String, String> {
             "TASKHOST__SCHEDULER__REAPER_INTERVAL_SECS".into(),
             "1".into(),
         ),
+        // Any free port: several workers and schedulers run side by side.
+        (
+            "TASKHOST__WORKER__METRICS_BIND".into(),
+            "127.0.0.1:0".into(),
+        ),
+        (
+            "TASKHOST__SCHEDULER__METRICS_BIND".into(),
+            "127.0.0.1:0".into(),
+        ),
         ("TASKHOST__LOG__FORMAT".into(), "human".into()),
         (
             "TASKHOST__LOG__LEVEL".into(),
@@ -398,19 +407,60 @@ impl TestEnv {
 
     /// A `taskhost` child process with this test's environment.
     pub fn spawn_binary(&self, bin: &str, args: &[&str], extra_env: &[(&str, &str)]) -> Child {
+        self.spawn_binary_to(bin, args, extra_env, Stdio::inherit())
+    }
+
+    /// [`Self::spawn_binary`] with its log (stderr) written to `log`.
+    pub fn spawn_binary_logged(
+        &self,
+        bin: &str,
+        args: &[&str],
+        extra_env: &[(&str, &str)],
+        log: &std::path::Path,
+    ) -> Child {
+        let file = std::fs::File::create(log).expect("create the log file");
+        self.spawn_binary_to(bin, args, extra_env, Stdio::from(file))
+    }
+
+    fn spawn_binary_to(
+        &self,
+        bin: &str,
+        args: &[&str],
+        extra_env: &[(&str, &str)],
+        stderr: Stdio,
+    ) -> Child {
         let mut cmd = Command::new(bin);
         cmd.args(args)
             .envs(self.env())
             .envs(extra_env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+            .stderr(stderr);
         cmd.spawn().expect("spawn taskhost")
     }
 
     /// `taskhost api` as a child process on a free port, once its `/livez`
     /// answers (`extra_env` e.g. turns on a failpoint).
     pub async fn spawn_api(&self, bin: &str, extra_env: &[(&str, &str)]) -> (ChildGuard, Api) {
+        self.spawn_api_to(bin, extra_env, None).await
+    }
+
+    /// [`Self::spawn_api`] with its log (stderr) written to `log`.
+    pub async fn spawn_api_logged(
+        &self,
+        bin: &str,
+        extra_env: &[(&str, &str)],
+        log: &std::path::Path,
+    ) -> (ChildGuard, Api) {
+        self.spawn_api_to(bin, extra_env, Some(log)).await
+    }
+
+    async fn spawn_api_to(
+        &self,
+        bin: &str,
+        extra_env: &[(&str, &str)],
+        log: Option<&std::path::Path>,
+    ) -> (ChildGuard, Api) {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -418,7 +468,10 @@ impl TestEnv {
         let bind = format!("127.0.0.1:{port}");
         let mut env: Vec<(&str, &str)> = vec![("TASKHOST__API__BIND", &bind)];
         env.extend_from_slice(extra_env);
-        let child = ChildGuard(self.spawn_binary(bin, &["api"], &env));
+        let child = ChildGuard(match log {
+            Some(log) => self.spawn_binary_logged(bin, &["api"], &env, log),
+            None => self.spawn_binary(bin, &["api"], &env),
+        });
         let api = Api {
             base: format!("http://{bind}"),
             http: reqwest::Client::builder()

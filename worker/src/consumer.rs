@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::{Ctx, StopReason, job, running_count};
 
-fn queue_keys(ctx: &Ctx) -> Vec<String> {
+pub(crate) fn queue_keys(ctx: &Ctx) -> Vec<String> {
     let w = &ctx.settings.worker;
     vec![
         "any".to_owned(),
@@ -127,6 +127,7 @@ pub(crate) async fn consume(ctx: &Arc<Ctx>) -> Result<(), lapin::Error> {
         )
         .await?;
     tracing::info!(queues = ?keys, prefetch, "consuming");
+    let _up = ctx.broker.connected();
     let mut work = select_all(consumers);
     let acks = Acks::spawn();
     loop {

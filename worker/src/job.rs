@@ -120,14 +120,14 @@ async fn process(ctx: Arc<Ctx>, acks: &Acks, delivery: Delivery, run: JobRun) {
     // Inline jobs take no slot: they run inside their claim's transaction,
     // bounded by the prefetch window.
     let slots = match run.execution_mode {
-        ExecutionMode::Background => Some(ctx.background_slots.clone()),
-        ExecutionMode::Pool => Some(ctx.pool_slots.clone()),
+        ExecutionMode::Background => Some((ctx.background_slots.clone(), "background")),
+        ExecutionMode::Pool => Some((ctx.pool_slots.clone(), "pool")),
         ExecutionMode::Inline => None,
     };
     let permit = match slots {
         None => None,
-        Some(slots) => tokio::select! {
-            p = slots.acquire_owned() => match p { Ok(p) => Some(p), Err(_) => return acks.requeue(&delivery).await },
+        Some((slots, kind)) => tokio::select! {
+            p = slots.acquire_owned() => match p { Ok(p) => Some(Slot::new(p, kind)), Err(_) => return acks.requeue(&delivery).await },
             () = ctx.shutdown.cancelled() => return acks.requeue(&delivery).await,
         },
     };
@@ -168,6 +168,7 @@ async fn process(ctx: Arc<Ctx>, acks: &Acks, delivery: Delivery, run: JobRun) {
                 // transaction, so `running` was never visible and only its
                 // end is told.
                 drop(permit);
+                started(&claimed);
                 return settled(&ctx, acks, &delivery, &claimed, &fin, finished, false).await;
             }
             Ok(StepResult::Finish(_)) => ClaimResult::Again("a claim answered as a finish".into()),
@@ -224,6 +225,7 @@ async fn process(ctx: Arc<Ctx>, acks: &Acks, delivery: Delivery, run: JobRun) {
         );
     }
     drop(claiming);
+    started(&claimed);
     publish_event(&ctx, job_id, JobStatus::Running, claimed.attempt, None);
     tracing::debug!(%job_id, attempt = claimed.attempt, mode = %claimed.execution_mode, "job started");
     // An inline job that was not run inside its claim (its row was busy
@@ -250,6 +252,7 @@ async fn process(ctx: Arc<Ctx>, acks: &Acks, delivery: Delivery, run: JobRun) {
     let stop = reason.lock().ok().and_then(|r| *r);
     match stop {
         Some(StopReason::Lost) => {
+            metrics::counter!("taskhost_job_claims_lost_total").increment(1);
             tracing::warn!(%job_id, attempt = claimed.attempt, "claim was taken over; this attempt's result is dropped");
             if !background {
                 acks.ack(&delivery).await;
@@ -311,13 +314,14 @@ async fn settled(
     background: bool,
 ) {
     let job_id = claimed.job_id;
+    if !matches!(finished, Finished::Fenced) {
+        record_run(ctx, claimed, fin, &finished);
+    }
     match finished {
         Finished::Final => {
-            tracing::debug!(%job_id, status = %fin.status, exit_code = ?fin.exit_code, duration_ms = fin.duration.as_millis() as u64, "job finished");
             publish_event(ctx, job_id, fin.status, claimed.attempt, fin.exit_code);
         }
-        Finished::Retry(delay) => {
-            tracing::info!(%job_id, status = %fin.status, attempt = claimed.attempt, retry_in_secs = delay, "attempt failed; retry scheduled");
+        Finished::Retry(_) => {
             publish_event(
                 ctx,
                 job_id,
@@ -332,6 +336,82 @@ async fn settled(
     }
     if !background {
         acks.ack(delivery).await;
+    }
+}
+
+/// A held slot, counted in `taskhost_worker_slots_busy` while it lives.
+struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    kind: &'static str,
+}
+
+impl Slot {
+    fn new(permit: tokio::sync::OwnedSemaphorePermit, kind: &'static str) -> Self {
+        metrics::gauge!("taskhost_worker_slots_busy", "kind" => kind).increment(1.0);
+        Self {
+            _permit: permit,
+            kind,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        metrics::gauge!("taskhost_worker_slots_busy", "kind" => self.kind).decrement(1.0);
+    }
+}
+
+fn started(claimed: &Claimed) {
+    metrics::counter!("taskhost_jobs_started_total", "mode" => claimed.execution_mode.as_str())
+        .increment(1);
+}
+
+/// The run's metrics and its one log line (README, "Logs"): at INFO when
+/// it succeeded or was cancelled, at WARN when it failed, timed out or
+/// died; a failed attempt that will be retried says when.
+fn record_run(ctx: &Ctx, claimed: &Claimed, fin: &Finish, finished: &Finished) {
+    let (mode, state) = (claimed.execution_mode.as_str(), fin.status.as_str());
+    let seconds = fin.duration.as_secs_f64();
+    metrics::counter!("taskhost_jobs_finished_total", "mode" => mode, "state" => state)
+        .increment(1);
+    metrics::histogram!("taskhost_job_run_duration_seconds", "mode" => mode, "state" => state)
+        .record(seconds);
+    // A retry waits its backoff on purpose: only first attempts say how
+    // long work waited for a slot.
+    if claimed.attempt == 1 {
+        let waited = (fin.started_at - claimed.submitted_at).as_seconds_f64();
+        metrics::histogram!("taskhost_job_queue_wait_seconds", "mode" => mode, "state" => state)
+            .record(waited.max(0.0));
+    }
+    let retry_in_secs = match finished {
+        Finished::Retry(delay) => {
+            metrics::counter!("taskhost_job_retries_total").increment(1);
+            Some(*delay)
+        }
+        _ => None,
+    };
+    macro_rules! run_line {
+        ($level:ident, $message:literal) => {
+            tracing::$level!(
+                job_id = %claimed.job_id,
+                job_name = claimed.job_name.as_str(),
+                user_id = claimed.user_id.as_str(),
+                node = ctx.node_name.as_str(),
+                mode,
+                state,
+                exit_code = fin.exit_code,
+                duration_ms = (seconds * 1000.0).round() as u64,
+                attempt = claimed.attempt,
+                reason = fin.reason.as_deref(),
+                retry_in_secs,
+                $message
+            )
+        };
+    }
+    match (fin.status, retry_in_secs) {
+        (JobStatus::Succeeded | JobStatus::Cancelled, _) => run_line!(info, "job finished"),
+        (_, Some(_)) => run_line!(warn, "job attempt failed; retry scheduled"),
+        _ => run_line!(warn, "job finished"),
     }
 }
 
@@ -484,6 +564,10 @@ pub(crate) fn finish_of(outcome: &Outcome, cancelled: bool) -> Finish {
         let note = "ran past its timeout (kill_on_timeout is off)";
         reason = Some(reason.map_or_else(|| note.to_owned(), |r| format!("{r}; {note}")));
     }
+    metrics::counter!("taskhost_job_output_bytes_total", "stream" => "stdout")
+        .increment(outcome.stdout.len() as u64);
+    metrics::counter!("taskhost_job_output_bytes_total", "stream" => "stderr")
+        .increment(outcome.stderr.len() as u64);
     Finish {
         status,
         reason,

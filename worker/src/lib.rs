@@ -31,7 +31,7 @@ use taskhost_common::amqp::{self, Names, Publisher};
 use taskhost_common::batch::Batcher;
 use taskhost_common::events::EventSink;
 use taskhost_common::store::{self, Claimer, Step, StepResult};
-use taskhost_common::{CancellationToken, Settings, db, startup};
+use taskhost_common::{CancellationToken, Settings, db, metrics, startup};
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -84,6 +84,8 @@ pub(crate) struct Ctx {
     pub(crate) steps: Batcher<Step, StepResult>,
     /// Who shell jobs run as, within what limits, where.
     pub(crate) sandbox: sandbox::Sandbox,
+    /// Whether the consumer is connected (`/readyz`).
+    pub(crate) broker: Arc<metrics::BrokerLink>,
 }
 
 /// Steps one batch takes at most, and batches in flight at once.
@@ -170,13 +172,26 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         started: Instant::now(),
         tracker: TaskTracker::new(),
         shutdown: shutdown.clone(),
+        broker: metrics::BrokerLink::new("worker"),
         settings,
         sandbox,
     });
     let _ = inline_ctx.set(Arc::downgrade(&ctx));
+    metrics::register_worker(
+        ctx.settings.worker.concurrency,
+        ctx.settings.worker.background_slots,
+    );
+    // Health and metrics outlive the drain (a draining worker answers
+    // `/readyz` with 503); they stop when this function returns.
+    let ops = CancellationToken::new();
+    let _ops = ops.clone().drop_guard();
+    if let Some(bind) = metrics::bind_address(&ctx.settings.worker.metrics_bind) {
+        metrics::serve(bind, "worker.metrics_bind", probes(&ctx), ops).await?;
+    }
     let heartbeat = tokio::spawn(heartbeat_loop(ctx.clone()));
     amqp::supervise(
         "the worker's consumer",
+        "worker",
         &ctx.settings.amqp.url,
         &shutdown,
         || consumer::consume(&ctx),
@@ -191,6 +206,47 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     ctx.publisher.close().await;
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// `/readyz` of a worker: Postgres answers, the consumer is connected, and
+/// the worker is not draining.
+fn probes(ctx: &Arc<Ctx>) -> metrics::Probes {
+    let ctx = Arc::downgrade(ctx);
+    metrics::Probes {
+        component: "worker",
+        ready: Arc::new(move || {
+            let ctx = ctx.upgrade();
+            Box::pin(async move {
+                let Some(ctx) = ctx else {
+                    return vec![("worker", false)];
+                };
+                vec![
+                    ("database", metrics::database_up(&ctx.pool).await),
+                    ("broker", ctx.broker.is_up()),
+                    ("accepting work", !ctx.shutdown.is_cancelled()),
+                ]
+            })
+        }),
+        refresh: None,
+    }
+}
+
+/// The depth of this worker's work queues, read every heartbeat (a passive
+/// declare each): what a "stuck queue" alert compares with the runs started.
+async fn record_queue_depths(ctx: &Ctx) {
+    let queues: Vec<String> = consumer::queue_keys(ctx)
+        .iter()
+        .map(|k| ctx.names.work_queue(k))
+        .collect();
+    let depths = ctx.publisher.queue_depths(&queues).await;
+    for (queue, depth) in queues.into_iter().zip(depths) {
+        if let Some((ready, consumers)) = depth {
+            ::metrics::gauge!("taskhost_queue_messages_ready", "queue" => queue.clone())
+                .set(f64::from(ready));
+            ::metrics::gauge!("taskhost_queue_consumers", "queue" => queue)
+                .set(f64::from(consumers));
+        }
+    }
 }
 
 pub(crate) fn running_count(ctx: &Ctx) -> usize {
@@ -224,5 +280,6 @@ async fn heartbeat_loop(ctx: Arc<Ctx>) {
         if let Err(error) = node::heartbeat(&ctx.pool, ctx.node_id, &ctx.node_name, &stats).await {
             tracing::warn!(%error, node_id = %ctx.node_id, "heartbeat failed");
         }
+        record_queue_depths(&ctx).await;
     }
 }

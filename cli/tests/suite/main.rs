@@ -15,6 +15,7 @@ mod foundation;
 mod hostile;
 mod http_limits;
 mod jobs;
+mod observability;
 mod openapi;
 mod routing;
 mod sandbox;

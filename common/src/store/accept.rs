@@ -184,8 +184,13 @@ pub async fn matching_active_nodes(
 pub async fn accept(pool: &PgPool, new: NewJob<'_>) -> Result<Accepted, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let accepted = accept_in(&mut tx, &new).await?;
-    if matches!(accepted, Accepted::Created { .. }) {
+    if let Accepted::Created { job_ids, .. } = &accepted {
         tx.commit().await?;
+        let source = match new.rerun_of {
+            Some(_) => "rerun",
+            None => new.triggered_by.as_str(),
+        };
+        crate::metrics::submitted(source, job_ids.len());
     }
     Ok(accepted)
 }
@@ -483,6 +488,9 @@ pub async fn accept_batch(pool: &PgPool, jobs: &[PlainJob]) -> Result<Vec<Accept
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
+    for j in &fresh {
+        crate::metrics::submitted(j.triggered_by.as_str(), 1);
+    }
     let mut outbox: std::collections::HashMap<Uuid, OutboxMessage> = outbox
         .into_iter()
         .filter_map(|m| m.job_id.map(|id| (id, m)))

@@ -54,6 +54,10 @@ pub struct Claimed {
     pub priority: i16,
     /// When the job was accepted.
     pub submitted_at: DateTime<Utc>,
+    /// The job's name (for the run's log line).
+    pub job_name: String,
+    /// Who submitted it (for the run's log line).
+    pub user_id: String,
 }
 
 impl Claimed {
@@ -120,6 +124,8 @@ pub(super) struct Current {
     retry_pending: bool,
     priority: i16,
     submitted_at: DateTime<Utc>,
+    job_name: String,
+    user_id: String,
 }
 
 pub(super) fn record_job_change<'a>(
@@ -221,7 +227,7 @@ macro_rules! current_select {
                     execution_mode, command, timeout_seconds, env, secret_env, limits, target_node_id, target_node_group,
                     target_node_role, max_retries, retry_delay_seconds, cancel_requested,
                     kill_on_timeout, coalesce(retry_at > now(), false) AS retry_pending,
-                    priority, submitted_at
+                    priority, submitted_at, job_name, user_id
              FROM jobs j ",
             $where_and_lock
         )
@@ -536,6 +542,8 @@ impl Current {
             kill_on_timeout: self.kill_on_timeout,
             priority: self.priority,
             submitted_at: self.submitted_at,
+            job_name: self.job_name,
+            user_id: self.user_id,
         }
     }
 }
