@@ -261,6 +261,8 @@ async fn tick_loop(
             let mut fired = Vec::new();
             match result {
                 Ok(report) => {
+                    ::metrics::gauge!("taskhost_scheduler_last_pass_timestamp_seconds")
+                        .set(Utc::now().timestamp_millis() as f64 / 1000.0);
                     let dead: Vec<_> = report
                         .dead_jobs
                         .iter()

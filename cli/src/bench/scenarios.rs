@@ -110,6 +110,10 @@ pub(super) async fn run(env: &mut TestEnv, args: &BenchArgs) -> anyhow::Result<R
     // One key submits everything: its per-key rate limit would measure the
     // limiter, not the job path.
     settings.api.rate_limit_per_sec = 0;
+    // One process, as `standalone`: the api's /metrics covers all of it,
+    // and several workers must not contend for one port.
+    settings.worker.metrics_bind = "off".to_owned();
+    settings.scheduler.metrics_bind = "off".to_owned();
     settings.validate()?;
     env.settings = settings;
     let key = env
