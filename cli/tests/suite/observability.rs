@@ -278,6 +278,52 @@ async fn a_worker_and_a_scheduler_alone_serve_health_and_metrics() {
         "a recent pass: {last_pass} vs {now}"
     );
 
+    // A task firing every second: the scheduler counts its fires and how
+    // late each was created.
+    let request: taskhost_common::tasks::TaskRequest = serde_json::from_value(json!({
+        "taskName": "obs-every-second", "command": "true", "schedule": "* * * * * *"
+    }))
+    .expect("a task request");
+    let task = taskhost_common::tasks::create(&env.pool, request, "alice")
+        .await
+        .expect("create the task");
+    let text = until_metrics(&http, sport, "the task's fires", |t| {
+        metric(t, "taskhost_scheduler_fires_total", &[]).is_some_and(|n| n >= 2.0)
+    })
+    .await;
+    let fires = metric(&text, "taskhost_scheduler_fires_total", &[]).unwrap_or_default();
+    assert_eq!(
+        metric(&text, "taskhost_scheduler_tick_lateness_seconds_count", &[]),
+        Some(fires),
+        "one lateness observation per fire:\n{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "taskhost_jobs_submitted_total",
+            &[("source", "schedule")]
+        )
+        .is_some_and(|n| n >= fires),
+        "task runs count as submitted:\n{text}"
+    );
+    taskhost_common::tasks::delete(&env.pool, task.task_id, "alice")
+        .await
+        .expect("delete the task");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let unfinished: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM jobs WHERE status IN ('pending', 'queued', 'running')",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .expect("count");
+        if unfinished == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the task's runs never ended");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // A stuck queue: the one slot is held by a long job and work piles up
     // in the broker, which the worker reports every heartbeat.
     let long = publish_job(
