@@ -524,3 +524,141 @@ async fn finished_jobs_and_requests_log_one_typed_line_each() {
     let _ = std::fs::remove_dir_all(&dir);
     env.cleanup().await;
 }
+
+/// The "Done when" of observability: a real Prometheus scrapes a worker and
+/// a scheduler running alone (no api) and the stuck-queue alert of
+/// `docs/prometheus/alerts.yml` fires. The rules are the committed ones with
+/// their windows shortened (5m → 10s, `for` → 0s) so this takes seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scraping_a_worker_and_a_scheduler_fires_the_stuck_queue_alert() {
+    // scripts/test sets this only when it was not allowed to install
+    // Prometheus, and says so.
+    if std::env::var_os("TASKHOST_TEST_SKIP_PROMETHEUS").is_some() {
+        eprintln!("SKIPPED: prometheus is not installed (scripts/test --install)");
+        return;
+    }
+    let env = TestEnv::new().await;
+    let _key = env.key("alice", &[Role::TaskManager]).await;
+    let http = reqwest::Client::new();
+    let (wport, sport, pport) = (free_port(), free_port(), free_port());
+    let node = format!("{}-prom", env.names().prefix());
+    let mut scheduler = ChildGuard(env.spawn_binary(
+        BIN,
+        &["scheduler"],
+        &[(
+            "TASKHOST__SCHEDULER__METRICS_BIND",
+            &format!("127.0.0.1:{sport}"),
+        )],
+    ));
+    let mut worker = ChildGuard(env.spawn_binary(
+        BIN,
+        &["worker"],
+        &[
+            (
+                "TASKHOST__WORKER__METRICS_BIND",
+                &format!("127.0.0.1:{wport}"),
+            ),
+            ("TASKHOST__WORKER__NODE_NAME", &node),
+            ("TASKHOST__WORKER__CONCURRENCY", "1"),
+        ],
+    ));
+    wait_live(&http, sport, &mut scheduler).await;
+    wait_live(&http, wport, &mut worker).await;
+
+    let dir = std::env::temp_dir().join(format!("{}-prometheus", env.names().prefix()));
+    std::fs::create_dir_all(&dir).expect("prometheus dir");
+    let rules = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/prometheus/alerts.yml"
+    ))
+    .expect("docs/prometheus/alerts.yml");
+    let rules = rules
+        .replace("[5m]", "[10s]")
+        .replace("[10m]", "[10s]")
+        .replace("[15m]", "[10s]")
+        .replace("for: 10m", "for: 0s")
+        .replace("for: 2m", "for: 0s");
+    std::fs::write(dir.join("alerts.yml"), rules).expect("write rules");
+    let config = format!(
+        "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
+         rule_files: [alerts.yml]\n\
+         scrape_configs:\n\
+         \x20 - job_name: taskhost-scheduler\n\
+         \x20   static_configs: [{{targets: [\"127.0.0.1:{sport}\"]}}]\n\
+         \x20 - job_name: taskhost-worker\n\
+         \x20   static_configs: [{{targets: [\"127.0.0.1:{wport}\"]}}]\n"
+    );
+    std::fs::write(dir.join("prometheus.yml"), config).expect("write config");
+    let _prometheus = ChildGuard(
+        std::process::Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{pport}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("prometheus (Debian: apt-get install prometheus)"),
+    );
+
+    // The one slot is taken by a long job; two more wait in the broker.
+    let long = publish_job(
+        &env,
+        json!({"userId": "alice", "jobName": "prom-long", "command": "sleep 60"}),
+    )
+    .await;
+    env.wait_status(long, "running", Duration::from_secs(20))
+        .await;
+    for n in 0..2 {
+        publish_job(
+            &env,
+            json!({"userId": "alice", "jobName": format!("prom-wait-{n}"), "command": "true"}),
+        )
+        .await;
+    }
+
+    let alerts = |body: &Value, name: &str, state: &str| {
+        body["data"]["alerts"].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|x| x["labels"]["alertname"] == name && x["state"] == state)
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let body = loop {
+        let body: Value = match http
+            .get(format!("http://127.0.0.1:{pport}/api/v1/alerts"))
+            .send()
+            .await
+        {
+            Ok(r) => r.json().await.unwrap_or_default(),
+            Err(_) => Value::Null,
+        };
+        if alerts(&body, "TaskhostQueueStuck", "firing") {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "TaskhostQueueStuck never fired; alerts: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    // The rules read real series: the scheduler passes and the worker's
+    // group has a node, so those alerts stay quiet.
+    assert!(
+        !alerts(&body, "TaskhostSchedulerNotFiring", "firing"),
+        "{body}"
+    );
+    assert!(
+        !alerts(&body, "TaskhostNoWorkerForGroup", "firing"),
+        "{body}"
+    );
+    drop(worker);
+    drop(scheduler);
+    let _ = std::fs::remove_dir_all(&dir);
+    env.cleanup().await;
+}
