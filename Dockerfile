@@ -29,6 +29,8 @@ COPY scheduler/ scheduler/
 COPY cli/       cli/
 COPY testkit/   testkit/
 COPY migrations/ migrations/
+# The api serves the AsyncAPI document (include_str! in api/src/ops.rs).
+COPY docs/asyncapi.json docs/asyncapi.json
 
 # The registry, git checkouts and target dir live in BuildKit cache mounts, so
 # a code change recompiles only the workspace crates. A cache mount is not

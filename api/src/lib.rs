@@ -135,6 +135,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(metrics::render))
         .route("/openapi.json", get(ops::openapi))
+        .route("/asyncapi.json", get(ops::asyncapi))
         .route("/docs", get(ops::docs))
         .route("/dashboard", get(dashboard::page))
         .route("/", get(dashboard::root))

@@ -1,4 +1,5 @@
-//! Operations endpoints: `/livez`, `/readyz`.
+//! Operations endpoints: `/livez`, `/readyz`, and the interface documents
+//! `/openapi.json` and `/asyncapi.json`.
 
 use std::time::Duration;
 
@@ -11,6 +12,8 @@ use crate::state::AppState;
 
 /// The OpenAPI document of this API.
 const OPENAPI: &str = include_str!("../openapi.json");
+/// The AsyncAPI document of the RabbitMQ interface (docs/asyncapi.json).
+const ASYNCAPI: &str = include_str!("../../docs/asyncapi.json");
 /// A self-contained page that renders the OpenAPI document.
 const DOCS: &str = include_str!("docs.html");
 
@@ -18,6 +21,16 @@ pub(crate) async fn openapi() -> impl axum::response::IntoResponse {
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
         OPENAPI,
+    )
+}
+
+/// `GET /asyncapi.json`: the queues, message types, headers, payload
+/// schemas and examples of the RabbitMQ interface. Open, like
+/// `/openapi.json`.
+pub(crate) async fn asyncapi() -> impl axum::response::IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        ASYNCAPI,
     )
 }
 

@@ -377,3 +377,102 @@ fn control_matches_the_code() {
         .expect("the control.v1 example parses");
     assert!(matches!(example, Control::Cancel { .. }));
 }
+
+#[test]
+fn exchanges_and_queues_are_declared_as_documented() {
+    let doc = doc();
+    // Every exchange's type and durability, as `amqp::EXCHANGES` declares it.
+    for (logical, kind) in &taskhost_common::amqp::EXCHANGES {
+        let kind = match kind {
+            lapin::ExchangeKind::Direct => "direct",
+            lapin::ExchangeKind::Fanout => "fanout",
+            lapin::ExchangeKind::Topic => "topic",
+            lapin::ExchangeKind::Headers => "headers",
+            lapin::ExchangeKind::Custom(k) => k.as_str(),
+        };
+        let address = format!("{{prefix}}.{logical}");
+        let channel = doc["channels"]
+            .as_object()
+            .expect("channels")
+            .values()
+            .find(|c| {
+                c["address"] == address.as_str() && c["bindings"]["amqp"]["is"] == "routingKey"
+            })
+            .unwrap_or_else(|| panic!("no exchange channel {address}"));
+        let exchange = &channel["bindings"]["amqp"]["exchange"];
+        assert_eq!(exchange["type"], kind, "type of {address}");
+        assert_eq!(exchange["durable"], true, "{address} is durable");
+        assert!(
+            channel["x-amqp-routing-keys"].is_array(),
+            "{address}: x-amqp-routing-keys"
+        );
+    }
+    // Queue arguments, as `declare_topology` and `declare_work_queue` pass them.
+    let queue = |id: &str| doc["channels"][id]["x-amqp-queue"].clone();
+    let dlx = json!("{prefix}.dead");
+    assert_eq!(
+        queue("workQueue")["arguments"],
+        json!({"x-max-priority": taskhost_common::amqp::MAX_PRIORITY, "x-dead-letter-exchange": dlx})
+    );
+    assert_eq!(
+        queue("submitQueue")["arguments"],
+        json!({"x-dead-letter-exchange": dlx})
+    );
+    assert_eq!(
+        queue("submitQueue")["bindings"],
+        json!([{"exchange": "{prefix}.submit", "routingKey": "submit"}])
+    );
+    assert_eq!(queue("controlQueue")["arguments"], json!({}));
+    assert_eq!(queue("deadQueue")["arguments"], json!({}));
+}
+
+#[test]
+fn examples_are_complete() {
+    let doc = doc();
+    // The messages a taskhost consumer checks list what it refuses and why.
+    for key in ["jobSubmit", "jobRun", "control"] {
+        let m = &doc["components"]["messages"][key];
+        let invalid = m["x-invalid-examples"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{key}: x-invalid-examples"));
+        assert!(invalid.len() >= 3, "{key}: a few invalid examples");
+        let mut names = BTreeSet::new();
+        for e in invalid {
+            let name = e["name"].as_str().expect("name");
+            assert!(name.starts_with("invalid-"), "{key}: {name}");
+            assert!(names.insert(name), "{key}: {name} twice");
+            assert!(
+                e["reason"].as_str().is_some_and(|r| !r.is_empty()),
+                "{key} {name}: the reason"
+            );
+            assert!(
+                e["payload"].is_null() != e["body"].is_null(),
+                "{key} {name}: either payload or body"
+            );
+            assert!(e["properties"].is_object(), "{key} {name}: properties");
+        }
+    }
+    // Submit and work messages may carry a W3C trace context.
+    for t in [JOB_SUBMIT_V1, JOB_RUN_V1] {
+        assert!(
+            property_names(&doc, &message(&doc, t)["headers"]).contains("traceparent"),
+            "{t}: traceparent header"
+        );
+    }
+    // Every valid submit example has a documented outcome and its users.
+    let submit = &doc["components"]["messages"]["jobSubmit"];
+    for e in submit["examples"].as_array().expect("examples") {
+        let name = e["name"].as_str().expect("name");
+        let outcome = submit["x-example-outcomes"][name]
+            .as_str()
+            .unwrap_or_else(|| panic!("no outcome for {name}"));
+        outcome
+            .parse::<JobStatus>()
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let user = e["payload"]["userId"].as_str().expect("userId");
+        assert!(
+            submit["x-example-users"][user].is_array(),
+            "{name}: user {user} is not in x-example-users"
+        );
+    }
+}

@@ -15,7 +15,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use taskhost_common::amqp;
-use taskhost_common::messages::Control;
+use taskhost_common::messages::{CONTROL_V1, Control, REASON_HEADER};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -150,21 +150,53 @@ pub(crate) async fn consume(ctx: &Arc<Ctx>) -> Result<(), lapin::Error> {
             },
             Some(msg) = control.next() => {
                 if let Ok(msg) = msg {
-                    on_control(ctx, &msg.data);
+                    on_control(ctx, &msg);
                 }
             }
         }
     }
 }
 
-fn on_control(ctx: &Ctx, data: &[u8]) {
-    match serde_json::from_slice::<Control>(data) {
+fn on_control(ctx: &Ctx, delivery: &Delivery) {
+    let kind = delivery.properties.kind().as_ref().map(|k| k.to_string());
+    let parsed = match kind.as_deref() {
+        Some(k) if k != CONTROL_V1 => Err(format!(
+            "unknown message type `{k}` (expected {CONTROL_V1})"
+        )),
+        _ => serde_json::from_slice::<Control>(&delivery.data)
+            .map_err(|e| format!("invalid {CONTROL_V1} message: {e}")),
+    };
+    match parsed {
         Ok(Control::Cancel { job_id }) => {
             if job::stop_running(ctx, job_id, StopReason::Cancelled) {
                 tracing::info!(%job_id, "cancel received");
             }
         }
-        Err(error) => tracing::warn!(%error, "ignoring malformed control message"),
+        Err(reason) => {
+            // Refused like a work message: kept in `<p>.dead` with the
+            // reason. The control queue is consumed without acks, so there
+            // is nothing to settle; a failed publish only loses the copy.
+            tracing::warn!(%reason, routing_key = %delivery.routing_key, "control message refused");
+            let msg = amqp::Outgoing {
+                exchange: "dead".into(),
+                routing_key: delivery.routing_key.to_string(),
+                message_type: kind.unwrap_or_else(|| "unknown".to_owned()),
+                message_id: delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map_or_else(String::new, |m| m.to_string()),
+                priority: 0,
+                payload: delivery.data.clone(),
+                headers: vec![(REASON_HEADER.to_owned(), reason)],
+            };
+            let publisher = ctx.publisher.clone();
+            tokio::spawn(async move {
+                if let Err(error) = publisher.publish(&msg).await {
+                    tracing::warn!(%error, "refused control message not dead-lettered");
+                }
+            });
+        }
     }
 }
 

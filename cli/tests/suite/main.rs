@@ -4,6 +4,7 @@
 //! broker and kills Postgres connections) is its own binary and runs alone.
 
 mod api_edges;
+mod asyncapi_examples;
 mod bench;
 mod bounded_output;
 mod console;
