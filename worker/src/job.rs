@@ -111,7 +111,7 @@ pub(crate) async fn handle(ctx: Arc<Ctx>, acks: Arc<Acks>, delivery: Delivery) {
         Ok(r) => r,
         Err(reason) => return acks.dead_letter(&ctx.publisher, &delivery, &reason).await,
     };
-    let span = tracing::info_span!("job", job_id = %run.job_id, node_id = %ctx.node_id);
+    let span = crate::trace::run_span(&ctx, &delivery, &run);
     process(ctx, &acks, delivery, run).instrument(span).await;
 }
 
@@ -224,6 +224,7 @@ async fn process(ctx: Arc<Ctx>, acks: &Acks, delivery: Delivery, run: JobRun) {
         );
     }
     drop(claiming);
+    crate::trace::claimed(&claimed);
     publish_event(&ctx, job_id, JobStatus::Running, claimed.attempt, None);
     tracing::debug!(%job_id, attempt = claimed.attempt, mode = %claimed.execution_mode, "job started");
     // An inline job that was not run inside its claim (its row was busy
@@ -250,6 +251,7 @@ async fn process(ctx: Arc<Ctx>, acks: &Acks, delivery: Delivery, run: JobRun) {
     let stop = reason.lock().ok().and_then(|r| *r);
     match stop {
         Some(StopReason::Lost) => {
+            crate::trace::ended("lost");
             tracing::warn!(%job_id, attempt = claimed.attempt, "claim was taken over; this attempt's result is dropped");
             if !background {
                 acks.ack(&delivery).await;
@@ -257,6 +259,7 @@ async fn process(ctx: Arc<Ctx>, acks: &Acks, delivery: Delivery, run: JobRun) {
             return;
         }
         Some(StopReason::Shutdown) => {
+            crate::trace::ended("released");
             let republish = background.then(|| claimed.work_message());
             if let Err(error) = store::release(
                 &ctx.pool,
@@ -311,6 +314,8 @@ async fn settled(
     background: bool,
 ) {
     let job_id = claimed.job_id;
+    crate::trace::claimed(claimed);
+    crate::trace::ended(fin.status.as_str());
     match finished {
         Finished::Final => {
             tracing::debug!(%job_id, status = %fin.status, exit_code = ?fin.exit_code, duration_ms = fin.duration.as_millis() as u64, "job finished");
