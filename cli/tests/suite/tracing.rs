@@ -319,3 +319,76 @@ async fn with_tracing_off_no_trace_context_is_stored_or_sent() {
     );
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_fire_of_a_task_starts_a_trace_that_reaches_its_run() {
+    let mut env = TestEnv::new().await;
+    let collector = Collector::start().await;
+    let otel = [(
+        "TASKHOST__TELEMETRY__OTLP_ENDPOINT",
+        collector.endpoint.as_str(),
+    )];
+    // The api only creates the task (in-process, not traced).
+    let api = env.start_api().await;
+    let scheduler = ChildGuard(env.spawn_binary(BIN, &["scheduler"], &otel));
+    let worker = traced_worker(&env, &otel).await;
+    let key = env.key("alice", &[Role::TaskManager]).await;
+    let (status, resp) = taskhost_testkit::call(
+        &api,
+        reqwest::Method::POST,
+        &key,
+        "/tasks",
+        Some(&json!({"taskName": "tick", "command": "true", "schedule": "* * * * * *"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{resp}");
+    let task = resp["taskId"].as_str().expect("taskId").to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let job: Uuid = loop {
+        let done: Option<Uuid> = sqlx::query_scalar(
+            "SELECT job_id FROM jobs WHERE task_id = $1::uuid AND status = 'succeeded' LIMIT 1",
+        )
+        .bind(&task)
+        .fetch_optional(&env.pool)
+        .await
+        .expect("jobs");
+        if let Some(id) = done {
+            break id;
+        }
+        assert!(std::time::Instant::now() < deadline, "the task never ran");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    stop(worker).await;
+    stop(scheduler).await;
+
+    let id = job.to_string();
+    let spans = collector
+        .wait_for(Duration::from_secs(10), |s| {
+            s.iter()
+                .any(|s| s.name == "job.run" && s.attr("job.id") == Some(id.as_str()))
+        })
+        .await;
+    let run = spans
+        .iter()
+        .find(|s| s.name == "job.run" && s.attr("job.id") == Some(id.as_str()))
+        .expect("the run span");
+    let fire = spans
+        .iter()
+        .find(|s| s.span_id == run.parent_span_id)
+        .unwrap_or_else(|| panic!("the run's parent: {}", describe(&spans)));
+    assert_eq!(fire.service, "taskhost-scheduler");
+    assert_eq!(fire.name, "task.fire");
+    assert_eq!(fire.parent_span_id, "", "a trace of its own: {fire:?}");
+    assert_eq!(fire.trace_id, run.trace_id);
+    assert_eq!(fire.attr("task.id"), Some(task.as_str()));
+    assert_eq!(fire.attr("job.id"), Some(id.as_str()));
+    // Another fire is another trace.
+    let traces: std::collections::HashSet<&str> = spans
+        .iter()
+        .filter(|s| s.name == "task.fire")
+        .map(|s| s.trace_id.as_str())
+        .collect();
+    let fires = spans.iter().filter(|s| s.name == "task.fire").count();
+    assert_eq!(traces.len(), fires, "one trace per fire");
+    env.cleanup().await;
+}
