@@ -19,6 +19,7 @@ use taskhost_common::store::{
     self,
     cancel::{Cancelled, Deleted},
 };
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::auth::Caller;
@@ -68,7 +69,17 @@ pub(crate) async fn submit(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
-    let result = submit_inner(&state, &caller, &headers, &body).await;
+    let span = submit_span(&headers);
+    let result = submit_inner(&state, &caller, &headers, &body)
+        .instrument(span.clone())
+        .await;
+    if !span.is_disabled() {
+        let code = result.as_ref().map_or_else(
+            |e| e.status_and_code().0.as_u16(),
+            |(status, _)| status.as_u16(),
+        );
+        span.record("http.response.status_code", code);
+    }
     // Accepted jobs are counted where they commit (the store), with the
     // scheduler's and the ingress's.
     if result.is_err() {
@@ -119,15 +130,20 @@ async fn submit_inner(
             _ => hex::encode(Sha256::digest(canonical)),
         }
     });
+    let job_id = Uuid::now_v7();
+    // Tracing: the work message's `publish` span, a child of the submit
+    // span; its traceparent is stored with the outbox row.
+    let publish = publish_span(state, &spec, job_id);
     let accepted = if jobs::PlainJob::fits(&spec, idempotency_key.as_deref()) {
         // The bulk of submissions: accepted together with whatever else
         // arrives at the same moment.
         let plain = jobs::PlainJob {
-            job_id: Uuid::now_v7(),
+            job_id,
             user_id: caller.user().to_owned(),
             spec: spec.clone(),
             triggered_by: TriggeredBy::Api,
             changed_by: caller.user().to_owned(),
+            traceparent: taskhost_common::telemetry::traceparent(&publish),
         };
         state.accepter.call(plain).await.map_err(|error| {
             match error.strip_prefix(taskhost_common::db::TRANSIENT) {
@@ -142,7 +158,7 @@ async fn submit_inner(
         jobs::accept(
             &state.pool,
             NewJob {
-                job_id: Uuid::now_v7(),
+                job_id,
                 user_id: caller.user(),
                 spec: &spec,
                 triggered_by: TriggeredBy::Api,
@@ -153,6 +169,7 @@ async fn submit_inner(
                 rerun_of: None,
             },
         )
+        .instrument(publish.clone())
         .await?
     };
     match accepted {
@@ -186,7 +203,9 @@ async fn submit_inner(
             let message = if taskhost_common::failpoint::hit("api.submit.skip_publish") {
                 "accepted (failpoint: publish left to the relay)".to_owned()
             } else {
-                dispatch(state, caller.user(), &job_ids, &outbox, status).await
+                dispatch(state, caller.user(), &job_ids, &outbox, status)
+                    .instrument(publish)
+                    .await
             };
             let mut body = json!({
                 "success": true,
@@ -200,6 +219,55 @@ async fn submit_inner(
             Ok((StatusCode::ACCEPTED, Json(body)))
         }
     }
+}
+
+/// Tracing (README, "Tracing"): the server span of one `POST
+/// /jobs/submit`, a child of the request's `traceparent` (and
+/// `tracestate`) when it sent one, else a new trace's root. Disabled when
+/// tracing is off.
+fn submit_span(headers: &HeaderMap) -> tracing::Span {
+    use taskhost_common::telemetry;
+    if !telemetry::enabled() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        "job.submit",
+        otel.kind = "server",
+        http.request.method = "POST",
+        http.route = "/api/v1/jobs/submit",
+        http.response.status_code = tracing::field::Empty,
+        job.id = tracing::field::Empty,
+        job.name = tracing::field::Empty,
+        job.mode = tracing::field::Empty,
+    );
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    telemetry::set_parent(
+        &span,
+        header(telemetry::TRACEPARENT),
+        header(telemetry::TRACESTATE),
+    );
+    span
+}
+
+/// The `publish` span of a submission's work message (see
+/// [`submit_span`]), with the job's attributes recorded on the submit span.
+fn publish_span(
+    state: &AppState,
+    spec: &taskhost_common::model::JobSpec,
+    job_id: Uuid,
+) -> tracing::Span {
+    if !taskhost_common::telemetry::enabled() {
+        return tracing::Span::none();
+    }
+    let submit = tracing::Span::current();
+    submit.record("job.id", tracing::field::display(job_id));
+    submit.record("job.name", spec.job_name.as_str());
+    submit.record("job.mode", spec.execution_mode.as_str());
+    taskhost_common::telemetry::publish_span(
+        &state.publisher.names().work(),
+        &spec.target.routing_key(),
+        job_id,
+    )
 }
 
 /// Publishes what an accepted submission committed (the fast path) and says
@@ -226,6 +294,12 @@ pub(crate) async fn dispatch(
     // confirm stays in the outbox for the relay.
     let batcher = state.batcher.clone();
     let (rows, user, count) = (outbox.to_vec(), user.to_owned(), outbox.len());
+    // Tracing: the caller's `publish` span lasts until the broker confirms.
+    let span = if taskhost_common::telemetry::enabled() {
+        tracing::Span::current()
+    } else {
+        tracing::Span::none()
+    };
     tokio::spawn(async move {
         match batcher.publish(rows, &user).await {
             Ok(n) => crate::metrics::published(n, count - n),
@@ -234,7 +308,7 @@ pub(crate) async fn dispatch(
                 crate::metrics::published(0, count);
             }
         }
-    });
+    }.instrument(span));
     "job accepted".to_owned()
 }
 

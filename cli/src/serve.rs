@@ -7,27 +7,44 @@ use taskhost_common::{Settings, db, keys, shutdown, startup, telemetry};
 
 use crate::cli::KeysCommand;
 
-fn start(settings: &Settings) -> taskhost_common::CancellationToken {
-    telemetry::init(&settings.log);
-    shutdown::on_signals()
+/// Logs, the trace exporter (README, "Tracing") with `component` as the
+/// default `service.name`, and the shutdown token.
+fn start(
+    settings: &Settings,
+    component: &str,
+) -> anyhow::Result<(taskhost_common::CancellationToken, telemetry::Tracing)> {
+    let tracing = telemetry::init_traced(&settings.log, &settings.telemetry, component)
+        .map_err(startup::StartupError)?;
+    Ok((shutdown::on_signals(), tracing))
+}
+
+/// Exports the spans still buffered, whether the service ended well or
+/// not, then hands on its result.
+async fn finish(
+    tracing: telemetry::Tracing,
+    result: anyhow::Result<()>,
+) -> anyhow::Result<ExitCode> {
+    tracing.shutdown().await;
+    result?;
+    Ok(ExitCode::SUCCESS)
 }
 
 pub(crate) async fn api(settings: Settings) -> anyhow::Result<ExitCode> {
-    let stop = start(&settings);
-    taskhost_api::run(settings, stop).await?;
-    Ok(ExitCode::SUCCESS)
+    let (stop, tracing) = start(&settings, "taskhost-api")?;
+    let result = taskhost_api::run(settings, stop).await;
+    finish(tracing, result).await
 }
 
 pub(crate) async fn worker(settings: Settings) -> anyhow::Result<ExitCode> {
-    let stop = start(&settings);
-    taskhost_worker::run(settings, stop).await?;
-    Ok(ExitCode::SUCCESS)
+    let (stop, tracing) = start(&settings, "taskhost-worker")?;
+    let result = taskhost_worker::run(settings, stop).await;
+    finish(tracing, result).await
 }
 
 pub(crate) async fn scheduler(settings: Settings) -> anyhow::Result<ExitCode> {
-    let stop = start(&settings);
-    taskhost_scheduler::run(settings, stop).await?;
-    Ok(ExitCode::SUCCESS)
+    let (stop, tracing) = start(&settings, "taskhost-scheduler")?;
+    let result = taskhost_scheduler::run(settings, stop).await;
+    finish(tracing, result).await
 }
 
 /// All three services in one process, after applying pending migrations.
@@ -35,7 +52,15 @@ pub(crate) async fn scheduler(settings: Settings) -> anyhow::Result<ExitCode> {
 /// RabbitMQ), so a mistake ends in one line within seconds; once running,
 /// a service that fails stops the other two.
 pub(crate) async fn standalone(settings: Settings) -> anyhow::Result<ExitCode> {
-    let stop = start(&settings);
+    let (stop, tracing) = start(&settings, "taskhost-standalone")?;
+    let result = standalone_services(settings, stop).await;
+    finish(tracing, result).await
+}
+
+async fn standalone_services(
+    settings: Settings,
+    stop: taskhost_common::CancellationToken,
+) -> anyhow::Result<()> {
     let listener = startup::bind(&settings.api.bind).await?;
     let report = db::migrate(&settings.database)
         .await
@@ -73,7 +98,7 @@ pub(crate) async fn standalone(settings: Settings) -> anyhow::Result<ExitCode> {
     }
     match failed {
         Some(e) => Err(e),
-        None => Ok(ExitCode::SUCCESS),
+        None => Ok(()),
     }
 }
 

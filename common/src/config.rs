@@ -54,6 +54,26 @@ pub struct Settings {
     pub log: LogSettings,
     /// Secret environment values.
     pub secrets: SecretsSettings,
+    /// Tracing across the hop, exported over OTLP (README, "Tracing").
+    pub telemetry: TelemetrySettings,
+}
+
+/// Traces exported over OTLP/HTTP (README, "Tracing").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// Base URL of an OTLP/HTTP collector, e.g. `http://127.0.0.1:4318`;
+    /// spans are posted as JSON to `<endpoint>/v1/traces`. Empty (the
+    /// default): no spans are made or exported and no trace context is
+    /// carried. `OTEL_EXPORTER_OTLP_ENDPOINT` is honoured too.
+    pub otlp_endpoint: String,
+    /// The `service.name` of this process's spans. Empty (the default):
+    /// `taskhost-api`, `taskhost-worker`, `taskhost-scheduler` or
+    /// `taskhost-standalone`. `OTEL_SERVICE_NAME` is honoured too.
+    pub service_name: String,
+    /// Share of new traces recorded, 0.0 to 1.0. A trace that arrives with
+    /// a `traceparent` follows its sampled flag instead.
+    pub sample_ratio: f64,
 }
 
 /// Secret environment values (README, "Secrets").
@@ -351,7 +371,10 @@ impl Settings {
             .set_default("sync.batch", 500)?
             .set_default("log.format", "auto")?
             .set_default("log.level", "info,sqlx=warn,lapin=warn")?
-            .set_default("secrets.key", "")?;
+            .set_default("secrets.key", "")?
+            .set_default("telemetry.otlp_endpoint", "")?
+            .set_default("telemetry.service_name", "")?
+            .set_default("telemetry.sample_ratio", 1.0)?;
         if let Some(path) = &file {
             builder = builder.add_source(config::File::from(path.as_path()).required(true));
         }
@@ -371,6 +394,16 @@ impl Settings {
         for (bare, specific, key) in [
             ("DATABASE_URL", "TASKHOST__DATABASE__URL", "database.url"),
             ("AMQP_URL", "TASKHOST__AMQP__URL", "amqp.url"),
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "TASKHOST__TELEMETRY__OTLP_ENDPOINT",
+                "telemetry.otlp_endpoint",
+            ),
+            (
+                "OTEL_SERVICE_NAME",
+                "TASKHOST__TELEMETRY__SERVICE_NAME",
+                "telemetry.service_name",
+            ),
         ] {
             if !env.contains_key(specific) {
                 builder = builder.set_override_option(key, env.get(bare).cloned())?;
@@ -488,6 +521,7 @@ impl Settings {
                 ),
             ));
         }
+        self.telemetry.validate()?;
         if self
             .log
             .level
@@ -525,6 +559,46 @@ impl AmqpSettings {
             return Err(ConfigError::Invalid {
                 key: "amqp.tls_client_key_file",
                 message: "and amqp.tls_client_cert_file must be set together".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl TelemetrySettings {
+    /// Whether spans are made and exported.
+    pub fn enabled(&self) -> bool {
+        !self.otlp_endpoint.trim().is_empty()
+    }
+
+    /// Where spans are posted: the endpoint with `/v1/traces` appended
+    /// (unless it already ends so), as for `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub fn traces_url(&self) -> String {
+        let base = self.otlp_endpoint.trim();
+        if base.ends_with("/v1/traces") {
+            base.to_owned()
+        } else {
+            format!("{}/v1/traces", base.trim_end_matches('/'))
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let endpoint = self.otlp_endpoint.trim();
+        let url = endpoint.starts_with("http://") || endpoint.starts_with("https://");
+        if !endpoint.is_empty() && !url {
+            return Err(ConfigError::Invalid {
+                key: "telemetry.otlp_endpoint",
+                message: format!(
+                    "`{}` must be an http:// or https:// URL of an OTLP/HTTP collector, \
+                     e.g. http://127.0.0.1:4318 (or empty: no tracing)",
+                    crate::startup::redact(endpoint)
+                ),
+            });
+        }
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            return Err(ConfigError::Invalid {
+                key: "telemetry.sample_ratio",
+                message: format!("{} must be from 0.0 to 1.0", self.sample_ratio),
             });
         }
         Ok(())
@@ -572,6 +646,30 @@ mod tests {
         ])
         .expect("amqps with a CA file");
         assert_eq!(s.amqp.tls_ca_file, "/etc/ca.pem");
+    }
+
+    #[test]
+    fn telemetry_is_off_by_default_and_takes_the_otel_endpoint() {
+        let s = load(&[]).expect("defaults");
+        assert!(!s.telemetry.enabled());
+        assert_eq!(s.telemetry.sample_ratio, 1.0);
+        let s = load(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel:4318/")]).expect("otel env");
+        assert!(s.telemetry.enabled());
+        assert_eq!(s.telemetry.traces_url(), "http://otel:4318/v1/traces");
+        let s = load(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel:4318"),
+            (
+                "TASKHOST__TELEMETRY__OTLP_ENDPOINT",
+                "https://c.example/v1/traces",
+            ),
+        ])
+        .expect("both");
+        assert_eq!(s.telemetry.traces_url(), "https://c.example/v1/traces");
+        let err =
+            load(&[("TASKHOST__TELEMETRY__OTLP_ENDPOINT", "otel:4318")]).expect_err("no scheme");
+        assert!(err.to_string().contains("telemetry.otlp_endpoint"), "{err}");
+        let err = load(&[("TASKHOST__TELEMETRY__SAMPLE_RATIO", "1.5")]).expect_err("ratio");
+        assert!(err.to_string().contains("telemetry.sample_ratio"), "{err}");
     }
 
     #[test]

@@ -139,7 +139,8 @@ pub async fn relay_outbox(
     // crate::db::no_fsync_wait), so it does not wait for the disk.
     crate::db::no_fsync_wait(&mut tx).await?;
     let rows: Vec<OutboxMessage> = sqlx::query_as(
-        "SELECT outbox_id, exchange, routing_key, message_type, message_id, priority, payload::text AS payload, job_id
+        "SELECT outbox_id, exchange, routing_key, message_type, message_id, priority, payload::text AS payload, job_id,
+                traceparent
          FROM outbox
          WHERE published_at IS NULL AND available_at <= now()
            AND created_at < now() - make_interval(secs => $1::float8 / 1000.0)
@@ -154,8 +155,10 @@ pub async fn relay_outbox(
     if rows.is_empty() {
         return Ok(0);
     }
-    let outgoing: Vec<Outgoing> = rows.iter().map(OutboxMessage::to_outgoing).collect();
+    let mut outgoing: Vec<Outgoing> = rows.iter().map(OutboxMessage::to_outgoing).collect();
+    let spans = relay_spans(publisher, &rows, &mut outgoing);
     let results = publisher.publish_all(&outgoing).await;
+    drop(spans);
     crate::failpoint::hit("relay.after_publish");
     let mut confirmed = Vec::new();
     for (row, result) in rows.iter().zip(&results) {
@@ -174,6 +177,40 @@ pub async fn relay_outbox(
     tx.commit().await?;
     publish_events(publisher, &queued).await;
     Ok(confirmed.len())
+}
+
+/// Tracing (README, "Tracing"): for each row that carries a trace, this
+/// relay's `publish` span, a child of the stored context, whose own
+/// `traceparent` the message carries instead, so the trace shows the hop
+/// the relay made. Nothing when tracing is off here (the stored
+/// `traceparent` then travels as it is).
+fn relay_spans(
+    publisher: &Publisher,
+    rows: &[OutboxMessage],
+    outgoing: &mut [Outgoing],
+) -> Vec<tracing::Span> {
+    if !crate::telemetry::enabled() {
+        return Vec::new();
+    }
+    let mut spans = Vec::new();
+    for (row, out) in rows.iter().zip(outgoing.iter_mut()) {
+        let (Some(stored), Some(job_id)) = (row.traceparent.as_deref(), row.job_id) else {
+            continue;
+        };
+        let destination = publisher.names().exchange(&row.exchange);
+        let span = crate::telemetry::publish_span(&destination, &row.routing_key, job_id);
+        crate::telemetry::set_parent(&span, Some(stored), None);
+        span.record("taskhost.outbox.relay", true);
+        if let Some(own) = crate::telemetry::traceparent(&span) {
+            for (name, value) in &mut out.headers {
+                if name == crate::telemetry::TRACEPARENT {
+                    *value = own.clone();
+                }
+            }
+        }
+        spans.push(span);
+    }
+    spans
 }
 
 /// One submission's committed outbox rows, for the [`PublishBatcher`].

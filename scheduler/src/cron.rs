@@ -26,6 +26,7 @@ use taskhost_common::model::{
 use taskhost_common::schedule::Schedule;
 use taskhost_common::store::fire::{self, Fire};
 use taskhost_common::tasks::{TASK_COLUMNS, Task};
+use tracing::Instrument;
 use uuid::Uuid;
 
 /// What one pass did.
@@ -340,13 +341,23 @@ pub async fn tick(
 
     let planned = started.elapsed();
     // One INSERT of every single-target job (plus change and outbox rows).
+    // Tracing: each fire starts its own trace (`task.fire`), kept open
+    // until the pass commits.
+    let mut fire_spans = Vec::new();
     let batch: Vec<Fire<'_>> = fires
         .iter()
-        .map(|(_, spec_index, row_index, run)| Fire {
-            job_id: Uuid::now_v7(),
-            user_id: &due[*row_index].task.created_by,
-            spec: &specs[*spec_index],
-            task: *run,
+        .map(|(_, spec_index, row_index, run)| {
+            let job_id = Uuid::now_v7();
+            let span = fire_span(run, job_id);
+            let traceparent = taskhost_common::telemetry::traceparent(&span);
+            fire_spans.push(span);
+            Fire {
+                job_id,
+                user_id: &due[*row_index].task.created_by,
+                spec: &specs[*spec_index],
+                task: *run,
+                traceparent,
+            }
         })
         .collect();
     let outcome = fire::fire_batch(&mut tx, &batch, "scheduler").await?;
@@ -383,6 +394,7 @@ pub async fn tick(
     let commit = Instant::now();
     tx.commit().await?;
     report.commit = commit.elapsed();
+    drop(fire_spans);
     record_metrics(&report);
     report.elapsed = started.elapsed();
     if !report.fired_jobs.is_empty() || report.skipped > 0 {
@@ -414,6 +426,23 @@ fn record_metrics(report: &TickReport) {
     metrics::counter!("taskhost_scheduler_misfires_total").increment(report.misfires as u64);
     metrics::counter!("taskhost_scheduler_overlaps_skipped_total")
         .increment(report.overlaps_skipped as u64);
+}
+
+/// Tracing (README, "Tracing"): the root span of one fire of a task, a
+/// new trace whose context the fired job's work message carries.
+/// Disabled when tracing is off.
+fn fire_span(run: &TaskRun, job_id: Uuid) -> tracing::Span {
+    if !taskhost_common::telemetry::enabled() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(
+        parent: None,
+        "task.fire",
+        otel.kind = "producer",
+        task.id = %run.task_id,
+        task.fire_at = %run.fire_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
+        job.id = %job_id,
+    )
 }
 
 /// A fan-out (`all`) task: each fire time through `jobs::accept_in` (one
@@ -453,26 +482,29 @@ async fn fire_fanout(
         }
         any = true;
         update.reason = "fired";
+        let job_id = Uuid::now_v7();
+        let task_run = TaskRun {
+            task_id: task.task_id,
+            fire_at: Some(at),
+            max_retries: task.max_retries,
+            retry_delay_seconds: task.retry_delay_seconds,
+            kill_on_timeout: task.kill_on_timeout,
+        };
         let accepted = jobs::accept_in(
             tx,
             &NewJob {
-                job_id: Uuid::now_v7(),
+                job_id,
                 user_id: &task.created_by,
                 spec,
                 triggered_by: TriggeredBy::Schedule,
                 idempotency_key: None,
                 request_hash: None,
                 changed_by: "scheduler",
-                task: Some(TaskRun {
-                    task_id: task.task_id,
-                    fire_at: Some(at),
-                    max_retries: task.max_retries,
-                    retry_delay_seconds: task.retry_delay_seconds,
-                    kill_on_timeout: task.kill_on_timeout,
-                }),
+                task: Some(task_run),
                 rerun_of: None,
             },
         )
+        .instrument(fire_span(&task_run, job_id))
         .await?;
         update.last_run = Some(at);
         match accepted {

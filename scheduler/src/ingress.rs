@@ -24,6 +24,7 @@ use taskhost_common::{CancellationToken, Settings};
 use taskhost_common::{db, keys, text};
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
+use tracing::{Instrument, Span};
 use uuid::Uuid;
 
 /// Deliveries handled at once (and the consumer's prefetch).
@@ -152,6 +153,13 @@ async fn process(
             spec.execution_mode
         ));
     }
+    // Tracing: the work message's `publish` span, a child of the ingress
+    // span; its traceparent is stored with the outbox row.
+    let publish = taskhost_common::telemetry::publish_span(
+        &ing.publisher.names().work(),
+        &spec.target.routing_key(),
+        job_id,
+    );
     let accepted = if PlainJob::fits(&spec, None) {
         let plain = PlainJob {
             job_id,
@@ -159,6 +167,7 @@ async fn process(
             spec: spec.clone(),
             triggered_by: TriggeredBy::Queue,
             changed_by: user_id.clone(),
+            traceparent: taskhost_common::telemetry::traceparent(&publish),
         };
         ing.accepter.call(plain).await
     } else {
@@ -176,6 +185,7 @@ async fn process(
                 rerun_of: None,
             },
         )
+        .instrument(publish.clone())
         .await
         .map_err(|e| db::describe(&e))
     };
@@ -191,7 +201,12 @@ async fn process(
                     .map(|id| jobs::job_event(*id, JobStatus::Dead, 0, None, None))
                     .collect();
                 jobs::publish_events(&ing.publisher, &events).await;
-            } else if let Err(error) = ing.published.publish(outbox, "ingress").await {
+            } else if let Err(error) = ing
+                .published
+                .publish(outbox, "ingress")
+                .instrument(publish)
+                .await
+            {
                 tracing::warn!(%error, "fast-path publish failed; the relay will publish");
             }
             Verdict::Accepted(job_ids[0])
@@ -294,6 +309,33 @@ async fn consume(
     }
 }
 
+/// Tracing (README, "Tracing"): the consumer span of one ingress message,
+/// a child of its `traceparent` (and `tracestate`) header when it has
+/// one, else a new trace's root. Disabled when tracing is off.
+fn ingress_span(ing: &Ingress, delivery: &lapin::message::Delivery, id: Option<&str>) -> Span {
+    use taskhost_common::telemetry::{self, amqp_header};
+    if !telemetry::enabled() {
+        return Span::none();
+    }
+    let span = tracing::info_span!(
+        "job.ingress",
+        otel.name = format!("process {}", ing.publisher.names().submit()),
+        otel.kind = "consumer",
+        messaging.system = "rabbitmq",
+        "messaging.operation.type" = "process",
+        messaging.destination.name = %ing.publisher.names().submit(),
+        messaging.rabbitmq.destination.routing_key = %delivery.routing_key,
+        messaging.message.id = id.unwrap_or_default(),
+        job.id = id.unwrap_or_default(),
+    );
+    telemetry::set_parent(
+        &span,
+        amqp_header(&delivery.properties, telemetry::TRACEPARENT),
+        amqp_header(&delivery.properties, telemetry::TRACESTATE),
+    );
+    span
+}
+
 async fn handle(ing: &Ingress, delivery: lapin::message::Delivery) {
     let kind = delivery.properties.kind().as_ref().map(|k| k.to_string());
     let id = delivery
@@ -301,7 +343,11 @@ async fn handle(ing: &Ingress, delivery: lapin::message::Delivery) {
         .message_id()
         .as_ref()
         .map(|m| m.to_string());
-    match process(ing, &delivery.data, kind.as_deref(), id.as_deref()).await {
+    let span = ingress_span(ing, &delivery, id.as_deref());
+    match process(ing, &delivery.data, kind.as_deref(), id.as_deref())
+        .instrument(span)
+        .await
+    {
         Verdict::Accepted(job_id) => {
             tracing::info!(%job_id, "ingress job accepted");
             let _ = delivery.acker.ack(BasicAckOptions::default()).await;

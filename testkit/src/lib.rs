@@ -3,6 +3,8 @@
 //! workers in-process (or the `taskhost` binary as a child process).
 //! Nothing here mocks Postgres or RabbitMQ.
 
+pub mod otlp;
+
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -578,6 +580,20 @@ impl TestEnv {
         message_type: Option<&str>,
         message_id: Option<&str>,
     ) {
+        self.publish_raw_with_headers(exchange, routing_key, body, message_type, message_id, &[])
+            .await;
+    }
+
+    /// [`Self::publish_raw`] with string headers (e.g. `traceparent`).
+    pub async fn publish_raw_with_headers(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        message_type: Option<&str>,
+        message_id: Option<&str>,
+        headers: &[(&str, &str)],
+    ) {
         use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
         let conn = amqp::connect(AMQP_URL, "test-publisher")
             .await
@@ -597,6 +613,16 @@ impl TestEnv {
         }
         if let Some(id) = message_id {
             props = props.with_message_id(id.into());
+        }
+        if !headers.is_empty() {
+            let mut table = lapin::types::FieldTable::default();
+            for (k, v) in headers {
+                table.insert(
+                    (*k).into(),
+                    lapin::types::AMQPValue::LongString((*v).into()),
+                );
+            }
+            props = props.with_headers(table);
         }
         ch.basic_publish(
             exchange.into(),

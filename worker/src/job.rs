@@ -111,7 +111,7 @@ pub(crate) async fn handle(ctx: Arc<Ctx>, acks: Arc<Acks>, delivery: Delivery) {
         Ok(r) => r,
         Err(reason) => return acks.dead_letter(&ctx.publisher, &delivery, &reason).await,
     };
-    let span = tracing::info_span!("job", job_id = %run.job_id, node_id = %ctx.node_id);
+    let span = crate::trace::run_span(&ctx, &delivery, &run);
     process(ctx, &acks, delivery, run).instrument(span).await;
 }
 
@@ -226,6 +226,7 @@ async fn process(ctx: Arc<Ctx>, acks: &Acks, delivery: Delivery, run: JobRun) {
     }
     drop(claiming);
     started(&claimed);
+    crate::trace::claimed(&claimed);
     publish_event(&ctx, job_id, JobStatus::Running, claimed.attempt, None);
     tracing::debug!(%job_id, attempt = claimed.attempt, mode = %claimed.execution_mode, "job started");
     // An inline job that was not run inside its claim (its row was busy
@@ -253,6 +254,7 @@ async fn process(ctx: Arc<Ctx>, acks: &Acks, delivery: Delivery, run: JobRun) {
     match stop {
         Some(StopReason::Lost) => {
             metrics::counter!("taskhost_job_claims_lost_total").increment(1);
+            crate::trace::ended("lost");
             tracing::warn!(%job_id, attempt = claimed.attempt, "claim was taken over; this attempt's result is dropped");
             if !background {
                 acks.ack(&delivery).await;
@@ -260,6 +262,7 @@ async fn process(ctx: Arc<Ctx>, acks: &Acks, delivery: Delivery, run: JobRun) {
             return;
         }
         Some(StopReason::Shutdown) => {
+            crate::trace::ended("released");
             let republish = background.then(|| claimed.work_message());
             if let Err(error) = store::release(
                 &ctx.pool,
@@ -317,6 +320,8 @@ async fn settled(
     if !matches!(finished, Finished::Fenced) {
         record_run(ctx, claimed, fin, &finished);
     }
+    crate::trace::claimed(claimed);
+    crate::trace::ended(fin.status.as_str());
     match finished {
         Finished::Final => {
             publish_event(ctx, job_id, fin.status, claimed.attempt, fin.exit_code);

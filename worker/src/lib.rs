@@ -21,6 +21,7 @@ mod live;
 mod node;
 pub mod procinfo;
 pub mod sandbox;
+mod trace;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

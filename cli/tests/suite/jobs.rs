@@ -1585,6 +1585,7 @@ async fn a_repeated_id_in_one_accept_batch_is_one_job() {
         spec: spec.clone(),
         triggered_by: TriggeredBy::Queue,
         changed_by: "ingress".into(),
+        traceparent: None,
     };
     let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
     let answers = accept_batch(&env.pool, &[job(a), job(b), job(a)])
@@ -1648,6 +1649,7 @@ async fn a_redelivery_settled_with_its_jobs_end_does_not_run_it_again() {
             spec,
             triggered_by: TriggeredBy::Api,
             changed_by: "alice".into(),
+            traceparent: None,
         }],
     )
     .await

@@ -26,4 +26,5 @@ mod soak;
 mod startup;
 mod sync;
 mod tasks;
+mod tracing;
 mod transport;

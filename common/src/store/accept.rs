@@ -96,6 +96,9 @@ pub struct OutboxMessage {
     pub payload: String,
     /// The job it carries, if any.
     pub job_id: Option<Uuid>,
+    /// The W3C trace context sent as the `traceparent` header (README,
+    /// "Tracing"); None when tracing was off.
+    pub traceparent: Option<String>,
 }
 
 impl OutboxMessage {
@@ -108,7 +111,10 @@ impl OutboxMessage {
             message_id: self.message_id.clone(),
             priority: self.priority.clamp(0, 9) as u8,
             payload: self.payload.clone().into_bytes(),
-            headers: Vec::new(),
+            headers: match &self.traceparent {
+                None => Vec::new(),
+                Some(tp) => vec![(crate::telemetry::TRACEPARENT.to_owned(), tp.clone())],
+            },
         }
     }
 }
@@ -123,6 +129,7 @@ pub async fn insert_outbox(
 }
 
 /// Inserts an outbox row that the relay publishes only after `delay_secs`.
+/// With tracing on, the row carries the current span's `traceparent`.
 pub async fn insert_outbox_delayed(
     conn: &mut PgConnection,
     routing_key: &str,
@@ -131,9 +138,9 @@ pub async fn insert_outbox_delayed(
 ) -> Result<OutboxMessage, sqlx::Error> {
     let payload = serde_json::to_value(run).unwrap_or(Value::Null);
     sqlx::query_as(
-        "INSERT INTO outbox (exchange, routing_key, message_type, message_id, priority, payload, job_id, available_at)
-         VALUES ('work', $1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7))
-         RETURNING outbox_id, exchange, routing_key, message_type, message_id, priority, payload::text AS payload, job_id",
+        "INSERT INTO outbox (exchange, routing_key, message_type, message_id, priority, payload, job_id, available_at, traceparent)
+         VALUES ('work', $1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7), $8)
+         RETURNING outbox_id, exchange, routing_key, message_type, message_id, priority, payload::text AS payload, job_id, traceparent",
     )
     .bind(routing_key)
     .bind(JOB_RUN_V1)
@@ -142,6 +149,7 @@ pub async fn insert_outbox_delayed(
     .bind(payload)
     .bind(run.job_id)
     .bind(delay_secs)
+    .bind(crate::telemetry::current_traceparent())
     .fetch_one(conn)
     .await
 }
@@ -387,6 +395,9 @@ pub struct PlainJob {
     pub triggered_by: TriggeredBy,
     /// Recorded as `changed_by` in the change log.
     pub changed_by: String,
+    /// The W3C `traceparent` its work message carries (README,
+    /// "Tracing"); None when tracing is off.
+    pub traceparent: Option<String>,
 }
 
 impl PlainJob {
@@ -473,11 +484,18 @@ pub async fn accept_batch(pool: &PgPool, jobs: &[PlainJob]) -> Result<Vec<Accept
         .collect();
     let run_ids: Vec<Uuid> = runs.iter().map(|r| r.job_id).collect();
     let run_priorities: Vec<i16> = runs.iter().map(|r| r.priority).collect();
+    // With tracing off the array is empty: UNNEST pads it with NULLs.
+    let traceparents: Vec<Option<&str>> = if fresh.iter().any(|j| j.traceparent.is_some()) {
+        fresh.iter().map(|j| j.traceparent.as_deref()).collect()
+    } else {
+        Vec::new()
+    };
     let outbox: Vec<OutboxMessage> = sqlx::query_as(
-        "INSERT INTO outbox (exchange, routing_key, message_type, message_id, priority, payload, job_id)
-         SELECT 'work', rk, $2, mid, p, pl, j
-         FROM UNNEST($1::text[], $3::text[], $4::int2[], $5::jsonb[], $6::uuid[]) AS x(rk, mid, p, pl, j)
-         RETURNING outbox_id, exchange, routing_key, message_type, message_id, priority, payload::text AS payload, job_id",
+        "INSERT INTO outbox (exchange, routing_key, message_type, message_id, priority, payload, job_id, traceparent)
+         SELECT 'work', rk, $2, mid, p, pl, j, tp
+         FROM UNNEST($1::text[], $3::text[], $4::int2[], $5::jsonb[], $6::uuid[], $7::text[])
+              AS x(rk, mid, p, pl, j, tp)
+         RETURNING outbox_id, exchange, routing_key, message_type, message_id, priority, payload::text AS payload, job_id, traceparent",
     )
     .bind(&keys)
     .bind(JOB_RUN_V1)
@@ -485,6 +503,7 @@ pub async fn accept_batch(pool: &PgPool, jobs: &[PlainJob]) -> Result<Vec<Accept
     .bind(&run_priorities)
     .bind(&payloads)
     .bind(&run_ids)
+    .bind(&traceparents)
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;

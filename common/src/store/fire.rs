@@ -34,6 +34,9 @@ pub struct Fire<'a> {
     pub spec: &'a JobSpec,
     /// The task and its fire time (`fire_at` must be set).
     pub task: TaskRun,
+    /// The W3C `traceparent` of the fire's span, for its work message
+    /// (README, "Tracing"); None when tracing is off.
+    pub traceparent: Option<String>,
 }
 
 /// Inserts the jobs of `fires` (with their change rows and outbox rows) on
@@ -127,11 +130,18 @@ pub async fn fire_batch(
         .collect();
     let run_ids: Vec<Uuid> = fresh.iter().map(|f| f.job_id).collect();
     let run_priorities: Vec<i16> = fresh.iter().map(|f| f.spec.priority).collect();
+    // With tracing off the array is empty: UNNEST pads it with NULLs.
+    let traceparents: Vec<Option<&str>> = if fresh.iter().any(|f| f.traceparent.is_some()) {
+        fresh.iter().map(|f| f.traceparent.as_deref()).collect()
+    } else {
+        Vec::new()
+    };
     let outbox: Vec<OutboxMessage> = sqlx::query_as(
-        "INSERT INTO outbox (exchange, routing_key, message_type, message_id, priority, payload, job_id)
-         SELECT 'work', rk, $2, mid, p, pl, j
-         FROM UNNEST($1::text[], $3::text[], $4::int2[], $5::jsonb[], $6::uuid[]) AS x(rk, mid, p, pl, j)
-         RETURNING outbox_id, exchange, routing_key, message_type, message_id, priority, payload::text AS payload, job_id",
+        "INSERT INTO outbox (exchange, routing_key, message_type, message_id, priority, payload, job_id, traceparent)
+         SELECT 'work', rk, $2, mid, p, pl, j, tp
+         FROM UNNEST($1::text[], $3::text[], $4::int2[], $5::jsonb[], $6::uuid[], $7::text[])
+              AS x(rk, mid, p, pl, j, tp)
+         RETURNING outbox_id, exchange, routing_key, message_type, message_id, priority, payload::text AS payload, job_id, traceparent",
     )
     .bind(&keys)
     .bind(JOB_RUN_V1)
@@ -139,6 +149,7 @@ pub async fn fire_batch(
     .bind(&run_priorities)
     .bind(&payloads)
     .bind(&run_ids)
+    .bind(&traceparents)
     .fetch_all(&mut *conn)
     .await?;
     let mut outbox: HashMap<Uuid, OutboxMessage> = outbox
