@@ -37,6 +37,18 @@ impl Metrics {
     }
 }
 
+/// Prometheus metrics
+///
+/// The api's counters in the Prometheus text format (open).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition format 0.0.4.",
+               content_type = "text/plain", body = String,
+               example = "# TYPE taskhost_api_jobs_submitted_total counter\ntaskhost_api_jobs_submitted_total 3\n"))
+)]
 pub(crate) async fn render(State(state): State<AppState>) -> impl IntoResponse {
     let m = &state.metrics;
     let mut out = String::new();
