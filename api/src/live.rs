@@ -236,8 +236,6 @@ fn start_from(q: &StreamQuery, headers: &HeaderMap) -> Result<Option<i64>, ApiEr
     Ok(since)
 }
 
-/// `GET /api/v1/events/stream[?since=N]`: `text/event-stream` of job and
-/// node changes the caller may see, until the api shuts down.
 /// Stream job and node changes
 ///
 /// Server-Sent Events (`text/event-stream`) of job and node changes the

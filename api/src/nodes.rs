@@ -36,8 +36,8 @@ pub(crate) struct NodeView {
     /// What the worker last reported (load, memory, slots...).
     #[schema(value_type = Object)]
     stats: Value,
-    /// Labels from its configuration.
-    #[schema(value_type = Object)]
+    /// Its tags, as JSON (a list unless configured otherwise).
+    #[schema(value_type = Value)]
     tags: Value,
     registered_at: DateTime<Utc>,
 }
