@@ -122,7 +122,17 @@ impl Accepted202 {
     ),
     request_body(content = SubmitRequest, description = "The job. Unknown fields are refused with 422."),
     responses(
-        (status = 202, description = "Accepted (also for an Idempotency-Key repeat).", body = Accepted202),
+        (status = 202, description = "Accepted (also for an Idempotency-Key repeat).", body = Accepted202,
+         links(
+            ("GetJob" = (operation_id = "getJob", parameters(("jobId" = "$response.body#/jobId")),
+                         description = "The job, with its status and, once it ended, its output.")),
+            ("CancelJob" = (operation_id = "cancelJob", parameters(("jobId" = "$response.body#/jobId")),
+                            description = "Cancel it.")),
+            ("GetJobOutput" = (operation_id = "getJobOutput", parameters(("jobId" = "$response.body#/jobId")),
+                               description = "Its whole stdout or stderr, once it ended.")),
+            ("DeleteJob" = (operation_id = "deleteJob", parameters(("jobId" = "$response.body#/jobId")),
+                            description = "Delete its result, once it ended."))
+         )),
         (status = 403, response = crate::doc::Forbidden),
         (status = 409, response = crate::doc::Conflict),
         (status = 422, response = crate::doc::Invalid),

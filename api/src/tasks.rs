@@ -164,7 +164,21 @@ pub(crate) struct Created201 {
     tag = "tasks",
     request_body(content = crate::doc::TaskCreateBody, description = "The task."),
     responses(
-        (status = 201, description = "Created.", body = Created201),
+        (status = 201, description = "Created.", body = Created201,
+         links(
+            ("GetTask" = (operation_id = "getTask", parameters(("taskId" = "$response.body#/taskId")),
+                          description = "The task.")),
+            ("UpdateTask" = (operation_id = "updateTask", parameters(("taskId" = "$response.body#/taskId")),
+                             description = "Change it.")),
+            ("GetTaskSchedule" = (operation_id = "getTaskSchedule", parameters(("taskId" = "$response.body#/taskId")),
+                                  description = "Its next and last run.")),
+            ("GetTaskHistory" = (operation_id = "getTaskHistory", parameters(("taskId" = "$response.body#/taskId")),
+                                 description = "Its runs.")),
+            ("RunTaskNow" = (operation_id = "runTaskNow", parameters(("taskId" = "$response.body#/taskId")),
+                             description = "Run it now.")),
+            ("DeleteTask" = (operation_id = "deleteTask", parameters(("taskId" = "$response.body#/taskId")),
+                             description = "Delete it."))
+         )),
         (status = 403, response = crate::doc::Forbidden),
         (status = 409, response = crate::doc::Conflict),
         (status = 422, response = crate::doc::Invalid),
@@ -468,7 +482,15 @@ pub(crate) struct Run202 {
     tag = "tasks",
     params(crate::doc::TaskIdPath),
     responses(
-        (status = 202, description = "The run's job was accepted.", body = Run202),
+        (status = 202, description = "The run's job was accepted.", body = Run202,
+         links(
+            ("GetJob" = (operation_id = "getJob", parameters(("jobId" = "$response.body#/jobId")),
+                         description = "The job, with its status and, once it ended, its output.")),
+            ("CancelJob" = (operation_id = "cancelJob", parameters(("jobId" = "$response.body#/jobId")),
+                            description = "Cancel it.")),
+            ("GetJobOutput" = (operation_id = "getJobOutput", parameters(("jobId" = "$response.body#/jobId")),
+                               description = "Its whole stdout or stderr, once it ended."))
+         )),
         (status = 403, response = crate::doc::Forbidden),
         (status = 409, response = crate::doc::Conflict),
     )
