@@ -29,13 +29,14 @@ const COMMAND_PREVIEW: i32 = 300;
 #[into_params(parameter_in = Query)]
 pub(crate) struct JobFilter {
     /// Comma-separated states (`failed,timed_out`).
-    #[param(example = "failed,timed_out")]
+    #[param(schema_with = status_list, example = "failed,timed_out")]
     status: Option<String>,
     /// The owner (admins; any other key only ever sees its own).
     user: Option<String>,
     /// Job name prefix.
     name: Option<String>,
     /// The task that fired it.
+    #[param(value_type = Option<Uuid>)]
     task: Option<String>,
     /// The node that ran it: its id or its name.
     node: Option<String>,
@@ -110,6 +111,23 @@ pub(crate) fn summary_select() -> String {
                 j.target_node_id, j.target_node_group, j.target_node_role, j.rerun_of
          FROM jobs j LEFT JOIN nodes n ON n.node_id = j.claimed_by"
     )
+}
+
+/// `status` of `GET /jobs`: one or more states, comma-separated (empty
+/// entries are skipped).
+fn status_list() -> utoipa::openapi::schema::Object {
+    let one = JobStatus::ALL
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join("|");
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .description(Some("Comma-separated states (`failed,timed_out`)."))
+        .pattern(Some(format!(
+            "^(\\s*,)*\\s*({one})\\s*(,\\s*(({one})\\s*)?)*$"
+        )))
+        .build()
 }
 
 fn invalid(field: &str, why: impl std::fmt::Display) -> ApiError {

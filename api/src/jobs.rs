@@ -117,7 +117,7 @@ impl Accepted202 {
     operation_id = "submitJob",
     tag = "jobs",
     params(
-        ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 200,
+        ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 200, pattern = "^[\t -~]+$",
          description = "Makes a submission safe to retry: 1 to 200 visible ASCII characters, scoped to the caller's user. A repeat with the same key and the same body (as JSON: whitespace and key order do not count) answers 202 with the original `jobId`; the same key with a different body answers 409. An empty, too long or non-ASCII key answers 400.")
     ),
     request_body(content = SubmitRequest, description = "The job. Unknown fields are refused with 422."),
@@ -321,21 +321,28 @@ pub(crate) struct JobFields {
     execution_mode: String,
     #[schema(value_type = JobStatus)]
     status: String,
-    /// Why it ended as it did (a timeout, a cancel, no node), when known.
+    /// Why the job is in its status (a timeout, a cancel, no node), when
+    /// known.
     status_reason: Option<String>,
-    /// Whether it succeeded, once it ended.
+    /// Whether it succeeded; null until it ends.
     success: Option<bool>,
+    /// Exit status of the command, when it ran.
     exit_code: Option<i32>,
+    /// When the current attempt started.
     #[sqlx(rename = "started_at")]
     date_started: Option<DateTime<Utc>>,
+    /// When the job ended.
     #[sqlx(rename = "completed_at")]
     date_completed: Option<DateTime<Utc>>,
     submitted_at: DateTime<Utc>,
-    /// Seconds it ran.
+    /// Run time of the final attempt, in seconds.
     runtime: Option<f64>,
-    /// The worker cut the captured output at `worker.output_cap_bytes`.
+    /// The worker cut the captured stdout or stderr at
+    /// `worker.output_cap_bytes` (the rest was never stored).
     output_truncated: Option<bool>,
+    /// The node that ran (or runs) it.
     node_id: Option<Uuid>,
+    /// Attempt number (retries of task runs increase it).
     attempt: i32,
     priority: i16,
     target_node_id: Option<Uuid>,
@@ -385,10 +392,12 @@ pub(crate) struct JobView {
     #[sqlx(flatten)]
     #[serde(flatten)]
     fields: JobFields,
-    /// stdout then stderr.
+    /// The final attempt's whole stdout followed by its stderr (each up to
+    /// `worker.output_cap_bytes`); null until an attempt has ended.
+    /// `GET /api/v1/jobs/{jobId}/output` streams either alone.
     #[sqlx(skip)]
     output: Option<String>,
-    /// stderr alone, when not empty.
+    /// The final attempt's whole stderr alone, when not empty.
     #[sqlx(skip)]
     error: Option<String>,
     #[serde(skip)]

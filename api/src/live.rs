@@ -252,7 +252,7 @@ fn start_from(q: &StreamQuery, headers: &HeaderMap) -> Result<Option<i64>, ApiEr
     tag = "console",
     params(
         StreamQuery,
-        ("Last-Event-ID" = Option<i64>, Header, description = "The `id` of the last event seen; like `since`.")
+        ("Last-Event-ID" = Option<i64>, Header, minimum = 0, description = "The `id` of the last event seen; like `since`.")
     ),
     responses(
         (status = 200, description = "The stream; each `change` event's data is a `LiveEvent`.",

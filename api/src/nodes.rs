@@ -28,6 +28,7 @@ pub(crate) struct NodeView {
     #[schema(schema_with = node_status)]
     status: String,
     last_heartbeat: DateTime<Utc>,
+    /// Seconds since the last heartbeat.
     heartbeat_age_seconds: f64,
     max_concurrent_tasks: i32,
     supported_task_types: Vec<String>,

@@ -349,6 +349,7 @@ pub(crate) struct HistoryQuery {
 #[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct HistoryEntry {
+    /// Row id; pass the last one as `before` to page.
     history_id: i64,
     job_id: Uuid,
     node_id: Option<Uuid>,
@@ -361,6 +362,7 @@ struct HistoryEntry {
     /// How the attempt ended.
     #[schema(value_type = JobStatus)]
     state: String,
+    /// False for an attempt that was retried.
     is_final: bool,
     exit_code: Option<i32>,
     #[schema(value_type = taskhost_common::model::TriggeredBy)]

@@ -215,7 +215,6 @@ impl Checker {
         for (path, item) in paths {
             for method in ["get", "put", "post", "delete", "patch"] {
                 if item.get(method).is_none() {
-                    let _ = &item;
                     continue;
                 }
                 let name = format!("{} {path}", method.to_uppercase());
