@@ -293,6 +293,28 @@ pub fn document() -> Value {
     doc
 }
 
+/// An optional body (`request_body = Option<T>`) may be left out; when it
+/// is sent it is an object (`crate::jobs::parse_json`), never `null`, so
+/// its schema is `T` alone.
+fn optional_body_is_not_null(body: &mut Value) {
+    if body["required"] == Value::Bool(true) {
+        return;
+    }
+    let Some(content) = body["content"].as_object_mut() else {
+        return;
+    };
+    for media in content.values_mut() {
+        let schema = &mut media["schema"];
+        let not_null = schema["oneOf"].as_array().and_then(|alts| {
+            let rest: Vec<&Value> = alts.iter().filter(|a| a["type"] != "null").collect();
+            (rest.len() == 1 && alts.len() == 2).then(|| rest[0].clone())
+        });
+        if let Some(one) = not_null {
+            *schema = one;
+        }
+    }
+}
+
 /// Renames a component schema and every reference to it.
 fn rename_schema(doc: &mut Value, from: &str, to: &str) {
     fn refs(v: &mut Value, from: &str, to: &str) {
@@ -359,8 +381,9 @@ fn finish(doc: &mut Value) {
                 } else {
                     op["security"] = json!([]);
                 }
-                if op.get("requestBody").is_some() {
+                if let Some(body) = op.get_mut("requestBody") {
                     add.extend([("400", "BadRequest"), ("413", "TooLarge")]);
+                    optional_body_is_not_null(body);
                 }
                 if path.contains('{') {
                     add.push(("404", "NotFound"));

@@ -161,7 +161,7 @@ pub(crate) fn valid_table(table: &str) -> Result<(), ApiError> {
     path = "/sync/trigger",
     operation_id = "syncTrigger",
     tag = "changes",
-    request_body(content = TriggerRequest, description = "What to do; may be empty."),
+    request_body(content = Option<TriggerRequest>, description = "What to do; may be empty (the same as `{}`)."),
     responses(
         (status = 200, description = "Done.", body = Trigger200),
         (status = 403, response = crate::doc::Forbidden),
