@@ -39,6 +39,16 @@ const ASSETS: &[(&str, &str, &[u8])] = &[
         "text/plain; charset=utf-8",
         include_bytes!("../assets/swagger-ui/LICENSE"),
     ),
+    (
+        "NOTICE",
+        "text/plain; charset=utf-8",
+        include_bytes!("../assets/swagger-ui/NOTICE"),
+    ),
+    (
+        "swagger-ui-bundle.js.LICENSE.txt",
+        "text/plain; charset=utf-8",
+        include_bytes!("../assets/swagger-ui/swagger-ui-bundle.js.LICENSE.txt"),
+    ),
 ];
 
 /// The page talks only to its own origin.
