@@ -1,5 +1,7 @@
 //! Real answers match the OpenAPI document: every route is driven through
-//! a real api, worker and database (its success and its main errors), and
+//! a real api, worker and database (its success and its main errors: 400,
+//! 401, 403, 404, 409, 413, 422, and 429 and 503 from apis with a tight
+//! budget and an unreachable database), and
 //! each answer must be documented for its status, with its content type,
 //! and (for JSON) valid against that status's schema, `$ref`s resolved
 //! into the document's components. Every operation of the document must
@@ -674,6 +676,21 @@ async fn every_route_answers_what_the_document_says() {
     )
     .await;
     c.problems.append(&mut t.problems);
+
+    // Postgres unreachable: 503, for readiness and for a keyed route.
+    let mut down = env.settings.clone();
+    down.database.url = format!("postgres://postgres@127.0.0.1:1/{}", env.db_name);
+    down.database.acquire_timeout_secs = 1;
+    let down_api = env.start_api_with(down).await;
+    let mut d = Checker::new(&down_api).await;
+    let ready = d.send(Req::new(M::GET, "/readyz", "/readyz"), 503).await;
+    assert_eq!(ready["down"][0], "postgres", "{ready}");
+    d.send(
+        Req::new(M::GET, "/api/v1/me", "/api/v1/me").key(&debug),
+        503,
+    )
+    .await;
+    c.problems.append(&mut d.problems);
 
     c.covered();
     assert!(c.problems.is_empty(), "{}", c.problems.join("\n"));
