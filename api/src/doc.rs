@@ -231,7 +231,9 @@ JSON over HTTP; field names are camelCase; integers are written without a fracti
         (name = "operations", description = "Health, readiness, metrics and this documentation (open)."),
     ),
     components(
-        schemas(ErrorBody),
+        // `LiveEvent`: the data of the event stream's `change` events, which
+        // no JSON answer carries.
+        schemas(ErrorBody, crate::live::LiveEvent),
         responses(
             BadRequest,
             Unauthorized,
