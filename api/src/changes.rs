@@ -8,8 +8,9 @@
 
 use axum::Json;
 use axum::extract::{Query, State};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use taskhost_common::changelog::ChangeEntryOf;
 use taskhost_common::{changelog, secrets, sync};
 
 use crate::auth::Caller;
@@ -17,20 +18,65 @@ use crate::error::ApiError;
 use crate::state::AppState;
 use crate::sync::{valid_consumer, valid_table};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct ChangesQuery {
+    /// Only changes of this table.
+    #[param(schema_with = crate::sync::feed_table_schema)]
     table: Option<String>,
+    /// Only changes with `changeSeq` greater than this (default 0): pass the
+    /// previous `nextSince`. With `consumer`, at most the feed's head.
+    #[param(minimum = 0, default = 0)]
     since: Option<i64>,
+    /// Page size, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000, default = 100)]
     limit: Option<i64>,
+    /// A consumer name. With `since`, records that this consumer has taken
+    /// everything up to `since`; without, continues from its recorded
+    /// cursor (`GET /api/v1/sync/status` shows them).
+    #[param(pattern = r"^[A-Za-z0-9._:@-]{1,128}$")]
     consumer: Option<String>,
 }
 
+/// A page of the change feed.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = ChangeList)]
+pub(crate) struct ChangesPage {
+    #[schema(schema_with = crate::doc::always_true)]
+    success: bool,
+    count: usize,
+    /// The feed's safe head: every change at or below it is committed.
+    head_seq: i64,
+    /// Pass as `since` for the next page.
+    next_since: i64,
+    #[schema(value_type = Vec<ChangeEntryOf<Value>>)]
+    changes: Vec<changelog::ChangeEntry>,
+}
+
+/// Read the change feed
+///
+/// Changes with decoded old and new rows, oldest first, up to the safe
+/// head (so moving to `nextSince` never skips a change). Sealed secrets
+/// show as their names with `***`. system_admin or site_admin.
+#[utoipa::path(
+    get,
+    path = "/changes",
+    operation_id = "listChanges",
+    tag = "changes",
+    params(ChangesQuery),
+    responses(
+        (status = 200, description = "A page of changes.", body = ChangesPage),
+        (status = 403, response = crate::doc::Forbidden),
+        (status = 422, response = crate::doc::Invalid),
+    )
+)]
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
     query: Result<Query<ChangesQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ChangesPage>, ApiError> {
     caller.require_admin("reading the change feed")?;
     let Query(q) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
     if let Some(t) = &q.table {
@@ -97,11 +143,11 @@ pub(crate) async fn list(
         Some(last) if changes.len() as i64 >= limit => last.change_seq,
         _ => head.max(since),
     };
-    Ok(Json(json!({
-        "success": true,
-        "count": changes.len(),
-        "headSeq": head,
-        "nextSince": next,
-        "changes": changes,
-    })))
+    Ok(Json(ChangesPage {
+        success: true,
+        count: changes.len(),
+        head_seq: head,
+        next_since: next,
+        changes,
+    }))
 }

@@ -7,9 +7,9 @@ use axum::Json;
 use axum::extract::{Query, State};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use sqlx::{Postgres, QueryBuilder};
-use taskhost_common::model::{ExecutionMode, JobStatus};
+use taskhost_common::model::{ExecutionMode, JobStatus, Role};
 use uuid::Uuid;
 
 use crate::auth::Caller;
@@ -24,16 +24,19 @@ pub(crate) const DEFAULT_LIMIT: i64 = 50;
 const COMMAND_PREVIEW: i32 = 300;
 
 /// `GET /jobs` filters; every one is optional and they combine with AND.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct JobFilter {
     /// Comma-separated states (`failed,timed_out`).
+    #[param(schema_with = status_list, example = "failed,timed_out")]
     status: Option<String>,
     /// The owner (admins; any other key only ever sees its own).
     user: Option<String>,
     /// Job name prefix.
     name: Option<String>,
     /// The task that fired it.
+    #[param(value_type = Option<Uuid>)]
     task: Option<String>,
     /// The node that ran it: its id or its name.
     node: Option<String>,
@@ -42,21 +45,31 @@ pub(crate) struct JobFilter {
     /// Target role.
     role: Option<String>,
     /// Execution mode.
+    #[param(value_type = Option<ExecutionMode>)]
     mode: Option<String>,
+    /// Submitted at or after this time (RFC 3339).
+    #[param(value_type = Option<DateTime<Utc>>)]
     submitted_after: Option<String>,
+    /// Submitted before this time (RFC 3339).
+    #[param(value_type = Option<DateTime<Utc>>)]
     submitted_before: Option<String>,
+    /// Finished at or after this time (RFC 3339).
+    #[param(value_type = Option<DateTime<Utc>>)]
     finished_after: Option<String>,
+    /// Finished before this time (RFC 3339).
+    #[param(value_type = Option<DateTime<Utc>>)]
     finished_before: Option<String>,
     /// Text searched (case-insensitive) in the name and the command.
     q: Option<String>,
     /// From a previous page's `nextCursor`.
     cursor: Option<String>,
-    /// 1..=500, default 50.
+    /// Page size, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500, default = 50)]
     limit: Option<i64>,
 }
 
 /// One job in a list: what it is and where it stands, never its output.
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct JobSummary {
     job_id: Uuid,
@@ -78,6 +91,7 @@ pub(crate) struct JobSummary {
     node_id: Option<Uuid>,
     node_name: Option<String>,
     task_id: Option<Uuid>,
+    #[schema(value_type = taskhost_common::model::TriggeredBy)]
     triggered_by: String,
     target_node_id: Option<Uuid>,
     target_node_group: Option<String>,
@@ -97,6 +111,23 @@ pub(crate) fn summary_select() -> String {
                 j.target_node_id, j.target_node_group, j.target_node_role, j.rerun_of
          FROM jobs j LEFT JOIN nodes n ON n.node_id = j.claimed_by"
     )
+}
+
+/// `status` of `GET /jobs`: one or more states, comma-separated (empty
+/// entries are skipped).
+fn status_list() -> utoipa::openapi::schema::Object {
+    let one = JobStatus::ALL
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join("|");
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .description(Some("Comma-separated states (`failed,timed_out`)."))
+        .pattern(Some(format!(
+            "^(\\s*,)*\\s*({one})\\s*(,\\s*(({one})\\s*)?)*$"
+        )))
+        .build()
 }
 
 fn invalid(field: &str, why: impl std::fmt::Display) -> ApiError {
@@ -228,12 +259,39 @@ impl JobFilter {
     }
 }
 
-/// `GET /api/v1/jobs`: newest first, one page.
+/// A page of job summaries.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = JobPage)]
+pub(crate) struct JobPage {
+    #[schema(schema_with = crate::doc::always_true)]
+    success: bool,
+    count: usize,
+    jobs: Vec<JobSummary>,
+    /// Pass as `cursor` for the next page; null on the last one.
+    next_cursor: Option<String>,
+}
+
+/// List jobs
+///
+/// Job summaries across the system (admins: every user's jobs; others:
+/// their own), newest first, filtered and keyset-paged.
+#[utoipa::path(
+    get,
+    path = "/jobs",
+    operation_id = "listJobs",
+    tag = "jobs",
+    params(JobFilter),
+    responses(
+        (status = 200, description = "A page of jobs.", body = JobPage),
+        (status = 422, response = crate::doc::Invalid),
+    )
+)]
 pub(crate) async fn list_jobs(
     State(state): State<AppState>,
     caller: Caller,
     query: Result<Query<JobFilter>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<JobPage>, ApiError> {
     let Query(filter) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
     let limit = filter.limit.unwrap_or(DEFAULT_LIMIT);
     if !(1..=MAX_LIMIT).contains(&limit) {
@@ -253,19 +311,54 @@ pub(crate) async fn list_jobs(
     } else {
         None
     };
-    Ok(Json(json!({
-        "success": true,
-        "count": jobs.len(),
-        "jobs": jobs,
-        "nextCursor": next,
-    })))
+    Ok(Json(JobPage {
+        success: true,
+        count: jobs.len(),
+        jobs,
+        next_cursor: next,
+    }))
 }
 
-/// `GET /api/v1/me`: the caller's user, roles and key.
+/// Who the key is.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = Me)]
+pub(crate) struct Me {
+    #[schema(schema_with = crate::doc::always_true)]
+    success: bool,
+    user_id: String,
+    roles: Vec<Role>,
+    /// Has system_admin or site_admin.
+    is_admin: bool,
+    /// The key (null for a principal without a stored key).
+    key: Option<KeyInfo>,
+}
+
+/// An API key, without its secret.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct KeyInfo {
+    key_id: Uuid,
+    name: String,
+    /// The visible start of the key (`thk_<8 hex>`).
+    prefix: String,
+    created_at: DateTime<Utc>,
+}
+
+/// Who am I
+///
+/// The caller's user, roles and key.
+#[utoipa::path(
+    get,
+    path = "/me",
+    operation_id = "getMe",
+    tag = "console",
+    responses((status = 200, description = "The caller.", body = Me))
+)]
 pub(crate) async fn me(
     State(state): State<AppState>,
     caller: Caller,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Me>, ApiError> {
     let key: Option<(Uuid, String, String, DateTime<Utc>)> = match caller.0.key_id {
         Some(id) => {
             sqlx::query_as(
@@ -277,16 +370,18 @@ pub(crate) async fn me(
         }
         None => None,
     };
-    let roles: Vec<&str> = caller.0.roles.iter().map(|r| r.as_str()).collect();
-    Ok(Json(json!({
-        "success": true,
-        "userId": caller.user(),
-        "roles": roles,
-        "isAdmin": caller.0.is_admin(),
-        "key": key.map(|(id, name, prefix, created)| json!({
-            "keyId": id, "name": name, "prefix": prefix, "createdAt": created,
-        })),
-    })))
+    Ok(Json(Me {
+        success: true,
+        user_id: caller.user().to_owned(),
+        roles: caller.0.roles.to_vec(),
+        is_admin: caller.0.is_admin(),
+        key: key.map(|(key_id, name, prefix, created_at)| KeyInfo {
+            key_id,
+            name,
+            prefix,
+            created_at,
+        }),
+    }))
 }
 
 /// Unfinished states (counted exactly, all time).
@@ -294,10 +389,11 @@ const UNFINISHED: [&str; 3] = ["pending", "queued", "running"];
 /// States of a job that ended badly.
 const UNHAPPY: [&str; 3] = ["failed", "timed_out", "dead"];
 
-/// One bucket of the throughput chart.
-#[derive(Debug, Serialize)]
+/// One bucket of the throughput chart: final runs that ended in it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct Bucket {
+    /// Its start.
     at: DateTime<Utc>,
     succeeded: i64,
     failed: i64,
@@ -354,7 +450,10 @@ async fn throughput(
 
 /// Jobs by state: unfinished ones exactly, finished ones that ended in
 /// the last 24 hours; every state present, zeros included.
-async fn by_state(state: &AppState, user: Option<&str>) -> Result<Value, ApiError> {
+async fn by_state(
+    state: &AppState,
+    user: Option<&str>,
+) -> Result<serde_json::Map<String, Value>, ApiError> {
     let unfinished: Vec<(String, i64)> = match user {
         None => {
             sqlx::query_as(
@@ -405,9 +504,135 @@ async fn by_state(state: &AppState, user: Option<&str>) -> Result<Value, ApiErro
             .iter()
             .find(|(k, _)| k == name)
             .map_or(0, |(_, n)| *n);
-        out.insert(name.to_owned(), json!(n));
+        out.insert(name.to_owned(), Value::from(n));
     }
-    Ok(Value::Object(out))
+    Ok(out)
+}
+
+/// The schema of `jobsByState`: a count for every state.
+fn by_state_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    let mut b = ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .description(Some(
+            "Jobs in each state: unfinished ones (pending, queued, running) exactly, \
+             finished ones that ended in the last `finishedWindowHours`.",
+        ))
+        .additional_properties(Some(
+            utoipa::openapi::schema::AdditionalProperties::FreeForm(false),
+        ));
+    for s in JobStatus::ALL {
+        b = b
+            .property(
+                s.as_str(),
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .format(Some(utoipa::openapi::schema::SchemaFormat::KnownFormat(
+                        utoipa::openapi::schema::KnownFormat::Int64,
+                    )))
+                    .minimum(Some(0)),
+            )
+            .required(s.as_str());
+    }
+    b.build()
+}
+
+/// The system at a glance.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = Overview)]
+pub(crate) struct Overview {
+    #[schema(schema_with = crate::doc::always_true)]
+    success: bool,
+    /// `all` for admins, `own` for anyone else (only their jobs counted).
+    #[schema(schema_with = scope_schema)]
+    scope: &'static str,
+    #[schema(schema_with = by_state_schema)]
+    jobs_by_state: serde_json::Map<String, Value>,
+    /// The window of the finished counts, in hours (24).
+    finished_window_hours: i64,
+    throughput: Throughput,
+    /// The job waiting longest to start, if any.
+    oldest_waiting: Option<OldestWaiting>,
+    /// The work queues the active nodes consume.
+    queues: Vec<QueueDepth>,
+    /// Nodes active now or seen in the last hour.
+    nodes: Vec<NodeLoad>,
+    /// The newest failed, timed out or dead jobs (at most 10).
+    recent_failures: Vec<JobSummary>,
+    scheduler: SchedulerHealth,
+}
+
+fn scope_schema() -> utoipa::openapi::schema::Object {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(["all", "own"]))
+        .build()
+}
+
+/// Final runs per minute (last 60) and per hour (last 24), oldest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct Throughput {
+    per_minute: Vec<Bucket>,
+    per_hour: Vec<Bucket>,
+}
+
+/// The job waiting longest.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct OldestWaiting {
+    job_id: Uuid,
+    submitted_at: DateTime<Utc>,
+    age_seconds: f64,
+}
+
+/// A work queue's depth (null when the broker could not say).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct QueueDepth {
+    queue: String,
+    messages: Option<u32>,
+    consumers: Option<u32>,
+}
+
+/// A node's slots.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct NodeLoad {
+    node_id: Uuid,
+    node_name: String,
+    node_group: String,
+    node_role: String,
+    #[schema(schema_with = crate::nodes::node_status)]
+    status: &'static str,
+    slots_busy: i64,
+    slots_total: i32,
+    heartbeat_age_seconds: f64,
+}
+
+/// The scheduler's health.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct SchedulerHealth {
+    enabled_tasks: i64,
+    /// The next fire time of any enabled task.
+    next_fire_at: Option<DateTime<Utc>>,
+    /// The task that fires next.
+    next_task: Option<NextTask>,
+    /// Enabled tasks whose next run is past the misfire grace.
+    overdue_tasks: i64,
+    /// Fire times missed, all time.
+    misfires: i64,
+    last_misfire_at: Option<DateTime<Utc>>,
+}
+
+/// A task by id and name.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct NextTask {
+    task_id: Uuid,
+    task_name: String,
 }
 
 /// The work queues the active nodes consume, each once.
@@ -439,13 +664,23 @@ async fn work_queues(state: &AppState) -> Result<Vec<String>, ApiError> {
 /// heartbeat age.
 type NodeSlots = (Uuid, String, String, String, bool, i32, i64, f64);
 
-/// `GET /api/v1/overview`: the system at a glance. Admins see every
-/// user's jobs; any other key its own (nodes, queues and the scheduler are
-/// the same for everyone).
+/// The system at a glance
+///
+/// Jobs by state, throughput per minute and per hour, the oldest waiting
+/// job, queue depths, busy slots, recent failures and the scheduler's
+/// health. Admins see every user's jobs; any other key its own (nodes,
+/// queues and the scheduler are the same for everyone).
+#[utoipa::path(
+    get,
+    path = "/overview",
+    operation_id = "getOverview",
+    tag = "console",
+    responses((status = 200, description = "The overview.", body = Overview))
+)]
 pub(crate) async fn overview(
     State(state): State<AppState>,
     caller: Caller,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Overview>, ApiError> {
     let user = (!caller.0.is_admin()).then(|| caller.user().to_owned());
     let user = user.as_deref();
     let by_state = by_state(&state, user).await?;
@@ -463,15 +698,13 @@ pub(crate) async fn overview(
 
     let queue_names = work_queues(&state).await?;
     let depths = state.publisher.queue_depths(&queue_names).await;
-    let queues: Vec<Value> = queue_names
+    let queues: Vec<QueueDepth> = queue_names
         .iter()
         .zip(depths)
-        .map(|(q, d)| {
-            json!({
-                "queue": q,
-                "messages": d.map(|d| d.0),
-                "consumers": d.map(|d| d.1),
-            })
+        .map(|(q, d)| QueueDepth {
+            queue: q.clone(),
+            messages: d.map(|d| d.0),
+            consumers: d.map(|d| d.1),
         })
         .collect();
 
@@ -486,15 +719,22 @@ pub(crate) async fn overview(
     )
     .fetch_all(&state.pool)
     .await?;
-    let nodes: Vec<Value> = nodes
+    let nodes: Vec<NodeLoad> = nodes
         .into_iter()
-        .map(|(id, name, group, role, active, slots, busy, age)| {
-            json!({
-                "nodeId": id, "nodeName": name, "nodeGroup": group, "nodeRole": role,
-                "status": if active { "active" } else { "dead" },
-                "slotsBusy": busy, "slotsTotal": slots, "heartbeatAgeSeconds": age,
-            })
-        })
+        .map(
+            |(node_id, node_name, node_group, node_role, active, slots_total, slots_busy, age)| {
+                NodeLoad {
+                    node_id,
+                    node_name,
+                    node_group,
+                    node_role,
+                    status: if active { "active" } else { "dead" },
+                    slots_busy,
+                    slots_total,
+                    heartbeat_age_seconds: age,
+                }
+            },
+        )
         .collect();
 
     // The newest few of each unhappy state (each from its partial index),
@@ -535,27 +775,32 @@ pub(crate) async fn overview(
     .fetch_optional(&state.pool)
     .await?;
 
-    Ok(Json(json!({
-        "success": true,
-        "scope": if user.is_some() { "own" } else { "all" },
-        "jobsByState": by_state,
-        "finishedWindowHours": 24,
-        "throughput": { "perMinute": per_minute, "perHour": per_hour },
-        "oldestWaiting": oldest.map(|(id, at, age)| json!({
-            "jobId": id, "submittedAt": at, "ageSeconds": age,
-        })),
-        "queues": queues,
-        "nodes": nodes,
-        "recentFailures": failures,
-        "scheduler": {
-            "enabledTasks": sched.0,
-            "nextFireAt": sched.1,
-            "nextTask": next_task.map(|(id, name)| json!({"taskId": id, "taskName": name})),
-            "overdueTasks": sched.2,
-            "misfires": sched.3,
-            "lastMisfireAt": sched.4,
+    Ok(Json(Overview {
+        success: true,
+        scope: if user.is_some() { "own" } else { "all" },
+        jobs_by_state: by_state,
+        finished_window_hours: 24,
+        throughput: Throughput {
+            per_minute,
+            per_hour,
         },
-    })))
+        oldest_waiting: oldest.map(|(job_id, submitted_at, age_seconds)| OldestWaiting {
+            job_id,
+            submitted_at,
+            age_seconds,
+        }),
+        queues,
+        nodes,
+        recent_failures: failures,
+        scheduler: SchedulerHealth {
+            enabled_tasks: sched.0,
+            next_fire_at: sched.1,
+            next_task: next_task.map(|(task_id, task_name)| NextTask { task_id, task_name }),
+            overdue_tasks: sched.2,
+            misfires: sched.3,
+            last_misfire_at: sched.4,
+        },
+    }))
 }
 
 /// The stored spec of a job, to run it again.
@@ -576,16 +821,39 @@ struct StoredSpec {
     limits: Option<sqlx::types::Json<taskhost_common::model::JobLimits>>,
 }
 
-/// `POST /api/v1/jobs/{id}/rerun`: a new job with the same spec (secret
-/// environment and limits included), owned by
-/// the caller, linked to the original (`rerunOf`). Who may see the
+/// A re-run, accepted.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = RerunAccepted)]
+pub(crate) struct Rerun202 {
+    /// The job it re-runs.
+    rerun_of: Uuid,
+    #[serde(flatten)]
+    accepted: crate::jobs::Accepted202,
+}
+
+/// Re-run a job
+///
+/// A new job with the same spec (secret environment and limits included),
+/// owned by the caller, linked to the original (`rerunOf`). Who may see the
 /// original (its owner, an admin) may re-run it, if their roles allow its
 /// execution mode, as for a submission.
+#[utoipa::path(
+    post,
+    path = "/jobs/{jobId}/rerun",
+    operation_id = "rerunJob",
+    tag = "jobs",
+    params(crate::doc::JobIdPath),
+    responses(
+        (status = 202, description = "The new job was accepted.", body = Rerun202),
+        (status = 403, response = crate::doc::Forbidden),
+    )
+)]
 pub(crate) async fn rerun(
     State(state): State<AppState>,
     caller: Caller,
     crate::path::RawPath(raw): crate::path::RawPath<String>,
-) -> Result<(axum::http::StatusCode, Json<Value>), ApiError> {
+) -> Result<(axum::http::StatusCode, Json<Rerun202>), ApiError> {
     let original: Uuid = raw.parse().map_err(|_| ApiError::NotFound("job"))?;
     let stored: Option<StoredSpec> = sqlx::query_as(
         "SELECT job_name, command, description, execution_mode, timeout_seconds, priority,
@@ -645,17 +913,13 @@ pub(crate) async fn rerun(
         return Err(ApiError::Internal("a re-run was not created".into()));
     };
     let message = crate::jobs::dispatch(&state, caller.user(), &job_ids, &outbox, status).await;
-    let mut body = json!({
-        "success": true,
-        "jobId": job_ids[0],
-        "rerunOf": original,
-        "message": message,
-        "executionMode": spec.execution_mode.as_str(),
-    });
-    if job_ids.len() > 1 {
-        body["jobIds"] = json!(job_ids);
-    }
-    Ok((axum::http::StatusCode::ACCEPTED, Json(body)))
+    Ok((
+        axum::http::StatusCode::ACCEPTED,
+        Json(Rerun202 {
+            rerun_of: original,
+            accepted: crate::jobs::Accepted202::new(&job_ids, message, spec.execution_mode),
+        }),
+    ))
 }
 
 #[cfg(test)]

@@ -6,6 +6,17 @@ use axum::response::{Html, IntoResponse, Redirect};
 
 const PAGE: &str = include_str!("dashboard.html");
 
+/// The dashboard
+///
+/// The browser dashboard: one self-contained page that calls `/api/v1` with
+/// the key you give it.
+#[utoipa::path(
+    get,
+    path = "/dashboard",
+    operation_id = "dashboard",
+    tag = "operations",
+    responses((status = 200, description = "The page.", content_type = "text/html", body = String))
+)]
 pub(crate) async fn page() -> impl IntoResponse {
     (
         [
@@ -22,6 +33,15 @@ pub(crate) async fn page() -> impl IntoResponse {
     )
 }
 
+/// Redirect to the dashboard
+#[utoipa::path(
+    get,
+    path = "/",
+    operation_id = "root",
+    tag = "operations",
+    responses((status = 303, description = "To `/dashboard`.",
+               headers(("Location" = String, description = "`/dashboard`"))))
+)]
 pub(crate) async fn root() -> Redirect {
     Redirect::to("/dashboard")
 }

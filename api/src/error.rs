@@ -4,7 +4,6 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
 /// What [`ApiError::Unavailable`] names when Postgres cannot be reached.
 pub(crate) const DATABASE: &str = "the database";
@@ -91,10 +90,13 @@ impl IntoResponse for ApiError {
         if let ApiError::Internal(detail) = &self {
             tracing::error!(error = %detail, "request failed");
         }
-        let body = json!({
-            "success": false,
-            "error": { "code": code, "message": self.to_string() },
-        });
+        let body = crate::doc::ErrorBody {
+            success: false,
+            error: crate::doc::ErrorDetail {
+                code,
+                message: self.to_string(),
+            },
+        };
         let mut response = (status, Json(body)).into_response();
         if let ApiError::Unavailable(what) = &self {
             response.headers_mut().insert(

@@ -8,13 +8,13 @@ use axum::response::IntoResponse;
 use chrono::{DateTime, Utc};
 use futures_util::TryStreamExt;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use taskhost_common::amqp::Outgoing;
 use taskhost_common::changelog;
 use taskhost_common::jobs::{self, Accepted, NewJob};
 use taskhost_common::messages::{CONTROL_V1, Control};
-use taskhost_common::model::{JobStatus, SubmitRequest, TriggeredBy};
+use taskhost_common::model::{ExecutionMode, JobStatus, SubmitRequest, TriggeredBy};
 use taskhost_common::store::{
     self,
     cancel::{Cancelled, Deleted},
@@ -63,6 +63,81 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<
     }
 }
 
+/// The answer to an accepted job (`POST /jobs/submit`; a task's
+/// `POST /tasks/{taskId}/run` and a `POST /jobs/{jobId}/rerun` add their
+/// own fields).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = SubmitAccepted, example = json!({
+    "success": true,
+    "jobId": "0193a5b2-7c1d-7e4f-9a2b-3c4d5e6f7a8b",
+    "message": "job accepted",
+    "executionMode": "pool"
+}))]
+pub(crate) struct Accepted202 {
+    #[schema(schema_with = crate::doc::always_true)]
+    pub(crate) success: bool,
+    /// The job (with `fanout: all`, the first of them).
+    pub(crate) job_id: Uuid,
+    /// `job accepted`; `job already accepted for this Idempotency-Key` for
+    /// a repeat; `job recorded as dead: ...` when no node matches.
+    pub(crate) message: String,
+    /// The canonical mode it runs in.
+    pub(crate) execution_mode: ExecutionMode,
+    /// With `fanout: all` and more than one matching node: every job.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) job_ids: Option<Vec<Uuid>>,
+}
+
+impl Accepted202 {
+    pub(crate) fn new(job_ids: &[Uuid], message: String, execution_mode: ExecutionMode) -> Self {
+        Accepted202 {
+            success: true,
+            job_id: job_ids.first().copied().unwrap_or_default(),
+            message,
+            execution_mode,
+            job_ids: (job_ids.len() > 1).then(|| job_ids.to_vec()),
+        }
+    }
+}
+
+/// Submit a job
+///
+/// Accepts a job and queues it for a worker. Roles: for execution mode
+/// `pool` or `background`, one of debug, task_manager, system_admin,
+/// site_admin; for `inline`, debug only (403 otherwise). The body is checked
+/// before the role (422 first) and is read as JSON whatever the
+/// Content-Type. With `target.fanout: all` one job is created per active
+/// matching node (all ids in `jobIds`); with no matching node the job is
+/// recorded as `dead` and still answered 202. See the `Idempotency-Key`
+/// header for safe retries.
+#[utoipa::path(
+    post,
+    path = "/jobs/submit",
+    operation_id = "submitJob",
+    tag = "jobs",
+    params(
+        ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 200, pattern = "^[\t -~]+$",
+         description = "Makes a submission safe to retry: 1 to 200 visible ASCII characters, scoped to the caller's user. A repeat with the same key and the same body (as JSON: whitespace and key order do not count) answers 202 with the original `jobId`; the same key with a different body answers 409. An empty, too long or non-ASCII key answers 400.")
+    ),
+    request_body(content = SubmitRequest, description = "The job. Unknown fields are refused with 422."),
+    responses(
+        (status = 202, description = "Accepted (also for an Idempotency-Key repeat).", body = Accepted202,
+         links(
+            ("GetJob" = (operation_id = "getJob", parameters(("jobId" = "$response.body#/jobId")),
+                         description = "The job, with its status and, once it ended, its output.")),
+            ("CancelJob" = (operation_id = "cancelJob", parameters(("jobId" = "$response.body#/jobId")),
+                            description = "Cancel it.")),
+            ("GetJobOutput" = (operation_id = "getJobOutput", parameters(("jobId" = "$response.body#/jobId")),
+                               description = "Its whole stdout or stderr, once it ended.")),
+            ("DeleteJob" = (operation_id = "deleteJob", parameters(("jobId" = "$response.body#/jobId")),
+                            description = "Delete its result, once it ended."))
+         )),
+        (status = 403, response = crate::doc::Forbidden),
+        (status = 409, response = crate::doc::Conflict),
+        (status = 422, response = crate::doc::Invalid),
+    )
+)]
 pub(crate) async fn submit(
     State(state): State<AppState>,
     caller: Caller,
@@ -93,7 +168,7 @@ async fn submit_inner(
     caller: &Caller,
     headers: &HeaderMap,
     body: &[u8],
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Accepted202>), ApiError> {
     let request: SubmitRequest = parse_json(body)?;
     let key = state.settings.secrets.key();
     let spec = request
@@ -177,19 +252,18 @@ async fn submit_inner(
             "Idempotency-Key was already used with a different request body".into(),
         )),
         Accepted::Duplicate { job_id } => {
-            let mode: String =
+            let mode: ExecutionMode =
                 sqlx::query_scalar("SELECT execution_mode FROM jobs WHERE job_id = $1")
                     .bind(job_id)
                     .fetch_one(&state.pool)
                     .await?;
             Ok((
                 StatusCode::ACCEPTED,
-                Json(json!({
-                    "success": true,
-                    "jobId": job_id,
-                    "message": "job already accepted for this Idempotency-Key",
-                    "executionMode": mode,
-                })),
+                Json(Accepted202::new(
+                    &[job_id],
+                    "job already accepted for this Idempotency-Key".to_owned(),
+                    mode,
+                )),
             ))
         }
         Accepted::Created {
@@ -207,16 +281,10 @@ async fn submit_inner(
                     .instrument(publish)
                     .await
             };
-            let mut body = json!({
-                "success": true,
-                "jobId": job_ids[0],
-                "message": message,
-                "executionMode": spec.execution_mode.as_str(),
-            });
-            if job_ids.len() > 1 {
-                body["jobIds"] = json!(job_ids);
-            }
-            Ok((StatusCode::ACCEPTED, Json(body)))
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(Accepted202::new(&job_ids, message, spec.execution_mode)),
+            ))
         }
     }
 }
@@ -313,27 +381,39 @@ pub(crate) async fn dispatch(
 }
 
 /// The fields every view of a job shows.
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct JobFields {
     job_id: Uuid,
     job_name: String,
     command: String,
     description: String,
+    #[schema(value_type = ExecutionMode)]
     execution_mode: String,
+    #[schema(value_type = JobStatus)]
     status: String,
+    /// Why the job is in its status (a timeout, a cancel, no node), when
+    /// known.
     status_reason: Option<String>,
+    /// Whether it succeeded; null until it ends.
     success: Option<bool>,
+    /// Exit status of the command, when it ran.
     exit_code: Option<i32>,
+    /// When the current attempt started.
     #[sqlx(rename = "started_at")]
     date_started: Option<DateTime<Utc>>,
+    /// When the job ended.
     #[sqlx(rename = "completed_at")]
     date_completed: Option<DateTime<Utc>>,
     submitted_at: DateTime<Utc>,
+    /// Run time of the final attempt, in seconds.
     runtime: Option<f64>,
-    /// The worker cut the captured output at `worker.output_cap_bytes`.
+    /// The worker cut the captured stdout or stderr at
+    /// `worker.output_cap_bytes` (the rest was never stored).
     output_truncated: Option<bool>,
+    /// The node that ran (or runs) it.
     node_id: Option<Uuid>,
+    /// Attempt number (retries of task runs increase it).
     attempt: i32,
     priority: i16,
     target_node_id: Option<Uuid>,
@@ -347,11 +427,13 @@ pub(crate) struct JobFields {
     /// The task that fired it.
     task_id: Option<Uuid>,
     /// api, queue, schedule or manual.
+    #[schema(value_type = TriggeredBy)]
     triggered_by: String,
     /// The job it re-runs.
     rerun_of: Option<Uuid>,
     /// The job's own limits (`{cpuSeconds, memoryMb, maxFiles,
     /// maxProcesses}`, each only when set), or null.
+    #[schema(value_type = Option<taskhost_common::model::JobLimits>)]
     limits: Option<Value>,
     /// The sealed secret environment (never shown).
     #[serde(skip)]
@@ -359,6 +441,7 @@ pub(crate) struct JobFields {
     /// Its names, each with `***` (README, "Secrets"); null when none.
     #[sqlx(skip)]
     #[serde(rename = "secretEnv")]
+    #[schema(schema_with = crate::doc::secret_names)]
     secret_env_names: Option<Value>,
 }
 
@@ -373,16 +456,19 @@ impl JobFields {
 }
 
 /// `GET /jobs/{id}`: the job with its whole output, as it always was.
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[schema(as = Job)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct JobView {
     #[sqlx(flatten)]
     #[serde(flatten)]
     fields: JobFields,
-    /// stdout then stderr.
+    /// The final attempt's whole stdout followed by its stderr (each up to
+    /// `worker.output_cap_bytes`); null until an attempt has ended.
+    /// `GET /api/v1/jobs/{jobId}/output` streams either alone.
     #[sqlx(skip)]
     output: Option<String>,
-    /// stderr alone, when not empty.
+    /// The final attempt's whole stderr alone, when not empty.
     #[sqlx(skip)]
     error: Option<String>,
     #[serde(skip)]
@@ -393,8 +479,9 @@ pub(crate) struct JobView {
 
 /// A `/jobs/results` entry: the job with bounded previews of stdout and
 /// stderr and their sizes (the whole streams: `GET /jobs/{id}/output`).
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = JobResult)]
 pub(crate) struct JobEntry {
     #[sqlx(flatten)]
     #[serde(flatten)]
@@ -446,19 +533,41 @@ impl JobView {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct ResultsQuery {
+    /// How many results to return, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000, default = 100)]
     max_results: Option<i64>,
 }
 
-#[derive(Debug, Serialize)]
+/// Your finished jobs, newest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = JobResults)]
 pub(crate) struct Results {
+    #[schema(schema_with = crate::doc::always_true)]
     success: bool,
     count: usize,
     results: Vec<JobEntry>,
 }
 
+/// List your finished jobs
+///
+/// Your own finished jobs, newest first, each with bounded previews of its
+/// stdout and stderr (at most 4096 bytes each) and their sizes; the whole
+/// streams come from `GET /jobs/{jobId}/output`.
+#[utoipa::path(
+    get,
+    path = "/jobs/results",
+    operation_id = "listJobResults",
+    tag = "jobs",
+    params(ResultsQuery),
+    responses(
+        (status = 200, description = "Your finished jobs.", body = Results),
+        (status = 422, response = crate::doc::Invalid),
+    )
+)]
 pub(crate) async fn results(
     State(state): State<AppState>,
     caller: Caller,
@@ -539,6 +648,19 @@ fn parse_job_id(raw: &str) -> Result<Uuid, ApiError> {
     raw.parse().map_err(|_| ApiError::NotFound("job"))
 }
 
+/// Get a job
+///
+/// One job in any status, with its whole output (`output`: stdout then
+/// stderr; `error`: stderr alone). Its owner and admins only: anyone else
+/// gets 404.
+#[utoipa::path(
+    get,
+    path = "/jobs/{jobId}",
+    operation_id = "getJob",
+    tag = "jobs",
+    params(crate::doc::JobIdPath),
+    responses((status = 200, description = "The job.", body = JobView))
+)]
 pub(crate) async fn get_one(
     State(state): State<AppState>,
     caller: Caller,
@@ -548,26 +670,86 @@ pub(crate) async fn get_one(
     Ok(Json(load_visible(&state, &caller, job_id).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct DeleteQuery {
+    /// The job whose result to delete (UUID). Missing answers 422;
+    /// malformed answers 404.
+    #[param(value_type = Uuid)]
     job_id: String,
 }
 
+/// A deleted job result.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = JobDeleted)]
+pub(crate) struct Deleted200 {
+    #[schema(schema_with = crate::doc::always_true)]
+    success: bool,
+    job_id: Uuid,
+    /// `job result deleted`.
+    message: &'static str,
+}
+
+/// A cancel that was done or asked for.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = JobCancelAccepted)]
+pub(crate) struct Cancel202 {
+    #[schema(schema_with = crate::doc::always_true)]
+    success: bool,
+    job_id: Uuid,
+    /// `job cancelled before it started`, or `cancel requested; the job is
+    /// being stopped`.
+    message: &'static str,
+}
+
+/// Delete a job result (by query)
+///
+/// Deletes one of your finished jobs (409 while it has not ended).
+#[utoipa::path(
+    delete,
+    path = "/jobs/results",
+    operation_id = "deleteJobResultByQuery",
+    tag = "jobs",
+    params(DeleteQuery),
+    responses(
+        (status = 200, description = "Deleted.", body = Deleted200),
+        (status = 404, response = crate::doc::NotFound),
+        (status = 409, response = crate::doc::Conflict),
+        (status = 422, response = crate::doc::Invalid),
+    )
+)]
 pub(crate) async fn delete_by_query(
     State(state): State<AppState>,
     caller: Caller,
     query: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Deleted200>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
     delete_job(&state, &caller, parse_job_id(&q.job_id)?).await
 }
 
+/// Delete a job result
+///
+/// Deletes one of your finished jobs (409 while it has not ended; only the
+/// owner may, anyone else gets 404).
+#[utoipa::path(
+    delete,
+    path = "/jobs/{jobId}",
+    operation_id = "deleteJob",
+    tag = "jobs",
+    params(crate::doc::JobIdPath),
+    responses(
+        (status = 200, description = "Deleted.", body = Deleted200),
+        (status = 409, response = crate::doc::Conflict),
+    )
+)]
 pub(crate) async fn delete_by_path(
     State(state): State<AppState>,
     caller: Caller,
     RawPath(raw): RawPath<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Deleted200>, ApiError> {
     delete_job(&state, &caller, parse_job_id(&raw)?).await
 }
 
@@ -575,23 +757,40 @@ async fn delete_job(
     state: &AppState,
     caller: &Caller,
     job_id: Uuid,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Deleted200>, ApiError> {
     match store::cancel::delete(&state.pool, job_id, caller.user()).await? {
         Deleted::NotFound => Err(ApiError::NotFound("job")),
         Deleted::NotFinished(status) => Err(ApiError::Conflict(format!(
             "job is {status}; cancel it before deleting its result"
         ))),
-        Deleted::Deleted => Ok(Json(
-            json!({ "success": true, "jobId": job_id, "message": "job result deleted" }),
-        )),
+        Deleted::Deleted => Ok(Json(Deleted200 {
+            success: true,
+            job_id,
+            message: "job result deleted",
+        })),
     }
 }
 
+/// Cancel a job
+///
+/// Stops it wherever it runs, or before it starts. Its owner and admins
+/// only (anyone else gets 404); 409 when it already ended.
+#[utoipa::path(
+    post,
+    path = "/jobs/{jobId}/cancel",
+    operation_id = "cancelJob",
+    tag = "jobs",
+    params(crate::doc::JobIdPath),
+    responses(
+        (status = 202, description = "Cancelled, or the cancel is on its way to the node.", body = Cancel202),
+        (status = 409, response = crate::doc::Conflict),
+    )
+)]
 pub(crate) async fn cancel(
     State(state): State<AppState>,
     caller: Caller,
     RawPath(raw): RawPath<String>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Cancel202>), ApiError> {
     let job_id = parse_job_id(&raw)?;
     // Visibility first, so another user's job answers 404.
     check_visible(&state, &caller, job_id).await?;
@@ -632,6 +831,10 @@ pub(crate) async fn cancel(
     }
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "success": true, "jobId": job_id, "message": message })),
+        Json(Cancel202 {
+            success: true,
+            job_id,
+            message,
+        }),
     ))
 }

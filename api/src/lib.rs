@@ -7,7 +7,9 @@
 //!   `output` (bounded previews, whole outputs streamed), `changes` (the
 //!   feed), `live` (job and node changes pushed as Server-Sent Events),
 //!   `sync` (consumer cursors, the events relay), `ops` (`/livez`,
-//!   `/readyz`, OpenAPI), `metrics`, `dashboard` (the browser page),
+//!   `/readyz`, `/openapi.json`, `/docs`), `doc` (the OpenAPI document,
+//!   derived from the handlers' annotations), `metrics`, `dashboard` (the
+//!   browser page),
 //!   `auth` (Bearer keys), `path` (path ids as text, so a malformed one is
 //!   the handler's 404), `ratelimit` (per-key token buckets), `error` (the
 //!   one error type that owns status codes), `server` (the accept loop:
@@ -19,6 +21,7 @@ mod auth;
 mod changes;
 mod console;
 mod dashboard;
+mod doc;
 mod error;
 mod health;
 mod jobs;
@@ -41,11 +44,15 @@ use anyhow::Context;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
+use axum::routing::get;
 use taskhost_common::amqp::{Names, Publisher};
 use taskhost_common::{CancellationToken, Settings, db, startup};
 use tokio::net::TcpListener;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+pub use doc::{document as openapi_document, json as openapi_json};
 pub use error::ApiError;
 pub use state::AppState;
 
@@ -87,59 +94,59 @@ pub fn state(settings: &Settings) -> anyhow::Result<AppState> {
     })
 }
 
+/// Every route with its handler, and so the OpenAPI document
+/// ([`doc::document`]): `routes!` takes each handler's path, methods and
+/// operation from its `#[utoipa::path]`. `guard` is the state the
+/// `/api/v1` routes check the database's health with (none for the
+/// document alone).
+pub(crate) fn routes(guard: Option<AppState>) -> OpenApiRouter<AppState> {
+    let mut v1 = OpenApiRouter::new()
+        .routes(routes!(console::list_jobs))
+        .routes(routes!(jobs::submit))
+        .routes(routes!(jobs::results, jobs::delete_by_query))
+        .routes(routes!(jobs::get_one, jobs::delete_by_path))
+        .routes(routes!(jobs::cancel))
+        .routes(routes!(console::rerun))
+        .routes(routes!(output::job_output))
+        .routes(routes!(console::overview))
+        .routes(routes!(console::me))
+        .routes(routes!(nodes::list))
+        .routes(routes!(nodes::get_one))
+        .routes(routes!(changes::list))
+        .routes(routes!(live::stream))
+        .routes(routes!(sync::status))
+        .routes(routes!(sync::trigger))
+        .routes(routes!(tasks::list, tasks::create))
+        .routes(routes!(tasks::get_one, tasks::update, tasks::delete))
+        .routes(routes!(tasks::history))
+        .routes(routes!(output::history_output))
+        .routes(routes!(tasks::schedule))
+        .routes(routes!(tasks::run_now));
+    if let Some(state) = guard {
+        v1 = v1.layer(axum::middleware::from_fn_with_state(state, health::guard));
+    }
+    OpenApiRouter::with_openapi(doc::ApiDoc::openapi())
+        .nest("/api/v1", v1)
+        .routes(routes!(ops::livez))
+        .routes(routes!(ops::readyz))
+        .routes(routes!(metrics::render))
+        .routes(routes!(ops::openapi))
+        .routes(routes!(ops::asyncapi))
+        .routes(routes!(ops::docs))
+        .routes(routes!(dashboard::page))
+        .routes(routes!(dashboard::root))
+        // The page's own files: part of `/docs`, not operations.
+        .route("/docs/{file}", get(ops::docs_asset))
+}
+
 /// The whole HTTP app.
 pub fn router(state: AppState) -> Router {
     let max_body = state.settings.api.max_body_bytes;
-    let v1 = Router::new()
-        .route("/jobs", get(console::list_jobs))
-        .route("/jobs/submit", post(jobs::submit))
-        .route(
-            "/jobs/results",
-            get(jobs::results).delete(jobs::delete_by_query),
-        )
-        .route(
-            "/jobs/{job_id}",
-            get(jobs::get_one).delete(jobs::delete_by_path),
-        )
-        .route("/jobs/{job_id}/cancel", post(jobs::cancel))
-        .route("/jobs/{job_id}/rerun", post(console::rerun))
-        .route("/jobs/{job_id}/output", get(output::job_output))
-        .route("/overview", get(console::overview))
-        .route("/me", get(console::me))
-        .route("/nodes", get(nodes::list))
-        .route("/nodes/{node_id}", get(nodes::get_one))
-        .route("/changes", get(changes::list))
-        .route("/events/stream", get(live::stream))
-        .route("/sync/status", get(sync::status))
-        .route("/sync/trigger", post(sync::trigger))
-        .route("/tasks", get(tasks::list).post(tasks::create))
-        .route(
-            "/tasks/{task_id}",
-            get(tasks::get_one).put(tasks::update).delete(tasks::delete),
-        )
-        .route("/tasks/{task_id}/history", get(tasks::history))
-        .route(
-            "/tasks/{task_id}/history/{history_id}/output",
-            get(output::history_output),
-        )
-        .route("/tasks/{task_id}/schedule", get(tasks::schedule))
-        .route("/tasks/{task_id}/run", post(tasks::run_now))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            health::guard,
-        ))
-        .route_layer(axum::middleware::from_fn(metrics::note_route));
-    Router::new()
-        .nest("/api/v1", v1)
-        .route("/livez", get(ops::livez))
-        .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(metrics::render))
-        .route("/openapi.json", get(ops::openapi))
-        .route("/asyncapi.json", get(ops::asyncapi))
-        .route("/docs", get(ops::docs))
-        .route("/dashboard", get(dashboard::page))
-        .route("/", get(dashboard::root))
-        .route_layer(axum::middleware::from_fn(metrics::note_route))
+    // Built once, before the first request asks for it.
+    let _ = doc::json();
+    let (app, _) = routes(Some(state.clone())).split_for_parts();
+    // Matched routes tell the access log their template.
+    app.route_layer(axum::middleware::from_fn(metrics::note_route))
         .fallback(|| async { ApiError::NotFound("route") })
         .layer(axum::middleware::from_fn(refuse_nul_in_url))
         .layer(DefaultBodyLimit::max(max_body))
@@ -203,9 +210,10 @@ fn json_errors(response: axum::response::Response, max_body: usize) -> axum::res
     };
     let mut out = (
         status,
-        axum::Json(
-            serde_json::json!({ "success": false, "error": { "code": code, "message": message } }),
-        ),
+        axum::Json(doc::ErrorBody {
+            success: false,
+            error: doc::ErrorDetail { code, message },
+        }),
     )
         .into_response();
     if let Some(allow) = response.headers().get(axum::http::header::ALLOW) {

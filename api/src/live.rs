@@ -45,17 +45,20 @@ const BATCH: i64 = 500;
 const TABLES: [&str; 2] = ["jobs", "nodes"];
 
 /// `GET /events/stream` parameters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct StreamQuery {
     /// Start after this `changeSeq` (the last event seen); default: the
     /// feed's head, i.e. only what happens from now on. `Last-Event-ID`
     /// does the same.
+    #[param(minimum = 0)]
     since: Option<i64>,
 }
 
-/// One event: which row of which table changed, and how.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One event: which row of which table changed, and how (the `data` of a
+/// `change` event of the stream).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct LiveEvent {
     table: String,
@@ -233,8 +236,31 @@ fn start_from(q: &StreamQuery, headers: &HeaderMap) -> Result<Option<i64>, ApiEr
     Ok(since)
 }
 
-/// `GET /api/v1/events/stream[?since=N]`: `text/event-stream` of job and
-/// node changes the caller may see, until the api shuts down.
+/// Stream job and node changes
+///
+/// Server-Sent Events (`text/event-stream`) of job and node changes the
+/// caller may see (admins: every job; others: their own; nodes for all),
+/// from the change feed, until the api shuts down. It opens with
+/// `event: ready` (`{changeSeq, headSeq}`), then sends `event: change` with
+/// a `LiveEvent` as `data` and the change's `changeSeq` as `id`, and a
+/// comment every 15 s. Reconnect with `Last-Event-ID` (or `since`) to go on
+/// where it stopped.
+#[utoipa::path(
+    get,
+    path = "/events/stream",
+    operation_id = "streamEvents",
+    tag = "console",
+    params(
+        StreamQuery,
+        ("Last-Event-ID" = Option<i64>, Header, minimum = 0, description = "The `id` of the last event seen; like `since`.")
+    ),
+    responses(
+        (status = 200, description = "The stream; each `change` event's data is a `LiveEvent`.",
+         content_type = "text/event-stream", body = String,
+         example = "retry: 3000\nevent: ready\ndata: {\"changeSeq\":41,\"headSeq\":41}\n\nid: 42\nevent: change\ndata: {\"table\":\"jobs\",\"action\":\"UPDATE\",\"recordId\":\"0193a5b2-7c1d-7e4f-9a2b-3c4d5e6f7a8b\",\"changeSeq\":42}\n\n"),
+        (status = 422, response = crate::doc::Invalid),
+    )
+)]
 pub(crate) async fn stream(
     State(state): State<AppState>,
     caller: Caller,

@@ -44,6 +44,18 @@ pub(crate) fn register() {
     }
 }
 
+/// Prometheus metrics
+///
+/// The api's counters in the Prometheus text format (open).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition format 0.0.4.",
+               content_type = "text/plain", body = String,
+               example = "# TYPE taskhost_jobs_submitted_total counter\ntaskhost_jobs_submitted_total{source=\"api\"} 3\n"))
+)]
 pub(crate) async fn render(State(state): State<AppState>) -> impl IntoResponse {
     refresh(&state).await;
     (

@@ -66,7 +66,7 @@ pub(crate) struct PreviewColumns {
 }
 
 /// The bounded output fields of a list entry.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct Previews {
     /// Start of stdout: at most [`PREVIEW_BYTES`] bytes, cut on a UTF-8
@@ -180,7 +180,7 @@ fn bounded_text(mut raw: Vec<u8>, cut: bool) -> String {
 }
 
 /// Which stream of a run to send.
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum Stream {
     /// Standard output (the `output` column).
@@ -206,28 +206,48 @@ impl Stream {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct OutputQuery {
+    /// Which stream: `stdout` (default) or `stderr`.
     #[serde(default)]
+    #[param(inline)]
     stream: Stream,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct JobOutputQuery {
+    /// Which stream: `stdout` (default) or `stderr`.
     #[serde(default)]
+    #[param(inline)]
     stream: Stream,
-    /// Follow a running job's output until it ends.
+    /// Follow a running job's output until it ends (default false).
     #[serde(default)]
     follow: bool,
 }
 
-/// `GET /jobs/{jobId}/output?stream=stdout|stderr[&follow=true]`: the final
-/// attempt's whole stream as `text/plain`, streamed; with `follow=true`,
-/// what a running job has printed so far and then the rest as it comes,
-/// until the job ends. Visible exactly as `GET /jobs/{jobId}` is: to the
-/// job's owner and to admins (anyone else gets 404).
+/// A job's whole output
+///
+/// The final attempt's whole stdout (default) or stderr as `text/plain`,
+/// streamed; with `follow=true`, what a running job has printed so far and
+/// then the rest as it comes, until the job ends. Visible exactly as
+/// `GET /jobs/{jobId}` is: to the job's owner and to admins (anyone else
+/// gets 404), and 404 for a job with no ended attempt (unless followed).
+#[utoipa::path(
+    get,
+    path = "/jobs/{jobId}/output",
+    operation_id = "getJobOutput",
+    tag = "jobs",
+    params(crate::doc::JobIdPath, JobOutputQuery),
+    responses(
+        (status = 200, description = "The stream's bytes as captured (`nosniff`), sent as they are read.",
+         content_type = "text/plain", body = String, example = "hello from node-1\n"),
+        (status = 422, response = crate::doc::Invalid),
+    )
+)]
 pub(crate) async fn job_output(
     State(state): State<AppState>,
     caller: Caller,
@@ -424,9 +444,23 @@ fn follow_response(
         .into_response()
 }
 
-/// `GET /tasks/{taskId}/history/{historyId}/output?stream=stdout|stderr`:
-/// one history entry's whole stream, streamed. Readable by any key, like the
-/// history it belongs to.
+/// A task run's whole output
+///
+/// One history entry's (any attempt's) whole stdout (default) or stderr as
+/// `text/plain`, streamed. Readable by any key, like the history it belongs
+/// to.
+#[utoipa::path(
+    get,
+    path = "/tasks/{taskId}/history/{historyId}/output",
+    operation_id = "getTaskHistoryOutput",
+    tag = "tasks",
+    params(crate::doc::HistoryPath, OutputQuery),
+    responses(
+        (status = 200, description = "The stream's bytes as captured (`nosniff`), sent as they are read.",
+         content_type = "text/plain", body = String, example = "report written\n"),
+        (status = 422, response = crate::doc::Invalid),
+    )
+)]
 pub(crate) async fn history_output(
     State(state): State<AppState>,
     _caller: Caller,

@@ -9,9 +9,9 @@
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
-use serde::Deserialize;
-use serde_json::{Value, json};
-use taskhost_common::sync::{self, ALL_TABLES, EVENTS_CONSUMER, TABLES};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use taskhost_common::sync::{self, ALL_TABLES, ConsumerStatus, EVENTS_CONSUMER, TABLES};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -21,27 +21,106 @@ use crate::state::AppState;
 const MAX_PASSES: usize = 20;
 const RELAY_BATCH: i64 = 500;
 
+/// The feed's head and every consumer cursor.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = SyncStatus)]
+pub(crate) struct Status200 {
+    #[schema(schema_with = crate::doc::always_true)]
+    success: bool,
+    /// The feed's safe head.
+    head_seq: i64,
+    consumers: Vec<ConsumerStatus>,
+}
+
+/// Sync status
+///
+/// The change feed's head and every consumer cursor with its lag.
+/// system_admin or site_admin.
+#[utoipa::path(
+    get,
+    path = "/sync/status",
+    operation_id = "syncStatus",
+    tag = "changes",
+    responses(
+        (status = 200, description = "The cursors.", body = Status200),
+        (status = 403, response = crate::doc::Forbidden),
+    )
+)]
 pub(crate) async fn status(
     State(state): State<AppState>,
     caller: Caller,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Status200>, ApiError> {
     caller.require_admin("reading sync status")?;
     let mut conn = state.pool.acquire().await?;
     let head = state.watermark.safe_head(&mut conn).await?;
     let consumers = sync::status(&mut conn, head).await?;
-    Ok(Json(json!({
-        "success": true,
-        "headSeq": head,
-        "consumers": consumers,
-    })))
+    Ok(Json(Status200 {
+        success: true,
+        head_seq: head,
+        consumers,
+    }))
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// The body of `POST /sync/trigger`: empty or `{}` runs the events relay;
+/// `resetTo` moves a cursor (0 replays the feed).
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[schema(as = SyncTriggerRequest, example = json!({"consumer": "events", "resetTo": 0}))]
 struct TriggerRequest {
+    /// The consumer whose cursor to move: 1 to 128 letters, digits or
+    /// `._:@-`; default `events` (the built-in relay, which also runs).
+    #[schema(pattern = r"^[A-Za-z0-9._:@-]{1,128}$")]
     consumer: Option<String>,
+    /// The cursor's table, or `*` (default) for all; the `events` relay
+    /// follows every table.
+    #[schema(schema_with = table_schema)]
     table: Option<String>,
+    /// Move the cursor here: 0 up to the feed's head. Required for a
+    /// consumer other than `events`.
+    #[schema(minimum = 0)]
     reset_to: Option<i64>,
+}
+
+/// A cursor's table, as a body field: one of the feed's tables, or `*`
+/// for all of them ([`valid_table`]).
+pub(crate) fn table_schema() -> utoipa::openapi::schema::Object {
+    tables_schema(&[ALL_TABLES])
+}
+
+/// A table to read, as a query parameter (every table: leave it out).
+pub(crate) fn feed_table_schema() -> utoipa::openapi::schema::Object {
+    tables_schema(&[])
+}
+
+fn tables_schema(more: &[&'static str]) -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, SchemaType, Type};
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+        .enum_values(Some(
+            TABLES
+                .iter()
+                .chain(more)
+                .map(|t| Value::from(*t))
+                .chain([Value::Null]),
+        ))
+        .build()
+}
+
+/// What a trigger did.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = SyncTriggerResult)]
+pub(crate) struct Trigger200 {
+    #[schema(schema_with = crate::doc::always_true)]
+    success: bool,
+    /// The consumer named (default `events`).
+    consumer: String,
+    /// Changes the relay published now (0 when another consumer's cursor
+    /// was moved).
+    published: usize,
+    head_seq: i64,
+    consumers: Vec<ConsumerStatus>,
 }
 
 /// Checks a consumer name: 1–128 of letters, digits and `._:@-`.
@@ -72,11 +151,28 @@ pub(crate) fn valid_table(table: &str) -> Result<(), ApiError> {
     }
 }
 
+/// Run the events relay, or move a cursor
+///
+/// `{}` (or no body) runs the built-in events relay now; with `resetTo`
+/// moves a consumer's cursor (0 replays the feed). system_admin or
+/// site_admin.
+#[utoipa::path(
+    post,
+    path = "/sync/trigger",
+    operation_id = "syncTrigger",
+    tag = "changes",
+    request_body(content = Option<TriggerRequest>, description = "What to do; may be empty (the same as `{}`)."),
+    responses(
+        (status = 200, description = "Done.", body = Trigger200),
+        (status = 403, response = crate::doc::Forbidden),
+        (status = 422, response = crate::doc::Invalid),
+    )
+)]
 pub(crate) async fn trigger(
     State(state): State<AppState>,
     caller: Caller,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Trigger200>, ApiError> {
     caller.require_admin("triggering a sync")?;
     let req: TriggerRequest = if body.iter().all(u8::is_ascii_whitespace) {
         TriggerRequest::default()
@@ -143,11 +239,11 @@ pub(crate) async fn trigger(
     }
     let mut conn = state.pool.acquire().await?;
     let consumers = sync::status(&mut conn, head).await?;
-    Ok(Json(json!({
-        "success": true,
-        "consumer": consumer,
-        "published": published,
-        "headSeq": head,
-        "consumers": consumers,
-    })))
+    Ok(Json(Trigger200 {
+        success: true,
+        consumer: consumer.to_owned(),
+        published,
+        head_seq: head,
+        consumers,
+    }))
 }

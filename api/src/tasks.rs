@@ -8,10 +8,10 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use taskhost_common::jobs::Accepted;
-use taskhost_common::model::{ExecutionMode, Role};
-use taskhost_common::tasks::{self, Task, TaskError, TaskRequest};
+use taskhost_common::model::{ExecutionMode, JobStatus, Role};
+use taskhost_common::tasks::{self, ScheduleState, Task, TaskError, TaskRequest};
 use uuid::Uuid;
 
 use crate::auth::Caller;
@@ -48,42 +48,147 @@ fn require_writer(caller: &Caller, mode: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn with_schedule(state: &AppState, task: Task) -> Result<Value, ApiError> {
-    let mut v = serde_json::to_value(&task).map_err(|e| ApiError::Internal(e.to_string()))?;
-    // Names only, each with `***`; null when the task has none.
-    v["secretEnvironment"] = task
-        .secret_environment
-        .as_deref()
-        .map_or(Value::Null, |sealed| {
-            taskhost_common::secrets::masked(state.settings.secrets.key().as_ref(), sealed)
-        });
-    if let Some(s) = tasks::schedule_state(&state.pool, task.task_id).await? {
-        v["nextRun"] = json!(s.next_run);
-        v["lastRun"] = json!(s.last_run);
-        v["lastState"] = json!(s.last_state);
-        v["isRunning"] = json!(s.is_running);
-    }
-    Ok(v)
+/// A task as the API shows it: the stored task, its secret environment's
+/// names, and where its schedule stands.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = Task)]
+pub(crate) struct TaskView {
+    #[serde(flatten)]
+    task: Task,
+    #[schema(schema_with = crate::doc::secret_names)]
+    secret_environment: Option<Value>,
+    #[serde(flatten)]
+    schedule: ScheduleSummary,
 }
 
+/// Where a task's schedule stands (the whole state:
+/// `GET /tasks/{taskId}/schedule`); these fields are absent until the
+/// scheduler has seen the task.
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ScheduleSummary {
+    /// When it fires next (null when disabled or never again).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<DateTime<Utc>>, required = false)]
+    next_run: Option<Option<DateTime<Utc>>>,
+    /// When it last fired.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<DateTime<Utc>>, required = false)]
+    last_run: Option<Option<DateTime<Utc>>>,
+    /// How its last run ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, required = false)]
+    last_state: Option<Option<String>>,
+    /// A run is going.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = bool, required = false)]
+    is_running: Option<bool>,
+}
+
+async fn with_schedule(state: &AppState, task: Task) -> Result<TaskView, ApiError> {
+    // Names only, each with `***`; null when the task has none.
+    let secret_environment = task.secret_environment.as_deref().map(|sealed| {
+        taskhost_common::secrets::masked(state.settings.secrets.key().as_ref(), sealed)
+    });
+    let schedule = tasks::schedule_state(&state.pool, task.task_id)
+        .await?
+        .map(|s| ScheduleSummary {
+            next_run: Some(s.next_run),
+            last_run: Some(s.last_run),
+            last_state: Some(s.last_state),
+            is_running: Some(s.is_running),
+        })
+        .unwrap_or_default();
+    Ok(TaskView {
+        task,
+        secret_environment,
+        schedule,
+    })
+}
+
+/// Every task.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = TaskList)]
+pub(crate) struct TaskList {
+    #[schema(schema_with = crate::doc::always_true)]
+    success: bool,
+    count: usize,
+    tasks: Vec<TaskView>,
+}
+
+/// List tasks
+///
+/// Every recurring task with its schedule state. Any key.
+#[utoipa::path(
+    get,
+    path = "/tasks",
+    operation_id = "listTasks",
+    tag = "tasks",
+    responses((status = 200, description = "The tasks.", body = TaskList))
+)]
 pub(crate) async fn list(
     State(state): State<AppState>,
     _caller: Caller,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<TaskList>, ApiError> {
     let mut out = Vec::new();
     for t in tasks::list(&state.pool).await? {
         out.push(with_schedule(&state, t).await?);
     }
-    Ok(Json(
-        json!({ "success": true, "count": out.len(), "tasks": out }),
-    ))
+    Ok(Json(TaskList {
+        success: true,
+        count: out.len(),
+        tasks: out,
+    }))
 }
 
+/// A created task.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = TaskCreated)]
+pub(crate) struct Created201 {
+    #[schema(schema_with = crate::doc::always_true)]
+    success: bool,
+    task_id: Uuid,
+    task: TaskView,
+}
+
+/// Create a task
+///
+/// Roles: task_manager, system_admin or site_admin (and for an `inline`
+/// task, debug too). 409 when the app already has a task of that name.
+#[utoipa::path(
+    post,
+    path = "/tasks",
+    operation_id = "createTask",
+    tag = "tasks",
+    request_body(content = crate::doc::TaskCreateBody, description = "The task."),
+    responses(
+        (status = 201, description = "Created.", body = Created201,
+         links(
+            ("GetTask" = (operation_id = "getTask", parameters(("taskId" = "$response.body#/taskId")),
+                          description = "The task.")),
+            ("UpdateTask" = (operation_id = "updateTask", parameters(("taskId" = "$response.body#/taskId")),
+                             description = "Change it.")),
+            ("GetTaskSchedule" = (operation_id = "getTaskSchedule", parameters(("taskId" = "$response.body#/taskId")),
+                                  description = "Its next and last run.")),
+            ("GetTaskHistory" = (operation_id = "getTaskHistory", parameters(("taskId" = "$response.body#/taskId")),
+                                 description = "Its runs.")),
+            ("RunTaskNow" = (operation_id = "runTaskNow", parameters(("taskId" = "$response.body#/taskId")),
+                             description = "Run it now.")),
+            ("DeleteTask" = (operation_id = "deleteTask", parameters(("taskId" = "$response.body#/taskId")),
+                             description = "Delete it."))
+         )),
+        (status = 403, response = crate::doc::Forbidden),
+        (status = 409, response = crate::doc::Conflict),
+        (status = 422, response = crate::doc::Invalid),
+    )
+)]
 pub(crate) async fn create(
     State(state): State<AppState>,
     caller: Caller,
     body: Bytes,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Created201>), ApiError> {
     let request: TaskRequest = parse_json(&body)?;
     require_writer(&caller, request.execution_mode.as_deref().unwrap_or("pool"))?;
     let key = state.settings.secrets.key();
@@ -92,27 +197,59 @@ pub(crate) async fn create(
     let body = with_schedule(&state, task).await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "success": true, "taskId": id, "task": body })),
+        Json(Created201 {
+            success: true,
+            task_id: id,
+            task: body,
+        }),
     ))
 }
 
+/// Get a task
+#[utoipa::path(
+    get,
+    path = "/tasks/{taskId}",
+    operation_id = "getTask",
+    tag = "tasks",
+    params(crate::doc::TaskIdPath),
+    responses((status = 200, description = "The task.", body = TaskView))
+)]
 pub(crate) async fn get_one(
     State(state): State<AppState>,
     _caller: Caller,
     RawPath(raw): RawPath<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<TaskView>, ApiError> {
     let task = tasks::get(&state.pool, task_id(&raw)?)
         .await?
         .ok_or(ApiError::NotFound("task"))?;
     Ok(Json(with_schedule(&state, task).await?))
 }
 
+/// Change a task
+///
+/// Changes the fields the body names (`null` clears `timeoutSeconds`,
+/// `limits` or the assignment). Roles as for creating, for the mode the
+/// task has and the one it gets.
+#[utoipa::path(
+    put,
+    path = "/tasks/{taskId}",
+    operation_id = "updateTask",
+    tag = "tasks",
+    params(crate::doc::TaskIdPath),
+    request_body(content = TaskRequest, description = "The fields to change."),
+    responses(
+        (status = 200, description = "The task as it is now.", body = TaskView),
+        (status = 403, response = crate::doc::Forbidden),
+        (status = 409, response = crate::doc::Conflict),
+        (status = 422, response = crate::doc::Invalid),
+    )
+)]
 pub(crate) async fn update(
     State(state): State<AppState>,
     caller: Caller,
     RawPath(raw): RawPath<String>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<TaskView>, ApiError> {
     let id = task_id(&raw)?;
     let request: TaskRequest = parse_json(&body)?;
     let current = tasks::get(&state.pool, id)
@@ -129,11 +266,37 @@ pub(crate) async fn update(
     Ok(Json(with_schedule(&state, task).await?))
 }
 
+/// A deleted task.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = TaskDeleted)]
+pub(crate) struct Deleted200 {
+    #[schema(schema_with = crate::doc::always_true)]
+    success: bool,
+    task_id: Uuid,
+    /// `task deleted`.
+    message: &'static str,
+}
+
+/// Delete a task
+///
+/// Its history goes with it; jobs it fired stay.
+#[utoipa::path(
+    delete,
+    path = "/tasks/{taskId}",
+    operation_id = "deleteTask",
+    tag = "tasks",
+    params(crate::doc::TaskIdPath),
+    responses(
+        (status = 200, description = "Deleted.", body = Deleted200),
+        (status = 403, response = crate::doc::Forbidden),
+    )
+)]
 pub(crate) async fn delete(
     State(state): State<AppState>,
     caller: Caller,
     RawPath(raw): RawPath<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Deleted200>, ApiError> {
     let id = task_id(&raw)?;
     caller.require_any(WRITERS, "deleting tasks")?;
     let current = tasks::get(&state.pool, id)
@@ -141,33 +304,52 @@ pub(crate) async fn delete(
         .ok_or(ApiError::NotFound("task"))?;
     require_writer(&caller, current.execution_mode.as_str())?;
     tasks::delete(&state.pool, id, caller.user()).await?;
-    Ok(Json(
-        json!({ "success": true, "taskId": id, "message": "task deleted" }),
-    ))
+    Ok(Json(Deleted200 {
+        success: true,
+        task_id: id,
+        message: "task deleted",
+    }))
 }
 
+/// A task's schedule
+///
+/// Next and last run, its state, and totals.
+#[utoipa::path(
+    get,
+    path = "/tasks/{taskId}/schedule",
+    operation_id = "getTaskSchedule",
+    tag = "tasks",
+    params(crate::doc::TaskIdPath),
+    responses((status = 200, description = "The schedule state.", body = ScheduleState))
+)]
 pub(crate) async fn schedule(
     State(state): State<AppState>,
     _caller: Caller,
     RawPath(raw): RawPath<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ScheduleState>, ApiError> {
     let s = tasks::schedule_state(&state.pool, task_id(&raw)?)
         .await?
         .ok_or(ApiError::NotFound("task"))?;
-    Ok(Json(json!(s)))
+    Ok(Json(s))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct HistoryQuery {
+    /// Page size, 1 to 1000 (default 50).
+    #[param(minimum = 1, maximum = 1000, default = 50)]
     limit: Option<i64>,
-    /// Page cursor: only rows with a smaller historyId.
+    /// Page cursor: only entries with a smaller `historyId` (pass the
+    /// previous `nextBefore`).
     before: Option<i64>,
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+/// One run of a task.
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct HistoryEntry {
+    /// Row id; pass the last one as `before` to page.
     history_id: i64,
     job_id: Uuid,
     node_id: Option<Uuid>,
@@ -177,9 +359,13 @@ struct HistoryEntry {
     start_time: Option<DateTime<Utc>>,
     end_time: DateTime<Utc>,
     duration_ms: Option<i64>,
+    /// How the attempt ended.
+    #[schema(value_type = JobStatus)]
     state: String,
+    /// False for an attempt that was retried.
     is_final: bool,
     exit_code: Option<i32>,
+    #[schema(value_type = taskhost_common::model::TriggeredBy)]
     triggered_by: String,
     /// The worker cut the captured output at `worker.output_cap_bytes`.
     output_truncated: bool,
@@ -193,12 +379,40 @@ struct HistoryEntry {
     raw: crate::output::PreviewColumns,
 }
 
+/// A page of a task's runs.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = TaskHistory)]
+pub(crate) struct HistoryPage {
+    #[schema(schema_with = crate::doc::always_true)]
+    success: bool,
+    count: usize,
+    /// Pass as `before` for the next page; null on the last one.
+    next_before: Option<i64>,
+    history: Vec<HistoryEntry>,
+}
+
+/// A task's history
+///
+/// The task's runs (every attempt), newest first, with bounded output
+/// previews; page with `before=<nextBefore>`.
+#[utoipa::path(
+    get,
+    path = "/tasks/{taskId}/history",
+    operation_id = "getTaskHistory",
+    tag = "tasks",
+    params(crate::doc::TaskIdPath, HistoryQuery),
+    responses(
+        (status = 200, description = "A page of runs.", body = HistoryPage),
+        (status = 422, response = crate::doc::Invalid),
+    )
+)]
 pub(crate) async fn history(
     State(state): State<AppState>,
     _caller: Caller,
     RawPath(raw): RawPath<String>,
     query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<HistoryPage>, ApiError> {
     let id = task_id(&raw)?;
     let Query(q) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
     let limit = q.limit.unwrap_or(50);
@@ -234,16 +448,60 @@ pub(crate) async fn history(
     } else {
         None
     };
-    Ok(Json(
-        json!({ "success": true, "count": entries.len(), "nextBefore": next, "history": entries }),
-    ))
+    Ok(Json(HistoryPage {
+        success: true,
+        count: entries.len(),
+        next_before: next,
+        history: entries,
+    }))
 }
 
+/// A task's run, accepted.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = TaskRunAccepted)]
+pub(crate) struct Run202 {
+    #[schema(schema_with = crate::doc::always_true)]
+    success: bool,
+    task_id: Uuid,
+    /// The run's job (with `fanout: all`, the first of them).
+    job_id: Uuid,
+    /// `job accepted`, or `job recorded as dead: ...` when no node matches.
+    message: String,
+    /// With `fanout: all` and more than one matching node: every job.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    job_ids: Option<Vec<Uuid>>,
+}
+
+/// Run a task now
+///
+/// Fires the task once (`triggeredBy: manual`) whatever its schedule.
+/// Roles as for changing it.
+#[utoipa::path(
+    post,
+    path = "/tasks/{taskId}/run",
+    operation_id = "runTaskNow",
+    tag = "tasks",
+    params(crate::doc::TaskIdPath),
+    responses(
+        (status = 202, description = "The run's job was accepted.", body = Run202,
+         links(
+            ("GetJob" = (operation_id = "getJob", parameters(("jobId" = "$response.body#/jobId")),
+                         description = "The job, with its status and, once it ended, its output.")),
+            ("CancelJob" = (operation_id = "cancelJob", parameters(("jobId" = "$response.body#/jobId")),
+                            description = "Cancel it.")),
+            ("GetJobOutput" = (operation_id = "getJobOutput", parameters(("jobId" = "$response.body#/jobId")),
+                               description = "Its whole stdout or stderr, once it ended."))
+         )),
+        (status = 403, response = crate::doc::Forbidden),
+        (status = 409, response = crate::doc::Conflict),
+    )
+)]
 pub(crate) async fn run_now(
     State(state): State<AppState>,
     caller: Caller,
     RawPath(raw): RawPath<String>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Run202>), ApiError> {
     let task = tasks::get(&state.pool, task_id(&raw)?)
         .await?
         .ok_or(ApiError::NotFound("task"))?;
@@ -263,11 +521,16 @@ pub(crate) async fn run_now(
         } => {
             let message =
                 crate::jobs::dispatch(&state, caller.user(), &job_ids, &outbox, status).await;
-            let mut body = json!({ "success": true, "taskId": task.task_id, "jobId": job_ids[0], "message": message });
-            if job_ids.len() > 1 {
-                body["jobIds"] = json!(job_ids);
-            }
-            Ok((StatusCode::ACCEPTED, Json(body)))
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(Run202 {
+                    success: true,
+                    task_id: task.task_id,
+                    job_id: job_ids.first().copied().unwrap_or_default(),
+                    message,
+                    job_ids: (job_ids.len() > 1).then(|| job_ids.clone()),
+                }),
+            ))
         }
         _ => Err(ApiError::Conflict("the task cannot run as stored".into())),
     }

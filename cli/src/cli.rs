@@ -52,6 +52,10 @@ pub(crate) enum Command {
     /// Benchmark on a fresh database and prefix of the local Postgres and
     /// RabbitMQ (see docs/benchmark.md).
     Bench(Box<bench::BenchArgs>),
+    /// Print the HTTP API's OpenAPI document, as the api serves it at
+    /// /openapi.json (`taskhost openapi > api/openapi.json` refreshes the
+    /// committed copy).
+    Openapi,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -106,6 +110,10 @@ pub(crate) async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
         Command::Job(c) => return client::job(c).await,
         Command::Tasks(c) => return client::tasks(c).await,
         Command::Bench(a) => return bench::run((**a).clone()).await,
+        Command::Openapi => {
+            outln!("{}", taskhost_api::openapi_json().trim_end());
+            return Ok(ExitCode::SUCCESS);
+        }
         _ => {}
     }
     let settings = match settings(&args) {
@@ -128,7 +136,8 @@ pub(crate) async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
         | Command::Jobs(_)
         | Command::Nodes(_)
         | Command::Tasks(_)
-        | Command::Bench(_) => Ok(ExitCode::SUCCESS),
+        | Command::Bench(_)
+        | Command::Openapi => Ok(ExitCode::SUCCESS),
     }
 }
 

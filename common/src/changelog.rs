@@ -275,13 +275,22 @@ pub async fn record_many(
 /// A decoded `data_change` row, its old and new rows as parsed JSON.
 pub type ChangeEntry = ChangeEntryOf<Value>;
 
+/// The OpenAPI schema of a change's `action`.
+pub fn action_schema() -> utoipa::openapi::schema::Object {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(["INSERT", "UPDATE", "DELETE"]))
+        .build()
+}
+
 /// A decoded `data_change` row whose old and new rows are JSON text, not
 /// parsed: what the events relay forwards (it never looks inside a row).
 pub type RawChangeEntry = ChangeEntryOf<Box<serde_json::value::RawValue>>;
 
 /// A decoded `data_change` row; `D` is how its rows are held.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = ChangeEntry)]
 pub struct ChangeEntryOf<D> {
     /// The feed cursor.
     pub change_seq: i64,
@@ -292,10 +301,13 @@ pub struct ChangeEntryOf<D> {
     /// The row's primary key.
     pub record_id: String,
     /// INSERT, UPDATE or DELETE.
+    #[schema(schema_with = crate::changelog::action_schema)]
     pub action: String,
-    /// The row before, decoded.
+    /// The row before (UPDATE, DELETE), decoded: its columns by name.
+    #[schema(value_type = Option<Object>)]
     pub old_data: Option<D>,
-    /// The row after, decoded.
+    /// The row after (INSERT, UPDATE), decoded.
+    #[schema(value_type = Option<Object>)]
     pub new_data: Option<D>,
     /// Who made it.
     pub changed_by: String,

@@ -33,6 +33,10 @@ macro_rules! string_enum {
             /// Every value, in declaration order.
             pub const ALL: &'static [$name] = &[$($name::$variant),+];
 
+            /// Every word accepted on input: the canonical names, then
+            /// their aliases.
+            pub const INPUTS: &'static [&'static str] = &[$($text,)+ $($($alias,)*)+];
+
             /// The canonical name stored in Postgres and sent on the wire.
             pub fn as_str(self) -> &'static str {
                 match self { $($name::$variant => $text),+ }
@@ -60,6 +64,18 @@ macro_rules! string_enum {
         impl From<$name> for &'static str {
             fn from(v: $name) -> &'static str { v.as_str() }
         }
+
+        // The OpenAPI schema: the canonical names (what answers carry).
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::schema::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .enum_values(Some([$($text),+]))
+                    .into()
+            }
+        }
+
+        impl utoipa::ToSchema for $name {}
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.write_str(self.as_str()) }
@@ -263,16 +279,24 @@ pub mod limits {
 /// Per-job limits as a submit or task body carries them (`limits`): each
 /// optional, a whole number from 1 up to its bound. Held as JSON values so
 /// a wrong one is refused naming its field (`limits.cpuSeconds`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(
+    as = JobLimits,
+    example = json!({"cpuSeconds": 60, "memoryMb": 512, "maxFiles": 256, "maxProcesses": 64})
+)]
 pub struct LimitsRequest {
-    /// CPU seconds (RLIMIT_CPU).
+    /// CPU seconds of each process (RLIMIT_CPU), 1 to 604800.
+    #[schema(value_type = Option<u64>, minimum = 1, maximum = 604_800)]
     pub cpu_seconds: Option<serde_json::Value>,
-    /// Address space of each process, in MiB (RLIMIT_AS).
+    /// Address space of each process, in MiB (RLIMIT_AS), 1 to 1048576.
+    #[schema(value_type = Option<u64>, minimum = 1, maximum = 1_048_576)]
     pub memory_mb: Option<serde_json::Value>,
-    /// Open files of each process (RLIMIT_NOFILE).
+    /// Open files of each process (RLIMIT_NOFILE), 1 to 1048576.
+    #[schema(value_type = Option<u64>, minimum = 1, maximum = 1_048_576)]
     pub max_files: Option<serde_json::Value>,
-    /// Processes of the job's user (RLIMIT_NPROC).
+    /// Processes of the job's user (RLIMIT_NPROC), 1 to 4194304.
+    #[schema(value_type = Option<u64>, minimum = 1, maximum = 4_194_304)]
     pub max_processes: Option<serde_json::Value>,
 }
 
@@ -280,8 +304,9 @@ pub struct LimitsRequest {
 /// bounded). A worker applies each as min(job, worker) where it has a limit
 /// of its own, else the job's: a job can only tighten the operator's
 /// limits. Stored as JSON in `jobs.limits` and `tasks.limits`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = JobLimitsShown)]
 pub struct JobLimits {
     /// CPU seconds (RLIMIT_CPU).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -341,48 +366,128 @@ impl LimitsRequest {
     }
 }
 
-/// Where a job should run, as submitted.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Where a job should run, as submitted. `nodeId` cannot be combined with
+/// `nodeGroup` or `nodeRole` (422); group and role together mean nodes of
+/// both.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(example = json!({"nodeGroup": "default", "fanout": "one"}))]
 pub struct TargetRequest {
     /// One node by id.
     pub node_id: Option<Uuid>,
     /// Nodes of a group.
+    #[schema(pattern = r"^[a-z0-9][a-z0-9_-]{0,63}$", max_length = 64)]
     pub node_group: Option<String>,
     /// Nodes of a role.
+    #[schema(pattern = r"^[a-z0-9][a-z0-9_-]{0,63}$", max_length = 64)]
     pub node_role: Option<String>,
-    /// `one` (default) or `all`.
+    /// `one` (default): any one matching node; `all`: one job per active
+    /// matching node.
+    #[schema(value_type = Option<Fanout>)]
     pub fanout: Option<String>,
 }
 
 /// The body of `POST /jobs/submit`, and of a `job.submit.v1` message less its
 /// `userId`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Optional fields may be omitted or null; unknown fields are refused with
+/// 422. An `inline` job's command is `diagnostics` or `noop`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(as = SubmitJob, example = json!({
+    "jobName": "hello",
+    "command": "echo hello from $(hostname)",
+    "timeoutSeconds": 30,
+    "priority": 5,
+    "target": {"nodeGroup": "default"},
+    "env": {"GREETING": "hi"}
+}))]
 pub struct SubmitRequest {
-    /// A short name for people.
+    /// A short name for people; trimmed, then 1 to 200 characters.
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     pub job_name: String,
-    /// The shell command, or the built-in name for `inline`.
+    /// The shell command (run with the node's shell, default `/bin/sh -c`,
+    /// in its own process group), or for `inline` the built-in name
+    /// `diagnostics` or `noop`. Not blank, at most 65536 bytes.
+    #[schema(min_length = 1, max_length = 65536, pattern = r"\S")]
     pub command: String,
-    /// Free text.
+    /// Free text, at most 2000 characters.
+    #[schema(max_length = 2000)]
     pub description: Option<String>,
-    /// `pool` (default), `background`, `inline`, or a seed alias.
+    /// `pool` (default), `background`, `inline`, or a seed alias
+    /// (`Runspace`, `BackgroundJob`, `MainLoop`).
+    #[schema(schema_with = execution_mode_input)]
     pub execution_mode: Option<String>,
-    /// Seconds before the run is killed.
+    /// Seconds before the run is killed, 1 to 604800 (7 days). Default: the
+    /// worker's for `pool`, none otherwise.
+    #[schema(minimum = 1, maximum = 604_800)]
     pub timeout_seconds: Option<i64>,
-    /// 0 (lowest) to 9.
+    /// 0 (lowest) to 9; default 5.
+    #[schema(minimum = 0, maximum = 9)]
     pub priority: Option<i64>,
-    /// Where it runs.
+    /// Where it runs (default: any node).
     pub target: Option<TargetRequest>,
-    /// Extra environment variables.
+    /// Extra environment variables: at most 100, names
+    /// `[A-Za-z_][A-Za-z0-9_]*`.
+    #[schema(schema_with = env_map)]
     pub env: Option<BTreeMap<String, String>>,
     /// Extra environment variables whose values are secret: sealed at rest
     /// under `secrets.key`, masked in output and answers (README,
-    /// "Secrets").
+    /// "Secrets"). At most 100, no name also in `env`.
+    #[schema(schema_with = env_map)]
     pub secret_env: Option<SecretValues>,
     /// Limits of this job, tightening the worker's.
     pub limits: Option<LimitsRequest>,
 }
+
+/// The schema of an optional `executionMode` on input: a canonical name or
+/// an alias.
+pub fn execution_mode_input() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::SchemaType::from_iter([
+            Type::String,
+            Type::Null,
+        ]))
+        .enum_values(Some(
+            ExecutionMode::INPUTS
+                .iter()
+                .map(|s| serde_json::Value::from(*s))
+                .chain([serde_json::Value::Null]),
+        ))
+        .description(Some(
+            "`pool` (default), `background` or `inline`, or an alias \
+             (`Runspace`, `BackgroundJob`, `MainLoop`).",
+        ))
+        .build()
+}
+
+/// The schema of an optional environment map ([`check_env`]): at most
+/// [`limits::ENV_MAX`] variables named `[A-Za-z_][A-Za-z0-9_]*` (up to 128
+/// characters), string values.
+pub fn env_map() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, Type};
+    ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::SchemaType::from_iter([
+            Type::Object,
+            Type::Null,
+        ]))
+        .max_properties(Some(limits::ENV_MAX))
+        .property_names(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(ENV_NAME_PATTERN))
+                .max_length(Some(128)),
+        ))
+        .additional_properties(Some(AdditionalProperties::RefOr(
+            ObjectBuilder::new().schema_type(Type::String).into(),
+        )))
+        .examples([serde_json::json!({"GREETING": "hi"})])
+        .build()
+}
+
+/// What [`check_env`] accepts as a variable name.
+pub const ENV_NAME_PATTERN: &str = "^[A-Za-z_][A-Za-z0-9_]*$";
 
 /// A validated target.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

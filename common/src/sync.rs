@@ -91,7 +91,7 @@ impl Watermark {
 }
 
 /// One consumer cursor with its lag, for `GET /sync/status`.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConsumerStatus {
     /// The consumer: `events` (the built-in relay), a node or an external system.

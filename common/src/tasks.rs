@@ -20,56 +20,112 @@ use crate::schedule::Schedule;
 use crate::secrets::{SecretKey, SecretValues};
 
 /// Body of `POST /tasks` and `PUT /tasks/{id}`. For PUT every field is
-/// optional and only the named fields change.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+/// optional and only the named fields change (`null` clears
+/// `timeoutSeconds`, `limits` or the assignment). Unknown fields are refused
+/// with 422; `assignedNodeId` cannot be combined with `assignedNodeGroup` or
+/// `assignedNodeRole`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(as = TaskUpdate, example = json!({"enabled": false, "schedule": "*/10 * * * *"}))]
 pub struct TaskRequest {
+    /// Name, unique within its app; trimmed, then 1 to 200 characters.
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     pub task_name: Option<String>,
+    /// App the task belongs to; trimmed, then 1 to 200 characters. Default
+    /// `default`.
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     pub app_name: Option<String>,
+    /// The command, by the job rules (not blank, at most 65536 bytes;
+    /// `diagnostics` or `noop` for inline).
+    #[schema(min_length = 1, max_length = 65536, pattern = r"\S")]
     pub command: Option<String>,
+    /// `pool` (default), `background`, `inline`, or an alias.
+    #[schema(schema_with = crate::model::execution_mode_input)]
     pub execution_mode: Option<String>,
+    /// Cron pattern with 5 fields, or 6 with seconds first, or an @name
+    /// such as `@hourly`; it must fire at some point.
+    #[schema(
+        min_length = 1,
+        pattern = r"\S",
+        examples("0 2 * * *", "*/5 * * * * *", "@hourly")
+    )]
     pub schedule: Option<String>,
+    /// IANA timezone the schedule is read in. Default `UTC`.
+    #[schema(examples("UTC", "Europe/Berlin"))]
     pub timezone: Option<String>,
+    /// Whether the schedule fires. Default true.
     pub enabled: Option<bool>,
     #[serde(
         default,
         deserialize_with = "named",
         skip_serializing_if = "Option::is_none"
     )]
+    /// Run on this node.
+    #[schema(value_type = Option<Uuid>)]
     pub assigned_node_id: Option<Option<Uuid>>,
     #[serde(
         default,
         deserialize_with = "named",
         skip_serializing_if = "Option::is_none"
     )]
+    /// Run on nodes of this group.
+    #[schema(value_type = Option<String>, pattern = r"^[a-z0-9][a-z0-9_-]{0,63}$", max_length = 64)]
     pub assigned_node_group: Option<Option<String>>,
     #[serde(
         default,
         deserialize_with = "named",
         skip_serializing_if = "Option::is_none"
     )]
+    /// Run on nodes of this role.
+    #[schema(value_type = Option<String>, pattern = r"^[a-z0-9][a-z0-9_-]{0,63}$", max_length = 64)]
     pub assigned_node_role: Option<Option<String>>,
+    /// `one` (default) or `all` matching nodes.
+    #[schema(value_type = Option<Fanout>)]
     pub fanout: Option<String>,
+    /// 0 to 9; default 5.
+    #[schema(minimum = 0, maximum = 9)]
     pub priority: Option<i64>,
     #[serde(
         default,
         deserialize_with = "named",
         skip_serializing_if = "Option::is_none"
     )]
+    /// Seconds before a run is killed, 1 to 604800.
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 604_800)]
     pub timeout_seconds: Option<Option<i64>>,
+    /// Retries of a failed run, 0 to 20; default 0.
+    #[schema(minimum = 0, maximum = 20)]
     pub max_retries: Option<i64>,
+    /// Delay before the first retry, 0 to 86400 seconds; default 60.
+    #[schema(minimum = 0, maximum = 86_400)]
     pub retry_delay_seconds: Option<i64>,
+    /// Default true.
     pub kill_on_timeout: Option<bool>,
+    /// What to do with fire times missed while down; default `catch_up`.
+    #[schema(value_type = Option<MisfirePolicy>)]
     pub misfire_policy: Option<String>,
+    /// Whether a run may start while the previous one runs; default `skip`.
+    #[schema(value_type = Option<OverlapPolicy>)]
     pub overlap_policy: Option<String>,
+    /// What a fan-out task does when no node matches; default `fail`.
+    #[schema(value_type = Option<NoNodePolicy>)]
     pub no_node_policy: Option<String>,
+    /// Free text, at most 2000 characters.
+    #[schema(max_length = 2000)]
     pub description: Option<String>,
+    /// Labels.
     pub tags: Option<Vec<String>>,
+    /// A free-form JSON object.
+    #[schema(value_type = Option<Object>)]
     pub parameters: Option<Value>,
+    /// Environment variables of every run: at most 100, names
+    /// `[A-Za-z_][A-Za-z0-9_]*`.
+    #[schema(schema_with = crate::model::env_map)]
     pub environment: Option<BTreeMap<String, String>>,
     /// Secret environment values: sealed under `secrets.key`. Absent keeps
     /// the stored ones, a map replaces them, `{}` clears them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = crate::model::env_map)]
     pub secret_environment: Option<SecretValues>,
     /// Limits of every run: absent keeps them, an object replaces them,
     /// `null` or `{}` clears them.
@@ -78,6 +134,7 @@ pub struct TaskRequest {
         deserialize_with = "named",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schema(value_type = Option<LimitsRequest>)]
     pub limits: Option<Option<LimitsRequest>>,
 }
 
@@ -94,8 +151,9 @@ where
 }
 
 /// A stored task, as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = StoredTask)]
 pub struct Task {
     pub task_id: Uuid,
     pub task_name: String,
@@ -118,8 +176,11 @@ pub struct Task {
     pub overlap_policy: OverlapPolicy,
     pub no_node_policy: NoNodePolicy,
     pub description: String,
+    #[schema(value_type = Vec<String>)]
     pub tags: Value,
+    #[schema(value_type = Object)]
     pub parameters: Value,
+    #[schema(value_type = BTreeMap<String, String>)]
     pub environment: Value,
     /// The secret environment, sealed (`base64(nonce || ciphertext)`, see
     /// [`crate::secrets`]). Never serialized: answers show the names with
@@ -127,6 +188,7 @@ pub struct Task {
     #[serde(skip)]
     pub secret_environment: Option<String>,
     /// The limits of every run (camelCase JSON of [`JobLimits`]), or null.
+    #[schema(value_type = Option<JobLimits>)]
     pub limits: Option<Value>,
     pub created_by: String,
     pub created_at: DateTime<Utc>,
@@ -468,7 +530,7 @@ impl Task {
 }
 
 /// Scheduling state of a task, as the API shows it.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ScheduleState {
     pub task_id: Uuid,

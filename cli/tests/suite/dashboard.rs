@@ -27,15 +27,16 @@ fn find_program(names: &[&str]) -> Option<String> {
     })
 }
 
-/// A chromedriver process with one browser session.
-struct Browser {
+/// A chromedriver process with one browser session (also drives `/docs`,
+/// `docs_page.rs`).
+pub(crate) struct Browser {
     driver: Child,
     http: reqwest::Client,
     session: String,
 }
 
 impl Browser {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let driver_bin = find_program(&["chromedriver"]).expect(
             "chromedriver is not installed: apt-get install chromium chromium-driver \
              (scripts/test does this when it runs as root)",
@@ -89,7 +90,12 @@ impl Browser {
         }
     }
 
-    async fn cmd(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+    pub(crate) async fn cmd(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Value {
         let mut req = self
             .http
             .request(method.clone(), format!("{}{path}", self.session));
@@ -112,12 +118,12 @@ impl Browser {
         resp["value"].clone()
     }
 
-    async fn goto(&self, url: &str) {
+    pub(crate) async fn goto(&self, url: &str) {
         self.cmd(reqwest::Method::POST, "/url", Some(json!({ "url": url })))
             .await;
     }
 
-    async fn element(&self, css: &str) -> String {
+    pub(crate) async fn element(&self, css: &str) -> String {
         let v = self
             .cmd(
                 reqwest::Method::POST,
@@ -128,7 +134,7 @@ impl Browser {
         v[ELEMENT].as_str().expect("element id").to_owned()
     }
 
-    async fn type_into(&self, css: &str, text: &str) {
+    pub(crate) async fn type_into(&self, css: &str, text: &str) {
         let id = self.element(css).await;
         self.cmd(
             reqwest::Method::POST,
@@ -144,7 +150,7 @@ impl Browser {
         .await;
     }
 
-    async fn click(&self, css: &str) {
+    pub(crate) async fn click(&self, css: &str) {
         let id = self.element(css).await;
         self.cmd(
             reqwest::Method::POST,
@@ -154,7 +160,7 @@ impl Browser {
         .await;
     }
 
-    async fn js(&self, script: &str, args: Value) -> Value {
+    pub(crate) async fn js(&self, script: &str, args: Value) -> Value {
         self.cmd(
             reqwest::Method::POST,
             "/execute/sync",
@@ -164,7 +170,7 @@ impl Browser {
     }
 
     /// Waits until `script` returns something other than null/false/"".
-    async fn wait_for(&self, what: &str, script: &str, args: Value) -> Value {
+    pub(crate) async fn wait_for(&self, what: &str, script: &str, args: Value) -> Value {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let v = self.js(script, args.clone()).await;
@@ -226,7 +232,7 @@ impl Browser {
         .await;
     }
 
-    async fn quit(mut self) {
+    pub(crate) async fn quit(mut self) {
         let _ = self.http.delete(&self.session).send().await;
         let _ = self.driver.kill();
         let _ = self.driver.wait();

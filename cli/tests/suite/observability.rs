@@ -512,7 +512,7 @@ async fn finished_jobs_and_requests_log_one_typed_line_each() {
     assert_eq!(s["key_id"], key_id.to_string(), "{s}");
     let lookup = access
         .iter()
-        .find(|v| v["route"] == "/api/v1/jobs/{job_id}")
+        .find(|v| v["route"] == "/api/v1/jobs/{jobId}")
         .unwrap_or_else(|| panic!("no line for the lookup: {access:?}"));
     assert_eq!(lookup["status"], 404, "{lookup}");
     let whole = std::fs::read_to_string(&api_log).expect("api log");
