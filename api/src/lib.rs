@@ -35,6 +35,7 @@ mod ratelimit;
 mod server;
 mod state;
 mod sync;
+mod taskfile;
 mod tasks;
 
 use std::sync::Arc;
@@ -117,6 +118,8 @@ pub(crate) fn routes(guard: Option<AppState>) -> OpenApiRouter<AppState> {
         .routes(routes!(sync::status))
         .routes(routes!(sync::trigger))
         .routes(routes!(tasks::list, tasks::create))
+        .routes(routes!(taskfile::export))
+        .routes(routes!(taskfile::import))
         .routes(routes!(tasks::get_one, tasks::update, tasks::delete))
         .routes(routes!(tasks::history))
         .routes(routes!(output::history_output))

@@ -329,6 +329,25 @@ pub(crate) enum TasksCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print the tasks as a versioned task file (JSON) on stdout, e.g.
+    /// `taskhost tasks export > tasks.json`.
+    Export {
+        #[command(flatten)]
+        conn: Conn,
+        /// Only this app's tasks.
+        #[arg(long)]
+        app: Option<String>,
+    },
+    /// Create or update the tasks of a task file by app and name.
+    Import {
+        #[command(flatten)]
+        conn: Conn,
+        /// The task file (`-` for stdin).
+        file: String,
+        /// Only print what would change.
+        #[arg(long)]
+        dry_run: bool,
+    },
     #[command(flatten)]
     Control(crate::console::TaskControl),
 }
@@ -478,6 +497,69 @@ pub(crate) async fn tasks(cmd: &TasksCommand) -> anyhow::Result<ExitCode> {
                 resp["task"]["nextRun"].as_str().unwrap_or("-")
             );
             outln!("{}", resp["taskId"].as_str().unwrap_or_default());
+        }
+        TasksCommand::Export { conn, app } => {
+            let mut request = client.get(url(conn, "/tasks/export"));
+            if let Some(app) = app {
+                request = request.query(&[("app", app)]);
+            }
+            let resp = call(request, conn).await?;
+            outln!("{}", serde_json::to_string_pretty(&resp)?);
+            eprintln!(
+                "exported {} task(s)",
+                resp["tasks"].as_array().map_or(0, Vec::len)
+            );
+        }
+        TasksCommand::Import {
+            conn,
+            file,
+            dry_run,
+        } => {
+            let text = if file == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(file)
+                    .map_err(|e| anyhow::anyhow!("cannot read {file}: {e}"))?
+            };
+            let body: Value = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{file} is not JSON: {e}"))?;
+            let resp = call(
+                client
+                    .post(url(conn, "/tasks/import"))
+                    .query(&[("dryRun", dry_run.to_string())])
+                    .json(&body),
+                conn,
+            )
+            .await?;
+            for t in resp["tasks"].as_array().into_iter().flatten() {
+                let name = format!(
+                    "{}/{}",
+                    t["appName"].as_str().unwrap_or("-"),
+                    t["taskName"].as_str().unwrap_or("-")
+                );
+                let changed: Vec<&str> = t["changed"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect();
+                match t["action"].as_str() {
+                    Some("created") => outln!("+ {name}"),
+                    Some("updated") => outln!("~ {name}: {}", changed.join(", ")),
+                    _ => outln!("= {name}"),
+                }
+            }
+            eprintln!(
+                "{}{} created, {} updated, {} unchanged",
+                if *dry_run {
+                    "dry run, nothing written: "
+                } else {
+                    ""
+                },
+                resp["created"],
+                resp["updated"],
+                resp["unchanged"]
+            );
         }
         TasksCommand::Run { conn, id } => {
             let resp = call(client.post(url(conn, &format!("/tasks/{id}/run"))), conn).await?;

@@ -18,6 +18,7 @@
 //! - [`startup`]: start-up checks that fail fast with the fix in one line.
 //! - [`store`]: the job store, the one owner of the `jobs` row.
 //! - [`secrets`]: sealed secret environment values and output masking.
+//! - [`taskfile`]: export and import of tasks (the versioned task file).
 //! - [`text`]: the one rule for text fields (no NUL), at every entry point.
 //! - [`sync`]: the change feed's safe head, consumer cursors, the events relay.
 
@@ -39,6 +40,7 @@ pub mod shutdown;
 pub mod startup;
 pub mod store;
 pub mod sync;
+pub mod taskfile;
 pub mod tasks;
 pub mod telemetry;
 pub mod text;

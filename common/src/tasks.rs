@@ -740,6 +740,13 @@ pub async fn create_with(
     key: Option<&SecretKey>,
 ) -> Result<Task, TaskError> {
     let task = Task::from_request_with(request, user, key)?;
+    create_task(pool, task, user).await
+}
+
+/// Writes a new task built by the caller (an import keeps its sealed
+/// secret environment as it is): the row, its schedule row and their
+/// change rows in one transaction.
+pub async fn create_task(pool: &PgPool, task: Task, user: &str) -> Result<Task, TaskError> {
     let mut tx = pool.begin().await?;
     let new = write_task(&mut tx, &task, true)
         .await
@@ -813,7 +820,29 @@ pub async fn update_with(
     user: &str,
     key: Option<&SecretKey>,
 ) -> Result<Task, TaskError> {
-    retry_deadlock(|| update_once(pool, task_id, request.clone(), user, key)).await
+    retry_deadlock(|| update_once(pool, task_id, request.clone(), user, key, None)).await
+}
+
+/// [`update`] for an import: every field of `request`, then the sealed
+/// secret environment as exported (`None`: none).
+pub async fn update_imported(
+    pool: &PgPool,
+    task_id: Uuid,
+    request: TaskRequest,
+    sealed: Option<String>,
+    user: &str,
+) -> Result<Task, TaskError> {
+    retry_deadlock(|| {
+        update_once(
+            pool,
+            task_id,
+            request.clone(),
+            user,
+            None,
+            Some(sealed.clone()),
+        )
+    })
+    .await
 }
 
 async fn update_once(
@@ -822,6 +851,7 @@ async fn update_once(
     request: TaskRequest,
     user: &str,
     key: Option<&SecretKey>,
+    sealed: Option<Option<String>>,
 ) -> Result<Task, TaskError> {
     let mut tx = pool.begin().await?;
     // NO KEY UPDATE: the runs recorded meanwhile only need the row to stay
@@ -838,6 +868,9 @@ async fn update_once(
     let schedule_changed =
         request.schedule.is_some() || request.timezone.is_some() || request.enabled.is_some();
     task.apply_with(request, key)?;
+    if let Some(sealed) = sealed {
+        task.secret_environment = sealed;
+    }
     task.modified_by = Some(user.to_owned());
     task.modified_at = Some(Utc::now());
     let new = write_task(&mut tx, &task, false)

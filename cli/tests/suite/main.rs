@@ -27,6 +27,7 @@ mod smoke;
 mod soak;
 mod startup;
 mod sync;
+mod taskfile;
 mod tasks;
 mod tracing;
 mod transport;
