@@ -18,6 +18,7 @@ mod http_limits;
 mod jobs;
 mod observability;
 mod openapi;
+mod replica;
 mod routing;
 mod sandbox;
 mod secrets;
