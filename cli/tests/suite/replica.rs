@@ -490,3 +490,69 @@ async fn a_row_changed_on_the_replica_is_reported_and_the_source_wins() {
     other.cleanup().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_that_commits_late_is_not_skipped_by_the_replica() {
+    use taskhost_common::changelog::{self, Action, Change};
+    let env = TestEnv::new().await;
+    let lite = sqlite_path();
+    assert_ok(&sync_once(&env, &lite, &[]).await, "first sync");
+
+    // A node's change draws its number, then stays uncommitted while a
+    // later task commits.
+    let mut late = env.pool.begin().await.expect("begin");
+    let node = Uuid::now_v7();
+    let row: Value = sqlx::query_scalar(
+        "INSERT INTO nodes (node_id, node_name, hostname) VALUES ($1, 'late-node', 'h')
+         RETURNING to_jsonb(nodes.*)",
+    )
+    .bind(node)
+    .fetch_one(&mut *late)
+    .await
+    .expect("insert node");
+    changelog::record(
+        &mut late,
+        Change {
+            table: "nodes",
+            record_id: node.to_string(),
+            action: Action::Insert,
+            old: None,
+            new: Some(&row),
+            changed_by: "test",
+            node_id: None,
+            reason: Some("test"),
+        },
+    )
+    .await
+    .expect("record");
+    let task = new_task(&env, "early").await;
+    let run = sync_once(&env, &lite, &[]).await;
+    assert_ok(&run, "sync with a change in flight");
+    assert_eq!(
+        applied(&run),
+        0,
+        "stops before the uncommitted change: {}",
+        run.stdout
+    );
+
+    late.commit().await.expect("commit");
+    let run = sync_once(&env, &lite, &[]).await;
+    assert_ok(&run, "sync after the commit");
+    assert_eq!(applied(&run), 3, "node, task, schedule: {}", run.stdout);
+    let sq = sqlite(&lite).await;
+    let nodes: i64 = sqlx::query_scalar("SELECT count(*) FROM nodes WHERE node_id = ?")
+        .bind(node.to_string())
+        .fetch_one(&sq)
+        .await
+        .unwrap();
+    let tasks: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE task_id = ?")
+        .bind(task.to_string())
+        .fetch_one(&sq)
+        .await
+        .unwrap();
+    assert_eq!((nodes, tasks), (1, 1));
+    assert_ok(&verify(&env, &lite).await, "verify");
+    sq.close().await;
+    let _ = std::fs::remove_file(&lite);
+    env.cleanup().await;
+}
