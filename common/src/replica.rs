@@ -544,6 +544,33 @@ fn sqlite_json_object(def: &TableDef) -> String {
 }
 
 impl TargetTx {
+    /// Takes the replica's write lock for this transaction (PostgreSQL: an
+    /// advisory lock; SQLite: its single writer lock) and reads the cursors.
+    async fn lock_and_read_states(&mut self) -> Result<Vec<(String, (String, i64, i64))>> {
+        let sql = "SELECT table_name, source_id, last_change_seq, quiet_until
+                   FROM taskhost_replica_state";
+        let rows: Vec<(String, String, i64, i64)> = match self {
+            TargetTx::Pg(tx) => {
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtext('taskhost_replica_state'))")
+                    .execute(&mut **tx)
+                    .await?;
+                sqlx::query_as(sql).fetch_all(&mut **tx).await?
+            }
+            TargetTx::Lite(tx) => {
+                // A write statement takes SQLite's write lock, even one that
+                // changes no row.
+                sqlx::query("UPDATE taskhost_replica_state SET applied_at = applied_at WHERE 0")
+                    .execute(&mut **tx)
+                    .await?;
+                sqlx::query_as(sql).fetch_all(&mut **tx).await?
+            }
+        };
+        Ok(rows
+            .into_iter()
+            .map(|(t, s, c, q)| (t, (s, c, q)))
+            .collect())
+    }
+
     async fn row(&mut self, def: &TableDef, key: &str) -> Result<Option<Map<String, Value>>> {
         let text: Option<String> = match self {
             TargetTx::Pg(tx) => {
@@ -994,6 +1021,14 @@ impl Replica {
                 _ => head,
             };
             let mut tx = self.target.begin().await?;
+            // Another syncer of this replica may have moved the cursors
+            // since they were read: take the replica's write lock, then
+            // read them again, so no change is applied twice.
+            for (table, (_, c, q)) in tx.lock_and_read_states().await? {
+                if let Some(mine) = cursors.get_mut(&table) {
+                    *mine = (mine.0.max(c), q);
+                }
+            }
             let mut conflicts: HashMap<&str, i64> = HashMap::new();
             let half = changes.len() / 2;
             for (i, c) in changes.iter().enumerate() {

@@ -556,3 +556,42 @@ async fn a_change_that_commits_late_is_not_skipped_by_the_replica() {
     let _ = std::fs::remove_file(&lite);
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_syncers_of_one_replica_apply_each_change_once() {
+    let env = TestEnv::new().await;
+    let (db, pg_url) = second_database(&env).await;
+    assert_ok(&sync_once(&env, &pg_url, &[]).await, "first sync");
+    let before: i64 = sqlx::query_scalar("SELECT COALESCE(max(change_seq), 0) FROM data_change")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    for i in 0..300 {
+        new_task(&env, &format!("pair-{i:03}")).await;
+    }
+    let expected: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM data_change
+         WHERE change_seq > $1 AND table_name IN ('tasks', 'task_schedule', 'nodes')",
+    )
+    .bind(before)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    let (one, two) = tokio::join!(
+        sync_once(&env, &pg_url, &["--batch", "50"]),
+        sync_once(&env, &pg_url, &["--batch", "50"]),
+    );
+    assert_ok(&one, "first syncer");
+    assert_ok(&two, "second syncer");
+    assert_eq!(
+        applied(&one) + applied(&two),
+        expected,
+        "{} / {}",
+        one.stdout,
+        two.stdout
+    );
+    assert!(one.stdout.contains(" 0 conflict(s)") && two.stdout.contains(" 0 conflict(s)"));
+    assert_ok(&verify(&env, &pg_url).await, "verify");
+    drop_database(&db).await;
+    env.cleanup().await;
+}
