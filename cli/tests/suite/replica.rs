@@ -595,3 +595,72 @@ async fn two_syncers_of_one_replica_apply_each_change_once() {
     drop_database(&db).await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_replicate_into_sqlite_too() {
+    let mut env = TestEnv::new().await;
+    let api = env.start_api().await;
+    let key = env.key("dora", &[Role::TaskManager]).await;
+    let lite = sqlite_path();
+    let (status, body) = taskhost_testkit::submit(
+        &api,
+        &key,
+        &serde_json::json!({"jobName": "j1", "command": "true"}),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let args = [
+        "sync",
+        "--once",
+        "--into",
+        lite.as_str(),
+        "--tables",
+        "jobs",
+    ];
+    assert_ok(&taskhost(&env, &args, &[]).await, "first sync");
+    let (status, body) = taskhost_testkit::submit(
+        &api,
+        &key,
+        &serde_json::json!({"jobName": "j2", "command": "true"}),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let run = taskhost(&env, &args, &[]).await;
+    assert_ok(&run, "second sync");
+    assert!(applied(&run) >= 1, "{}", run.stdout);
+    // The api marks a job queued once the broker took it, which may land
+    // after a sync: sync again until the replica has caught up.
+    let mut v = None;
+    for _ in 0..10 {
+        let run = taskhost(
+            &env,
+            &[
+                "sync",
+                "verify",
+                "--into",
+                lite.as_str(),
+                "--tables",
+                "jobs",
+            ],
+            &[],
+        )
+        .await;
+        if run.code == Some(0) {
+            v = Some(run);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_ok(&taskhost(&env, &args, &[]).await, "catch-up sync");
+    }
+    let v = v.expect("the replica never verified equal");
+    assert!(v.stdout.contains("jobs: equal (2 rows"), "{}", v.stdout);
+    let sq = sqlite(&lite).await;
+    let names: Vec<String> = sqlx::query_scalar("SELECT job_name FROM jobs ORDER BY job_name")
+        .fetch_all(&sq)
+        .await
+        .unwrap();
+    assert_eq!(names, ["j1", "j2"]);
+    sq.close().await;
+    let _ = std::fs::remove_file(&lite);
+    env.cleanup().await;
+}
