@@ -59,6 +59,13 @@ fn sqlite_path() -> String {
         .into_owned()
 }
 
+/// Removes an SQLite file and its WAL files.
+fn remove_sqlite(path: &str) {
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{path}{suffix}"));
+    }
+}
+
 async fn sqlite(path: &str) -> SqlitePool {
     SqlitePool::connect(&format!("sqlite:{path}"))
         .await
@@ -283,7 +290,7 @@ async fn postgres_and_sqlite_replicas_apply_the_feed_and_verify_equal() {
     pg.close().await;
     sq.close().await;
     drop_database(&db).await;
-    let _ = std::fs::remove_file(&lite);
+    remove_sqlite(&lite);
     env.cleanup().await;
 }
 
@@ -291,7 +298,7 @@ async fn postgres_and_sqlite_replicas_apply_the_feed_and_verify_equal() {
 async fn follow_mode_sees_a_new_task_within_seconds() {
     let env = TestEnv::new().await;
     let lite = sqlite_path();
-    let _syncer = ChildGuard(
+    let syncer = ChildGuard(
         Command::new(BIN)
             .args([
                 "sync",
@@ -335,7 +342,8 @@ async fn follow_mode_sees_a_new_task_within_seconds() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     sq.close().await;
-    let _ = std::fs::remove_file(&lite);
+    drop(syncer);
+    remove_sqlite(&lite);
     env.cleanup().await;
 }
 
@@ -553,7 +561,7 @@ async fn a_change_that_commits_late_is_not_skipped_by_the_replica() {
     assert_eq!((nodes, tasks), (1, 1));
     assert_ok(&verify(&env, &lite).await, "verify");
     sq.close().await;
-    let _ = std::fs::remove_file(&lite);
+    remove_sqlite(&lite);
     env.cleanup().await;
 }
 
@@ -661,6 +669,6 @@ async fn jobs_replicate_into_sqlite_too() {
         .unwrap();
     assert_eq!(names, ["j1", "j2"]);
     sq.close().await;
-    let _ = std::fs::remove_file(&lite);
+    remove_sqlite(&lite);
     env.cleanup().await;
 }
