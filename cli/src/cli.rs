@@ -49,6 +49,9 @@ pub(crate) enum Command {
     /// tasks, or show their history.
     #[command(subcommand)]
     Tasks(client::TasksCommand),
+    /// Keep a replica (another PostgreSQL or an SQLite file) of the task
+    /// tables up to date from the change feed, or verify one.
+    Sync(Box<SyncArgs>),
     /// Benchmark on a fresh database and prefix of the local Postgres and
     /// RabbitMQ (see docs/benchmark.md).
     Bench(Box<bench::BenchArgs>),
@@ -72,6 +75,50 @@ pub(crate) struct WorkerArgs {
     /// Slots for pool and inline jobs.
     #[arg(long)]
     pub(crate) concurrency: Option<usize>,
+}
+
+/// `taskhost sync`: apply the change feed to a replica.
+#[derive(Debug, Clone, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub(crate) struct SyncArgs {
+    #[command(subcommand)]
+    pub(crate) verify: Option<SyncCommand>,
+    #[command(flatten)]
+    pub(crate) target: SyncTarget,
+    /// Apply everything up to the head of the feed, then exit (the default).
+    #[arg(long, conflicts_with = "follow")]
+    pub(crate) once: bool,
+    /// Keep following the feed until stopped (SIGINT/SIGTERM).
+    #[arg(long)]
+    pub(crate) follow: bool,
+    /// With --follow: how often to look for new changes, in milliseconds.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+    pub(crate) interval_ms: u64,
+    /// Changes applied per target transaction.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+    pub(crate) batch: i64,
+}
+
+/// The replica `taskhost sync` works on.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct SyncTarget {
+    /// The replica: a postgres:// URL, or an SQLite file (sqlite:PATH or a path).
+    #[arg(long, required = true)]
+    pub(crate) into: Option<String>,
+    /// Comma-separated tables: tasks, task_schedule, nodes, jobs.
+    #[arg(long, default_value = "tasks,task_schedule,nodes")]
+    pub(crate) tables: String,
+    /// The replica's name on the source (sync_state consumer `replica:<name>`;
+    /// default: the database or file name).
+    #[arg(long)]
+    pub(crate) name: Option<String>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub(crate) enum SyncCommand {
+    /// Compare source and replica: row counts and a checksum per table, and
+    /// the primary keys of rows that differ (exit 1 when any differ).
+    Verify(SyncTarget),
 }
 
 #[derive(Debug, Subcommand)]
@@ -130,6 +177,7 @@ pub(crate) async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
         Command::Standalone(w) => serve::standalone(apply_worker_args(settings, &w)?).await,
         Command::Migrate => serve::migrate(settings).await,
         Command::Keys(k) => serve::keys(settings, k).await,
+        Command::Sync(a) => serve::sync(settings, *a).await,
         Command::Submit(_)
         | Command::Results(_)
         | Command::Job(_)

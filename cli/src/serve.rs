@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use chrono::{DateTime, Utc};
 use taskhost_common::{Settings, db, keys, shutdown, startup, telemetry};
 
-use crate::cli::KeysCommand;
+use crate::cli::{KeysCommand, SyncArgs, SyncCommand, SyncTarget};
+use taskhost_common::replica::{self, Replica, ReplicaError, Target};
 
 /// Logs, the trace exporter (README, "Tracing") with `component` as the
 /// default `service.name`, and the shutdown token.
@@ -186,6 +187,149 @@ pub(crate) async fn keys(settings: Settings, cmd: KeysCommand) -> anyhow::Result
                 eprintln!("taskhost: no active key with id {id}");
                 return Ok(ExitCode::from(1));
             }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn open_replica(
+    settings: &Settings,
+    target: &SyncTarget,
+    batch: i64,
+) -> anyhow::Result<Result<Replica, ExitCode>> {
+    let fail = |e: ReplicaError| {
+        eprintln!("taskhost sync: {e}");
+        Ok(Err(ExitCode::from(2)))
+    };
+    let Some(url) = target.into.as_deref() else {
+        eprintln!("taskhost sync: --into is required");
+        return Ok(Err(ExitCode::from(2)));
+    };
+    let tables = match replica::parse_tables(&target.tables) {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    let name = target
+        .name
+        .clone()
+        .unwrap_or_else(|| replica::default_name(url));
+    if let Err(e) = replica::check_name(&name) {
+        return fail(e);
+    }
+    let source = startup::database(&settings.database, 2).await?;
+    let into = match Target::open(url).await {
+        Ok(t) => t,
+        Err(e) => {
+            // The URL may hold a password: name the replica, not the URL.
+            eprintln!("taskhost sync: cannot open the replica {name}: {e}");
+            return Ok(Err(ExitCode::from(1)));
+        }
+    };
+    match Replica::prepare(source, into, &tables, &name, batch).await {
+        Ok(r) => Ok(Ok(r)),
+        Err(ReplicaError::Invalid(m)) => {
+            eprintln!("taskhost sync: {m}");
+            Ok(Err(ExitCode::from(1)))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn summary_line(tables: &[String], s: &replica::PassSummary) -> String {
+    let snap: Vec<String> = s
+        .snapshots
+        .iter()
+        .map(|(t, n)| format!("{t}={n}"))
+        .collect();
+    let snap = if snap.is_empty() {
+        String::new()
+    } else {
+        format!("; snapshot copied rows {}", snap.join(" "))
+    };
+    format!(
+        "synced: {} change(s) applied, {} conflict(s); tables {}; cursor {} (head {}){snap}",
+        s.applied,
+        s.conflicts,
+        tables.join(","),
+        s.cursor,
+        s.head
+    )
+}
+
+/// `taskhost sync` and `taskhost sync verify`.
+pub(crate) async fn sync(settings: Settings, args: SyncArgs) -> anyhow::Result<ExitCode> {
+    telemetry::init(&settings.log);
+    if let Some(SyncCommand::Verify(target)) = &args.verify {
+        let replica = match open_replica(&settings, target, args.batch).await? {
+            Ok(r) => r,
+            Err(code) => return Ok(code),
+        };
+        let report = replica.verify().await?;
+        for t in &report.tables {
+            if t.differing.is_empty() {
+                outln!(
+                    "{}: equal ({} rows, checksum {})",
+                    t.table,
+                    t.source_rows,
+                    t.source_checksum
+                );
+            } else {
+                let shown: Vec<&str> = t.differing.iter().take(50).map(String::as_str).collect();
+                let more = t.differing.len().saturating_sub(shown.len());
+                let more = if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                };
+                outln!(
+                    "{}: DIFFERENT (source {} rows, checksum {}; replica {} rows, checksum {}); rows that differ: {}{more}",
+                    t.table,
+                    t.source_rows,
+                    t.source_checksum,
+                    t.replica_rows,
+                    t.replica_checksum,
+                    shown.join(", ")
+                );
+            }
+        }
+        outln!("conflicts recorded on the replica: {}", report.conflicts);
+        for (seq, table, key, action) in &report.recent_conflicts {
+            outln!("  conflict: change {seq} {action} {table} {key}");
+        }
+        return Ok(if report.equal() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        });
+    }
+    let replica = match open_replica(&settings, &args.target, args.batch).await? {
+        Ok(r) => r,
+        Err(code) => return Ok(code),
+    };
+    let tables = replica.tables();
+    if !args.follow {
+        let s = replica.run_once().await?;
+        outln!("{}", summary_line(&tables, &s));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let stop = shutdown::on_signals();
+    let interval = std::time::Duration::from_millis(args.interval_ms);
+    tracing::info!(tables = %tables.join(","), interval_ms = args.interval_ms, "replica: following the change feed");
+    while !stop.is_cancelled() {
+        match replica.run_once().await {
+            Ok(s) if s.applied > 0 || !s.snapshots.is_empty() => {
+                outln!("{}", summary_line(&tables, &s));
+            }
+            Ok(_) => {}
+            Err(ReplicaError::Invalid(m)) => {
+                eprintln!("taskhost sync: {m}");
+                return Ok(ExitCode::from(1));
+            }
+            Err(e) => tracing::warn!(error = %e, "replica: pass failed; retrying"),
+        }
+        tokio::select! {
+            () = stop.cancelled() => {}
+            () = tokio::time::sleep(interval) => {}
         }
     }
     Ok(ExitCode::SUCCESS)

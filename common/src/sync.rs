@@ -58,6 +58,25 @@ impl Watermark {
     /// The highest `change_seq` at or below which every row is committed
     /// or rolled back; rows above it may still appear.
     pub async fn safe_head(&self, conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
+        self.safe_head_with(conn, false).await
+    }
+
+    /// [`Self::safe_head`] that does not wait for transactions
+    /// `pg_stat_activity` shows running in *another* database of the
+    /// cluster (transaction ids are cluster-wide, but only this database's
+    /// transactions can write its `data_change`). A transaction it cannot
+    /// place is waited for, as before. For a one-shot reader with a fresh
+    /// watermark (`taskhost sync --once`), which a long transaction in some
+    /// other database would otherwise hold at 0.
+    pub async fn safe_head_local(&self, conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
+        self.safe_head_with(conn, true).await
+    }
+
+    async fn safe_head_with(
+        &self,
+        conn: &mut PgConnection,
+        local: bool,
+    ) -> Result<i64, sqlx::Error> {
         let (last, called): (i64, bool) =
             sqlx::query_as("SELECT last_value, is_called FROM data_change_change_seq_seq")
                 .fetch_one(&mut *conn)
@@ -72,9 +91,16 @@ impl Watermark {
             let in_flight: bool = sqlx::query_scalar(
                 "SELECT EXISTS (
                      SELECT 1 FROM pg_snapshot_xip($1::pg_snapshot) AS x
-                     WHERE pg_xact_status(x) = 'in progress')",
+                     WHERE pg_xact_status(x) = 'in progress'
+                       AND NOT ($2 AND EXISTS (
+                           SELECT 1 FROM pg_stat_activity a
+                           WHERE a.backend_xid::text = (x::text::numeric % 4294967296)::text
+                             AND a.datid IS NOT NULL
+                             AND a.datid <> (SELECT oid FROM pg_database
+                                             WHERE datname = current_database()))))",
             )
             .bind(&snapshot)
+            .bind(local)
             .fetch_one(&mut *conn)
             .await?;
             if !in_flight {

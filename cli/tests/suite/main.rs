@@ -20,6 +20,7 @@ mod jobs;
 mod observability;
 mod openapi;
 mod openapi_responses;
+mod replica;
 mod routing;
 mod sandbox;
 mod secrets;
