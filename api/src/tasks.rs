@@ -26,6 +26,7 @@ impl From<TaskError> for ApiError {
     fn from(e: TaskError) -> Self {
         match e {
             TaskError::Invalid(f) => ApiError::Invalid(f.to_string()),
+            TaskError::Parameter(p) => ApiError::Invalid(p.to_string()),
             TaskError::Duplicate(..) => ApiError::Conflict(e.to_string()),
             TaskError::NotFound => ApiError::NotFound("task"),
             TaskError::Db(db) => db.into(),
@@ -151,10 +152,19 @@ pub(crate) async fn schedule(
     _caller: Caller,
     RawPath(raw): RawPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let s = tasks::schedule_state(&state.pool, task_id(&raw)?)
+    let id = task_id(&raw)?;
+    let s = tasks::schedule_state(&state.pool, id)
         .await?
         .ok_or(ApiError::NotFound("task"))?;
-    Ok(Json(json!(s)))
+    let mut v = json!(s);
+    // The chain around the task (README, "Chains and parameters").
+    if let Some(task) = tasks::get(&state.pool, id).await? {
+        let chain = tasks::chain_view(&state.pool, &task).await?;
+        if let (Some(v), Value::Object(chain)) = (v.as_object_mut(), chain) {
+            v.extend(chain);
+        }
+    }
+    Ok(Json(v))
 }
 
 #[derive(Debug, Deserialize)]
@@ -239,18 +249,34 @@ pub(crate) async fn history(
     ))
 }
 
+/// Body of `POST /tasks/{id}/run` (optional): values of the task's
+/// parameters, by name; the others take their defaults.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct RunNowRequest {
+    #[serde(default)]
+    parameters: serde_json::Map<String, Value>,
+}
+
 pub(crate) async fn run_now(
     State(state): State<AppState>,
     caller: Caller,
     RawPath(raw): RawPath<String>,
+    body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let task = tasks::get(&state.pool, task_id(&raw)?)
         .await?
         .ok_or(ApiError::NotFound("task"))?;
     require_writer(&caller, task.execution_mode.as_str())?;
-    let ran = match tasks::run_now(&state.pool, &task, caller.user()).await {
+    // No body (or `{}`): the parameters' defaults.
+    let request: RunNowRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        RunNowRequest::default()
+    } else {
+        parse_json(&body)?
+    };
+    let ran = match tasks::run_now(&state.pool, &task, caller.user(), &request.parameters).await {
         // Deleted between the read above and the job's insert.
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23503") => {
+        Err(TaskError::Db(sqlx::Error::Database(e))) if e.code().as_deref() == Some("23503") => {
             return Err(ApiError::NotFound("task"));
         }
         other => other?,

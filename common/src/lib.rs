@@ -33,6 +33,7 @@ pub mod keys;
 pub mod messages;
 pub mod metrics;
 pub mod model;
+pub mod params;
 pub mod schedule;
 pub mod secrets;
 pub mod shutdown;

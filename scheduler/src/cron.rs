@@ -315,6 +315,7 @@ pub async fn tick(
                                 max_retries: task.max_retries,
                                 retry_delay_seconds: task.retry_delay_seconds,
                                 kill_on_timeout: task.kill_on_timeout,
+                                upstream_job_id: None,
                             },
                         ));
                         // Settled below once the batch insert answers.
@@ -469,6 +470,7 @@ async fn fire_fanout(
                     max_retries: task.max_retries,
                     retry_delay_seconds: task.retry_delay_seconds,
                     kill_on_timeout: task.kill_on_timeout,
+                    upstream_job_id: None,
                 }),
                 rerun_of: None,
             },
