@@ -1227,7 +1227,8 @@ pub async fn chain_view(pool: &PgPool, task: &Task) -> Result<Value, sqlx::Error
     .await?
     .into_iter()
     .collect();
-    let state: Option<(Value, Option<DateTime<Utc>>, Option<Uuid>, i64)> = sqlx::query_as(
+    type ChainState = (Value, Option<DateTime<Utc>>, Option<Uuid>, i64);
+    let state: Option<ChainState> = sqlx::query_as(
         "SELECT satisfied, last_fired_at, last_fired_job, fire_count FROM task_chain_state WHERE task_id = $1",
     )
     .bind(task.task_id)
