@@ -440,6 +440,17 @@ impl Task {
                 ),
             ));
         }
+        let env_len = self.environment.as_object().map_or(0, serde_json::Map::len);
+        if !defs.is_empty() && env_len + defs.len() > crate::model::limits::ENV_MAX {
+            return Err(err(
+                "parameters",
+                format!(
+                    "the environment ({env_len}) and the parameters ({}) are variables of every run: at most {} together",
+                    defs.len(),
+                    crate::model::limits::ENV_MAX
+                ),
+            ));
+        }
         for (name, def) in &defs {
             if !def.required || def.default.is_some() {
                 continue;

@@ -1333,10 +1333,19 @@ fn valid_task(rng: &mut StdRng) -> Value {
         m.insert("tags".into(), json!(tags));
     }
     if rng.random_bool(0.5) {
+        m.insert("environment".into(), json!(valid_env(rng)));
+    }
+    if rng.random_bool(0.5) {
         // Declared parameters (README, "Chains and parameters"): each with
         // a default, so the schedule can run the task.
         let mut p = serde_json::Map::new();
-        for i in 0..rng.random_range(0..4) {
+        // Each is a variable of the run too, so they fit the environment's limit.
+        let env_len = m
+            .get("environment")
+            .and_then(Value::as_object)
+            .map_or(0, |e| e.len());
+        let room = limits::ENV_MAX.saturating_sub(env_len).min(3);
+        for i in 0..rng.random_range(0..=room) {
             let def = match rng.random_range(0..4) {
                 0 => json!({"type": "string", "default": clean_text(rng, 20)}),
                 1 => json!({"type": "int", "default": rng.random_range(-1000i64..1000)}),
@@ -1348,9 +1357,6 @@ fn valid_task(rng: &mut StdRng) -> Value {
             p.insert(format!("p{i}"), def);
         }
         m.insert("parameters".into(), Value::Object(p));
-    }
-    if rng.random_bool(0.5) {
-        m.insert("environment".into(), json!(valid_env(rng)));
     }
     Value::Object(m)
 }
