@@ -101,7 +101,7 @@ pub(crate) async fn list(
             valid_consumer(consumer)?;
             // A stored cursor beyond the head would skip every change up to
             // it; /sync/trigger refuses the same.
-            let head = state.watermark.safe_head(&mut conn).await?;
+            let head = state.watermark.safe_head_local(&mut conn).await?;
             if since > head {
                 return Err(ApiError::Invalid(format!(
                     "since must be at most the head of the feed ({head}) when it moves consumer {consumer}'s cursor"
@@ -123,7 +123,7 @@ pub(crate) async fn list(
         }
         (None, since) => since.unwrap_or(0),
     };
-    let head = state.watermark.safe_head(&mut conn).await?;
+    let head = state.watermark.safe_head_local(&mut conn).await?;
     let mut changes =
         changelog::read_between(&mut conn, q.table.as_deref(), since, head, limit).await?;
     // Sealed secrets show as their names with `***` (README, "Secrets").

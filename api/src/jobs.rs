@@ -431,6 +431,8 @@ pub(crate) struct JobFields {
     triggered_by: String,
     /// The job it re-runs.
     rerun_of: Option<Uuid>,
+    /// The upstream run that fired it (`triggeredBy` dependency).
+    upstream_job_id: Option<Uuid>,
     /// The job's own limits (`{cpuSeconds, memoryMb, maxFiles,
     /// maxProcesses}`, each only when set), or null.
     #[schema(value_type = Option<taskhost_common::model::JobLimits>)]
@@ -500,7 +502,7 @@ const FIELDS_SELECT: &str =
             h.duration_ms::float8 / 1000 AS runtime,
             h.output_truncated, coalesce(h.node_id, j.claimed_by) AS node_id, j.attempt, j.priority,
             j.target_node_id, j.target_node_group, j.target_node_role, j.timeout_seconds,
-            j.user_id, n.node_name, j.task_id, j.triggered_by, j.rerun_of, j.secret_env, j.limits";
+            j.user_id, n.node_name, j.task_id, j.triggered_by, j.rerun_of, j.upstream_job_id, j.secret_env, j.limits";
 
 const FROM_JOBS: &str = "FROM jobs j LEFT JOIN task_history h ON h.job_id = j.job_id AND h.is_final
      LEFT JOIN nodes n ON n.node_id = coalesce(h.node_id, j.claimed_by)";

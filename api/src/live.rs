@@ -172,7 +172,7 @@ impl Follower {
     /// events the caller may see and whether the batch was full.
     async fn look(&mut self) -> Result<(Vec<LiveEvent>, bool), sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
-        let head = self.watermark.safe_head(&mut conn).await?;
+        let head = self.watermark.safe_head_local(&mut conn).await?;
         if head <= self.cursor {
             return Ok((Vec::new(), false));
         }
@@ -271,7 +271,7 @@ pub(crate) async fn stream(
     let since = start_from(&q, &headers)?;
     let head = {
         let mut conn = state.pool.acquire().await?;
-        state.watermark.safe_head(&mut conn).await?
+        state.watermark.safe_head_local(&mut conn).await?
     };
     // A cursor beyond the head (say, from another database) starts at it.
     let cursor = since.map_or(head, |s| s.min(head));

@@ -53,7 +53,7 @@ pub(crate) async fn status(
 ) -> Result<Json<Status200>, ApiError> {
     caller.require_admin("reading sync status")?;
     let mut conn = state.pool.acquire().await?;
-    let head = state.watermark.safe_head(&mut conn).await?;
+    let head = state.watermark.safe_head_local(&mut conn).await?;
     let consumers = sync::status(&mut conn, head).await?;
     Ok(Json(Status200 {
         success: true,
@@ -196,7 +196,7 @@ pub(crate) async fn trigger(
         ));
     }
     let mut conn = state.pool.acquire().await?;
-    let head = state.watermark.safe_head(&mut conn).await?;
+    let head = state.watermark.safe_head_local(&mut conn).await?;
     if let Some(to) = req.reset_to {
         if !(0..=head).contains(&to) {
             return Err(ApiError::Invalid(format!(

@@ -8,7 +8,7 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Value, json};
 use taskhost_common::jobs::Accepted;
 use taskhost_common::model::{ExecutionMode, JobStatus, Role};
 use taskhost_common::tasks::{self, ScheduleState, Task, TaskError, TaskRequest};
@@ -26,6 +26,7 @@ impl From<TaskError> for ApiError {
     fn from(e: TaskError) -> Self {
         match e {
             TaskError::Invalid(f) => ApiError::Invalid(f.to_string()),
+            TaskError::Parameter(p) => ApiError::Invalid(p.to_string()),
             TaskError::Duplicate(..) => ApiError::Conflict(e.to_string()),
             TaskError::NotFound => ApiError::NotFound("task"),
             TaskError::Db(db) => db.into(),
@@ -326,11 +327,20 @@ pub(crate) async fn schedule(
     State(state): State<AppState>,
     _caller: Caller,
     RawPath(raw): RawPath<String>,
-) -> Result<Json<ScheduleState>, ApiError> {
-    let s = tasks::schedule_state(&state.pool, task_id(&raw)?)
+) -> Result<Json<Value>, ApiError> {
+    let id = task_id(&raw)?;
+    let s = tasks::schedule_state(&state.pool, id)
         .await?
         .ok_or(ApiError::NotFound("task"))?;
-    Ok(Json(s))
+    let mut v = json!(s);
+    // The chain around the task (README, "Chains and parameters").
+    if let Some(task) = tasks::get(&state.pool, id).await? {
+        let chain = tasks::chain_view(&state.pool, &task).await?;
+        if let (Some(v), Value::Object(chain)) = (v.as_object_mut(), chain) {
+            v.extend(chain);
+        }
+    }
+    Ok(Json(v))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -456,6 +466,17 @@ pub(crate) async fn history(
     }))
 }
 
+/// Body of `POST /tasks/{id}/run` (optional): values of the task's
+/// parameters, by name; the others take their defaults.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct RunNowRequest {
+    /// Values by parameter name (README, "Chains and parameters").
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    parameters: serde_json::Map<String, Value>,
+}
+
 /// A task's run, accepted.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -483,6 +504,7 @@ pub(crate) struct Run202 {
     operation_id = "runTaskNow",
     tag = "tasks",
     params(crate::doc::TaskIdPath),
+    request_body(content = RunNowRequest, description = "Optional: values of the task's parameters; the others take their defaults."),
     responses(
         (status = 202, description = "The run's job was accepted.", body = Run202,
          links(
@@ -495,20 +517,28 @@ pub(crate) struct Run202 {
          )),
         (status = 403, response = crate::doc::Forbidden),
         (status = 409, response = crate::doc::Conflict),
+        (status = 422, response = crate::doc::Invalid),
     )
 )]
 pub(crate) async fn run_now(
     State(state): State<AppState>,
     caller: Caller,
     RawPath(raw): RawPath<String>,
+    body: Bytes,
 ) -> Result<(StatusCode, Json<Run202>), ApiError> {
     let task = tasks::get(&state.pool, task_id(&raw)?)
         .await?
         .ok_or(ApiError::NotFound("task"))?;
     require_writer(&caller, task.execution_mode.as_str())?;
-    let ran = match tasks::run_now(&state.pool, &task, caller.user()).await {
+    // No body (or `{}`): the parameters' defaults.
+    let request: RunNowRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        RunNowRequest::default()
+    } else {
+        parse_json(&body)?
+    };
+    let ran = match tasks::run_now(&state.pool, &task, caller.user(), &request.parameters).await {
         // Deleted between the read above and the job's insert.
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23503") => {
+        Err(TaskError::Db(sqlx::Error::Database(e))) if e.code().as_deref() == Some("23503") => {
             return Err(ApiError::NotFound("task"));
         }
         other => other?,

@@ -312,6 +312,10 @@ pub(crate) enum TasksCommand {
         conn: Conn,
         /// Task id.
         id: String,
+        /// A parameter value, NAME=VALUE (repeat for several); the others
+        /// take their defaults.
+        #[arg(long = "param", short = 'p', value_name = "NAME=VALUE")]
+        params: Vec<String>,
     },
     /// Show a task's runs, newest first, a page at a time.
     History {
@@ -561,8 +565,21 @@ pub(crate) async fn tasks(cmd: &TasksCommand) -> anyhow::Result<ExitCode> {
                 resp["unchanged"]
             );
         }
-        TasksCommand::Run { conn, id } => {
-            let resp = call(client.post(url(conn, &format!("/tasks/{id}/run"))), conn).await?;
+        TasksCommand::Run { conn, id, params } => {
+            let mut values = serde_json::Map::new();
+            for p in params {
+                let Some((name, value)) = p.split_once('=') else {
+                    anyhow::bail!("--param `{p}`: give NAME=VALUE");
+                };
+                values.insert(name.trim().to_owned(), json!(value));
+            }
+            let resp = call(
+                client
+                    .post(url(conn, &format!("/tasks/{id}/run")))
+                    .json(&json!({ "parameters": values })),
+                conn,
+            )
+            .await?;
             eprintln!("{}", resp["message"].as_str().unwrap_or("queued"));
             outln!("{}", resp["jobId"].as_str().unwrap_or_default());
         }

@@ -265,6 +265,9 @@ pub(crate) fn print_job(j: &Value) {
     if let Some(of) = j["rerunOf"].as_str() {
         field("rerun of", of.to_owned());
     }
+    if let Some(up) = j["upstreamJobId"].as_str() {
+        field("after job", up.to_owned());
+    }
     field("command", text(&j["command"], "").to_owned());
     if let Some(d) = j["description"].as_str().filter(|d| !d.is_empty()) {
         field("about", d.to_owned());
@@ -684,6 +687,48 @@ fn print_task(t: &Value, s: &Value) {
     );
     field("mode", text(&t["executionMode"], "-").to_owned());
     field("command", text(&t["command"], "").to_owned());
+    if let Some(defs) = t["parameters"].as_object().filter(|d| !d.is_empty()) {
+        let shown: Vec<String> = defs
+            .iter()
+            .map(|(name, d)| {
+                let mut one = format!("{name}:{}", text(&d["type"], "string"));
+                if let Some(values) = d["values"].as_array() {
+                    let values: Vec<&str> = values.iter().filter_map(Value::as_str).collect();
+                    one.push_str(&format!("({})", values.join("|")));
+                }
+                if !d["default"].is_null() {
+                    one.push_str(&format!("={}", d["default"]));
+                }
+                if d["required"] == json!(true) {
+                    one.push_str(" required");
+                }
+                one
+            })
+            .collect();
+        field("parameters", shown.join(", "));
+    }
+    for e in s["after"].as_array().into_iter().flatten() {
+        field(
+            "after",
+            format!(
+                "{} ({})  on {}",
+                text(&e["taskName"], "(deleted)"),
+                text(&e["taskId"], "-"),
+                text(&e["on"], "succeeded")
+            ),
+        );
+    }
+    for d in s["downstream"].as_array().into_iter().flatten() {
+        field(
+            "then",
+            format!(
+                "{} ({})  on {}",
+                text(&d["taskName"], "-"),
+                text(&d["taskId"], "-"),
+                text(&d["on"], "succeeded")
+            ),
+        );
+    }
     field("next run", when(&s["nextRun"]));
     field("last run", when(&s["lastRun"]));
     field("last state", text(&s["lastState"], "-").to_owned());

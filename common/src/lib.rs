@@ -34,6 +34,7 @@ pub mod keys;
 pub mod messages;
 pub mod metrics;
 pub mod model;
+pub mod params;
 pub mod replica;
 pub mod schedule;
 pub mod secrets;

@@ -211,6 +211,8 @@ string_enum! {
         Schedule = "schedule",
         /// A task run by hand.
         Manual = "manual",
+        /// A task run fired by the end of an upstream task's run (`after`).
+        Dependency = "dependency",
     }
 }
 

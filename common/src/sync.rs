@@ -65,9 +65,11 @@ impl Watermark {
     /// `pg_stat_activity` shows running in *another* database of the
     /// cluster (transaction ids are cluster-wide, but only this database's
     /// transactions can write its `data_change`). A transaction it cannot
-    /// place is waited for, as before. For a one-shot reader with a fresh
-    /// watermark (`taskhost sync --once`), which a long transaction in some
-    /// other database would otherwise hold at 0.
+    /// place is waited for, as before. Every reader of the feed uses it
+    /// (the api's `/changes`, `/events/stream` and `/sync/status`, the
+    /// change relay, `taskhost sync`): a long transaction in some other
+    /// database of a shared cluster would otherwise hold a fresh watermark
+    /// at 0 and the feed looked empty.
     pub async fn safe_head_local(&self, conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
         self.safe_head_with(conn, true).await
     }
@@ -253,7 +255,7 @@ pub async fn relay_once(
     batch: i64,
 ) -> Result<RelayPass, RelayError> {
     let mut conn = pool.acquire().await?;
-    let head = watermark.safe_head(&mut conn).await?;
+    let head = watermark.safe_head_local(&mut conn).await?;
     drop(conn);
     let mut tx = pool.begin().await?;
     sqlx::query(

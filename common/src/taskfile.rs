@@ -70,6 +70,9 @@ pub struct ExportedTask {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub limits: Option<Value>,
+    /// The upstream tasks it runs after, named by app and task name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<ExportedAfter>,
     /// The secret environment sealed under the exporting system's
     /// `secrets.key` (`base64(nonce ‖ ciphertext)`): never in clear. It
     /// imports only where the same key is configured.
@@ -77,8 +80,84 @@ pub struct ExportedTask {
     pub secret_environment_sealed: Option<String>,
 }
 
+/// One upstream edge of a task (`after`), portable: the upstream is named
+/// by app and task name, not by id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExportedAfter {
+    pub app_name: String,
+    pub task_name: String,
+    /// `succeeded`, `failed` or `finished`.
+    pub on: String,
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    #[schema(value_type = Object)]
+    pub parameters: serde_json::Map<String, Value>,
+}
+
+/// Task ids and their (app, name), both ways.
+#[derive(Debug, Default)]
+struct Names {
+    by_id: std::collections::HashMap<uuid::Uuid, (String, String)>,
+    by_name: std::collections::HashMap<(String, String), uuid::Uuid>,
+}
+
+impl Names {
+    async fn load(pool: &PgPool) -> Result<Self, sqlx::Error> {
+        let rows: Vec<(uuid::Uuid, String, String)> =
+            sqlx::query_as("SELECT task_id, app_name, task_name FROM tasks")
+                .fetch_all(pool)
+                .await?;
+        let mut names = Self::default();
+        for (id, app, name) in rows {
+            names.by_name.insert((app.clone(), name.clone()), id);
+            names.by_id.insert(id, (app, name));
+        }
+        Ok(names)
+    }
+
+    /// A stored `after` (array of `{taskId, on, parameters}`) by names; an
+    /// edge to a task that is gone is left out.
+    fn export(&self, after: &Value) -> Vec<ExportedAfter> {
+        let edges: Vec<crate::params::After> =
+            serde_json::from_value(after.clone()).unwrap_or_default();
+        edges
+            .into_iter()
+            .filter_map(|e| {
+                let (app, name) = self.by_id.get(&e.task_id)?;
+                Some(ExportedAfter {
+                    app_name: app.clone(),
+                    task_name: name.clone(),
+                    on: serde_json::to_value(e.on)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default(),
+                    parameters: e.parameters,
+                })
+            })
+            .collect()
+    }
+
+    /// The `after` request of exported edges, by this system's ids.
+    fn import(&self, after: &[ExportedAfter]) -> Result<Value, String> {
+        let mut out = Vec::with_capacity(after.len());
+        for (i, e) in after.iter().enumerate() {
+            let id = self
+                .by_name
+                .get(&(e.app_name.clone(), e.task_name.clone()))
+                .ok_or_else(|| {
+                    format!(
+                        "after[{i}]: no task {}/{} here or in the file",
+                        e.app_name, e.task_name
+                    )
+                })?;
+            out.push(serde_json::json!({"taskId": id, "on": e.on, "parameters": e.parameters}));
+        }
+        Ok(Value::Array(out))
+    }
+}
+
 impl ExportedTask {
-    fn of(t: &Task) -> Self {
+    fn of(t: &Task, names: &Names) -> Self {
         let strings = |v: &Value| -> Vec<String> {
             v.as_array()
                 .map(|a| {
@@ -122,6 +201,7 @@ impl ExportedTask {
             parameters: t.parameters.clone(),
             environment: env,
             limits: t.limits.clone().filter(|l| !l.is_null()),
+            after: names.export(&t.after),
             secret_environment_sealed: t.secret_environment.clone(),
         }
     }
@@ -161,6 +241,8 @@ impl ExportedTask {
             environment: Some(self.environment.clone()),
             secret_environment: None,
             limits: Some(limits),
+            // Set in a second pass, once every task of the file exists.
+            after: None,
         })
     }
 
@@ -192,10 +274,11 @@ pub async fn export(pool: &PgPool, app: Option<&str>) -> Result<TaskFile, sqlx::
     .bind(app)
     .fetch_all(pool)
     .await?;
+    let names = Names::load(pool).await?;
     Ok(TaskFile {
         format: FORMAT.to_owned(),
         version: VERSION,
-        tasks: tasks.iter().map(ExportedTask::of).collect(),
+        tasks: tasks.iter().map(|t| ExportedTask::of(t, &names)).collect(),
     })
 }
 
@@ -272,6 +355,19 @@ pub async fn import(
         }
         checked.push((t, request));
     }
+    // Every upstream must be in the file or already here.
+    let mut names = Names::load(pool).await?;
+    for (i, t) in file.tasks.iter().enumerate() {
+        for (j, e) in t.after.iter().enumerate() {
+            let key = (e.app_name.clone(), e.task_name.clone());
+            if !names.by_name.contains_key(&key) && !seen.contains(&key) {
+                return Err(ImportError::Invalid(format!(
+                    "tasks[{i}] ({}/{}): after[{j}]: no task {}/{} here or in the file",
+                    t.app_name, t.task_name, e.app_name, e.task_name
+                )));
+            }
+        }
+    }
     let mut out = Vec::with_capacity(checked.len());
     for (t, request) in checked {
         let existing: Option<Task> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -299,7 +395,7 @@ pub async fn import(
                 out.push(item("created", Vec::new(), Some(task.task_id)));
             }
             Some(current) => {
-                let changed = ExportedTask::of(&current).differences(t);
+                let changed = ExportedTask::of(&current, &names).differences(t);
                 if changed.is_empty() {
                     out.push(item("unchanged", changed, Some(current.task_id)));
                 } else if dry_run {
@@ -317,6 +413,33 @@ pub async fn import(
                     out.push(item("updated", changed, Some(current.task_id)));
                 }
             }
+        }
+    }
+    // Second pass: the chains, now that every task of the file exists.
+    if !dry_run {
+        names = Names::load(pool).await?;
+        for (t, item) in file.tasks.iter().zip(&out) {
+            let Some(id) = item.task_id else { continue };
+            let current: Option<Task> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT {TASK_COLUMNS} FROM tasks WHERE task_id = $1"
+            )))
+            .bind(id)
+            .fetch_optional(pool)
+            .await?;
+            let Some(current) = current else { continue };
+            if names.export(&current.after) == t.after {
+                continue;
+            }
+            let after = names.import(&t.after).map_err(|e| {
+                ImportError::Invalid(format!("{}/{}: {e}", t.app_name, t.task_name))
+            })?;
+            let request = TaskRequest {
+                after: Some(after),
+                ..TaskRequest::default()
+            };
+            tasks::update(pool, id, request, user)
+                .await
+                .map_err(task_error)?;
         }
     }
     Ok(out)

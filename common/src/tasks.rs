@@ -16,6 +16,7 @@ use crate::model::{
     NoNodePolicy, OverlapPolicy, SubmitRequest, Target, TargetRequest, check_secret_env,
     seal_secret_env,
 };
+use crate::params;
 use crate::schedule::Schedule;
 use crate::secrets::{SecretKey, SecretValues};
 
@@ -115,9 +116,14 @@ pub struct TaskRequest {
     pub description: Option<String>,
     /// Labels.
     pub tags: Option<Vec<String>>,
-    /// A free-form JSON object.
+    /// Declared parameters (`crate::params`): absent keeps them, an
+    /// object replaces them (`{}`: none).
     #[schema(value_type = Option<Object>)]
     pub parameters: Option<Value>,
+    /// Upstream tasks (`crate::params::After`): one object or an array;
+    /// absent keeps them, `[]` clears them.
+    #[schema(value_type = Option<Object>)]
+    pub after: Option<Value>,
     /// Environment variables of every run: at most 100, names
     /// `[A-Za-z_][A-Za-z0-9_]*`.
     #[schema(schema_with = crate::model::env_map)]
@@ -180,6 +186,10 @@ pub struct Task {
     pub tags: Value,
     #[schema(value_type = Object)]
     pub parameters: Value,
+    /// The upstream tasks, as an array of `{taskId, on, parameters?}`.
+    #[serde(default)]
+    #[schema(value_type = Vec<Object>)]
+    pub after: Value,
     #[schema(value_type = BTreeMap<String, String>)]
     pub environment: Value,
     /// The secret environment, sealed (`base64(nonce || ciphertext)`, see
@@ -245,6 +255,7 @@ impl Task {
             description: String::new(),
             tags: Value::Array(Vec::new()),
             parameters: Value::Object(Default::default()),
+            after: Value::Array(Vec::new()),
             environment: Value::Object(Default::default()),
             secret_environment: None,
             limits: None,
@@ -395,10 +406,13 @@ impl Task {
             self.tags = serde_json::to_value(v).unwrap_or(Value::Null);
         }
         if let Some(v) = r.parameters {
-            if !v.is_object() {
-                return Err(err("parameters", "must be a JSON object"));
-            }
-            self.parameters = v;
+            let defs = params::parse_defs(&v)?;
+            self.parameters = serde_json::to_value(defs).unwrap_or(Value::Null);
+        }
+        if let Some(v) = r.after {
+            let defs = params::parse_defs(&self.parameters)?;
+            let edges = params::parse_after(&v, &defs)?;
+            self.after = serde_json::to_value(edges).unwrap_or(Value::Null);
         }
         if let Some(v) = r.environment {
             self.environment = serde_json::to_value(v).unwrap_or(Value::Null);
@@ -456,12 +470,91 @@ impl Task {
         Schedule::parse(&self.schedule, &self.timezone)
             .map_err(|e| err(e.field(), e.to_string()))?;
         // The command, mode, target and environment follow the job rules.
-        self.job_spec()?;
+        self.base_spec()?;
+        self.check_parameters()?;
         Ok(())
     }
 
-    /// The job this task runs.
+    /// The declared parameters.
+    pub fn param_defs(&self) -> Result<params::ParamDefs, FieldError> {
+        params::parse_defs(&self.parameters)
+    }
+
+    /// The upstream tasks.
+    pub fn after_edges(&self) -> Result<Vec<params::After>, FieldError> {
+        params::parse_after(&self.after, &self.param_defs()?)
+    }
+
+    /// Parameters, `after` and the environment fit together: no
+    /// `TASKHOST_PARAM_*` in the environment, and a required parameter
+    /// without a default is given by every `after` edge and the schedule
+    /// is off (`enabled: false`; a scheduled run has only the defaults).
+    fn check_parameters(&self) -> Result<(), FieldError> {
+        let defs = self.param_defs()?;
+        let edges = params::parse_after(&self.after, &defs)?;
+        if let Value::Object(env) = &self.environment
+            && let Some(name) = env.keys().find(|k| k.starts_with(params::ENV_PREFIX))
+        {
+            return Err(err(
+                "environment",
+                format!(
+                    "`{name}`: {}* names are set from the task's parameters",
+                    params::ENV_PREFIX
+                ),
+            ));
+        }
+        let env_len = self.environment.as_object().map_or(0, serde_json::Map::len);
+        if !defs.is_empty() && env_len + defs.len() > crate::model::limits::ENV_MAX {
+            return Err(err(
+                "parameters",
+                format!(
+                    "the environment ({env_len}) and the parameters ({}) are variables of every run: at most {} together",
+                    defs.len(),
+                    crate::model::limits::ENV_MAX
+                ),
+            ));
+        }
+        for (name, def) in &defs {
+            if !def.required || def.default.is_some() {
+                continue;
+            }
+            if self.enabled {
+                return Err(err(
+                    "parameters",
+                    format!(
+                        "`{name}` is required and has no default, so a scheduled run cannot have it: give it a default or set enabled to false (run-now and `after` runs still run the task)"
+                    ),
+                ));
+            }
+            if let Some(i) = edges.iter().position(|e| !e.parameters.contains_key(name)) {
+                return Err(err(
+                    "after",
+                    format!("[{i}].parameters.{name}: required by the task and it has no default"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The job of a scheduled run: the parameters' defaults.
     pub fn job_spec(&self) -> Result<JobSpec, FieldError> {
+        let values = params::resolve(&self.param_defs()?, &Default::default(), "parameters")
+            .map_err(|e| err("parameters", e.to_string()))?;
+        self.job_spec_with(&values)
+    }
+
+    /// The job of a run with these (checked) parameter values, each in
+    /// the environment as `TASKHOST_PARAM_<NAME>`.
+    pub fn job_spec_with(&self, values: &BTreeMap<String, String>) -> Result<JobSpec, FieldError> {
+        let mut spec = self.base_spec()?;
+        for (name, value) in values {
+            spec.env.insert(params::env_name(name), value.clone());
+        }
+        Ok(spec)
+    }
+
+    /// The job this task runs, without parameters.
+    fn base_spec(&self) -> Result<JobSpec, FieldError> {
         let env: BTreeMap<String, String> = serde_json::from_value(self.environment.clone())
             .map_err(|e| err("environment", e.to_string()))?;
         let request = SubmitRequest {
@@ -552,6 +645,9 @@ pub enum TaskError {
     /// A field is wrong.
     #[error(transparent)]
     Invalid(#[from] FieldError),
+    /// A parameter value of a run is wrong (`parameters.<name>: ...`).
+    #[error(transparent)]
+    Parameter(#[from] params::ParamError),
     /// Another task has the same name in the app.
     #[error("a task named `{0}` already exists in app `{1}`")]
     Duplicate(String, String),
@@ -568,7 +664,7 @@ pub enum TaskError {
 pub const TASK_COLUMNS: &str = "task_id, task_name, app_name, command, execution_mode, schedule, timezone, enabled,
     assigned_node_id, assigned_node_group, assigned_node_role, fanout, priority, timeout_seconds, max_retries,
     retry_delay_seconds, kill_on_timeout, misfire_policy, overlap_policy, no_node_policy, description, tags,
-    parameters, environment, secret_environment, limits, created_by, created_at, modified_by, modified_at";
+    parameters, after, environment, secret_environment, limits, created_by, created_at, modified_by, modified_at";
 
 fn json_of<T: Serialize>(v: &T) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
@@ -622,8 +718,8 @@ async fn write_task(conn: &mut PgConnection, t: &Task, insert: bool) -> Result<V
         "INSERT INTO tasks (task_id, task_name, app_name, command, execution_mode, schedule, timezone, enabled,
              assigned_node_id, assigned_node_group, assigned_node_role, fanout, priority, timeout_seconds, max_retries,
              retry_delay_seconds, kill_on_timeout, misfire_policy, overlap_policy, no_node_policy, description, tags,
-             parameters, environment, created_by, created_at, modified_by, modified_at, secret_environment, limits)
-         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22,$23,$24,$25,$26,$27,$28,$29,$30)
+             parameters, environment, created_by, created_at, modified_by, modified_at, secret_environment, limits, after)
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22,$23,$24,$25,$26,$27,$28,$29,$30,$31)
          RETURNING to_jsonb(tasks.*)"
     } else {
         "UPDATE tasks SET task_name=$2, app_name=$3, command=$4, execution_mode=$5, schedule=$6, timezone=$7, enabled=$8,
@@ -631,7 +727,7 @@ async fn write_task(conn: &mut PgConnection, t: &Task, insert: bool) -> Result<V
              timeout_seconds=$14, max_retries=$15, retry_delay_seconds=$16, kill_on_timeout=$17, misfire_policy=$18,
              overlap_policy=$19, no_node_policy=$20, description=$21, tags=$22, parameters=$23, environment=$24,
              created_by=$25, created_at=$26, modified_by=$27, modified_at=$28, secret_environment=$29,
-             limits=$30
+             limits=$30, after=$31
          WHERE task_id = $1 RETURNING to_jsonb(tasks.*)"
     };
     sqlx::query_scalar(sql)
@@ -665,6 +761,7 @@ async fn write_task(conn: &mut PgConnection, t: &Task, insert: bool) -> Result<V
         .bind(t.modified_at)
         .bind(&t.secret_environment)
         .bind(&t.limits)
+        .bind(&t.after)
         .fetch_one(conn)
         .await
 }
@@ -748,6 +845,7 @@ pub async fn create_with(
 /// change rows in one transaction.
 pub async fn create_task(pool: &PgPool, task: Task, user: &str) -> Result<Task, TaskError> {
     let mut tx = pool.begin().await?;
+    check_chain(&mut tx, &task).await?;
     let new = write_task(&mut tx, &task, true)
         .await
         .map_err(|e| map_unique(e, &task))?;
@@ -867,9 +965,13 @@ async fn update_once(
     let old_row = row_json(&mut tx, "tasks", task_id).await?;
     let schedule_changed =
         request.schedule.is_some() || request.timezone.is_some() || request.enabled.is_some();
+    let after_changed = request.after.is_some();
     task.apply_with(request, key)?;
     if let Some(sealed) = sealed {
         task.secret_environment = sealed;
+    }
+    if after_changed {
+        check_chain(&mut tx, &task).await?;
     }
     task.modified_by = Some(user.to_owned());
     task.modified_at = Some(Utc::now());
@@ -1056,13 +1158,133 @@ pub async fn record_run_start(
     Ok(())
 }
 
-/// Runs a task now, outside its schedule (`POST /tasks/{id}/run`).
+/// Checks the `after` edges of `task` against the stored tasks, inside the
+/// write's transaction: every upstream exists and no chain leads back to
+/// the task (`after: cycle: a -> b -> a`). Chain writes are serialized by
+/// a transaction-scoped advisory lock, so two writes cannot close a cycle
+/// together.
+async fn check_chain(conn: &mut PgConnection, task: &Task) -> Result<(), TaskError> {
+    let edges = task.after_edges()?;
+    if edges.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('taskhost_task_chains'))")
+        .execute(&mut *conn)
+        .await?;
+    let rows: Vec<(Uuid, String, Value)> =
+        sqlx::query_as("SELECT task_id, task_name, after FROM tasks")
+            .fetch_all(&mut *conn)
+            .await?;
+    let mut names: BTreeMap<Uuid, String> = BTreeMap::new();
+    let mut ups: BTreeMap<Uuid, Vec<Uuid>> = BTreeMap::new();
+    for (id, name, after) in rows {
+        names.insert(id, name);
+        let list: Vec<params::After> = serde_json::from_value(after).unwrap_or_default();
+        ups.insert(id, list.into_iter().map(|e| e.task_id).collect());
+    }
+    names.insert(task.task_id, task.task_name.clone());
+    ups.insert(task.task_id, edges.iter().map(|e| e.task_id).collect());
+    for (i, e) in edges.iter().enumerate() {
+        if !names.contains_key(&e.task_id) {
+            return Err(err("after", format!("[{i}].taskId: no task `{}`", e.task_id)).into());
+        }
+    }
+    // Depth-first along "runs after" from the task; a path back to it is
+    // a cycle. `path[k + 1]` is an upstream of `path[k]`.
+    let mut path = vec![task.task_id];
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(cycle) = find_cycle(task.task_id, &ups, &mut path, &mut seen) {
+        // Shown in run order: each runs after the one before it.
+        let shown: Vec<&str> = cycle
+            .iter()
+            .rev()
+            .map(|id| names.get(id).map_or("?", String::as_str))
+            .collect();
+        return Err(err(
+            "after",
+            format!(
+                "cycle: {} (each task would run after the one before it)",
+                shown.join(" -> ")
+            ),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+fn find_cycle(
+    start: Uuid,
+    ups: &BTreeMap<Uuid, Vec<Uuid>>,
+    path: &mut Vec<Uuid>,
+    seen: &mut std::collections::BTreeSet<Uuid>,
+) -> Option<Vec<Uuid>> {
+    let at = *path.last()?;
+    for up in ups.get(&at).into_iter().flatten() {
+        if *up == start {
+            let mut cycle = path.clone();
+            cycle.push(start);
+            return Some(cycle);
+        }
+        if seen.insert(*up) {
+            path.push(*up);
+            if let Some(c) = find_cycle(start, ups, path, seen) {
+                return Some(c);
+            }
+            path.pop();
+        }
+    }
+    None
+}
+
+/// Records on `task_schedule` that a run was started outside the
+/// schedule (run now, or fired by an upstream run): `last_run`,
+/// `total_runs`, and `is_running` while it waits. Logged.
+pub(crate) async fn record_unscheduled_start(
+    conn: &mut PgConnection,
+    task_id: Uuid,
+    status: crate::model::JobStatus,
+    by: &str,
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    let old: Option<Value> = sqlx::query_scalar(
+        "SELECT to_jsonb(s.*) FROM task_schedule s WHERE task_id = $1 FOR UPDATE",
+    )
+    .bind(task_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let new: Option<Value> = sqlx::query_scalar(
+        "UPDATE task_schedule SET last_run = now(), last_state = $2, total_runs = total_runs + 1,
+                is_running = is_running OR $2 = 'queued'
+         WHERE task_id = $1 RETURNING to_jsonb(task_schedule.*)",
+    )
+    .bind(task_id)
+    .bind(if status == crate::model::JobStatus::Dead {
+        "dead"
+    } else {
+        "queued"
+    })
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let (Some(old), Some(new)) = (old, new) {
+        log_schedule_update(conn, task_id, &old, &new, by, None, reason).await?;
+    }
+    Ok(())
+}
+
+/// Runs a task now, outside its schedule (`POST /tasks/{id}/run`), with
+/// these parameter values (checked: `parameters.<name>: ...`; the rest
+/// take their defaults).
 pub async fn run_now(
     pool: &PgPool,
     task: &Task,
     user: &str,
-) -> Result<crate::jobs::Accepted, sqlx::Error> {
-    let Ok(spec) = task.job_spec() else {
+    parameters: &serde_json::Map<String, Value>,
+) -> Result<crate::jobs::Accepted, TaskError> {
+    let Ok(defs) = task.param_defs() else {
+        return Ok(crate::jobs::Accepted::Conflict);
+    };
+    let values = params::resolve(&defs, parameters, "parameters")?;
+    let Ok(spec) = task.job_spec_with(&values) else {
         return Ok(crate::jobs::Accepted::Conflict);
     };
     let mut tx = pool.begin().await?;
@@ -1082,33 +1304,93 @@ pub async fn run_now(
                 max_retries: task.max_retries,
                 retry_delay_seconds: task.retry_delay_seconds,
                 kill_on_timeout: task.kill_on_timeout,
+                upstream_job_id: None,
             }),
             rerun_of: None,
         },
     )
     .await?;
     if let crate::jobs::Accepted::Created { status, .. } = &accepted {
-        let old: Option<Value> = sqlx::query_scalar(
-            "SELECT to_jsonb(s.*) FROM task_schedule s WHERE task_id = $1 FOR UPDATE",
-        )
-        .bind(task.task_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let new: Option<Value> = sqlx::query_scalar(
-            "UPDATE task_schedule SET last_run = now(), last_state = $2, total_runs = total_runs + 1,
-                    is_running = is_running OR $2 = 'queued'
-             WHERE task_id = $1 RETURNING to_jsonb(task_schedule.*)",
-        )
-        .bind(task.task_id)
-        .bind(if *status == crate::model::JobStatus::Dead { "dead" } else { "queued" })
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let (Some(old), Some(new)) = (old, new) {
-            log_schedule_update(&mut tx, task.task_id, &old, &new, user, None, "run now").await?;
-        }
+        record_unscheduled_start(&mut tx, task.task_id, *status, user, "run now").await?;
         notify_scheduler(&mut tx, task.task_id).await?;
         tx.commit().await?;
         crate::metrics::submitted("manual", 1);
     }
     Ok(accepted)
+}
+
+/// The chain around a task, for `GET /tasks/{id}/schedule`: its upstreams
+/// (`after`, with names), the tasks that run after it (`downstream`), and
+/// for a fan-in the upstreams whose run already counted since its last
+/// dependency run (`waitingOn` lists the others).
+pub async fn chain_view(pool: &PgPool, task: &Task) -> Result<Value, sqlx::Error> {
+    let edges = task.after_edges().unwrap_or_default();
+    let ids: Vec<Uuid> = edges.iter().map(|e| e.task_id).collect();
+    let names: BTreeMap<Uuid, String> = sqlx::query_as::<_, (Uuid, String)>(
+        "SELECT task_id, task_name FROM tasks WHERE task_id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .collect();
+    type ChainState = (Value, Option<DateTime<Utc>>, Option<Uuid>, i64);
+    let state: Option<ChainState> = sqlx::query_as(
+        "SELECT satisfied, last_fired_at, last_fired_job, fire_count FROM task_chain_state WHERE task_id = $1",
+    )
+    .bind(task.task_id)
+    .fetch_optional(pool)
+    .await?;
+    let satisfied = state
+        .as_ref()
+        .and_then(|s| s.0.as_object().cloned())
+        .unwrap_or_default();
+    let after: Vec<Value> = edges
+        .iter()
+        .map(|e| {
+            let key = e.task_id.to_string();
+            serde_json::json!({
+                "taskId": e.task_id,
+                "taskName": names.get(&e.task_id),
+                "on": e.on,
+                "parameters": e.parameters,
+                "exists": names.contains_key(&e.task_id),
+                "satisfiedBy": satisfied.get(&key),
+            })
+        })
+        .collect();
+    let waiting: Vec<Uuid> = edges
+        .iter()
+        .filter(|e| {
+            names.contains_key(&e.task_id) && !satisfied.contains_key(&e.task_id.to_string())
+        })
+        .map(|e| e.task_id)
+        .collect();
+    let downstream: Vec<(Uuid, String, Value)> = sqlx::query_as(
+        "SELECT task_id, task_name, after FROM tasks
+         WHERE after @> jsonb_build_array(jsonb_build_object('taskId', $1::text))
+         ORDER BY task_name",
+    )
+    .bind(task.task_id.to_string())
+    .fetch_all(pool)
+    .await?;
+    let downstream: Vec<Value> = downstream
+        .into_iter()
+        .map(|(id, name, after)| {
+            let on = serde_json::from_value::<Vec<params::After>>(after)
+                .unwrap_or_default()
+                .into_iter()
+                .find(|e| e.task_id == task.task_id)
+                .map(|e| e.on);
+            serde_json::json!({"taskId": id, "taskName": name, "on": on})
+        })
+        .collect();
+    Ok(serde_json::json!({
+        "after": after,
+        "waitingOn": if edges.len() > 1 { serde_json::json!(waiting) } else { serde_json::json!([]) },
+        "downstream": downstream,
+        "lastDependencyRun": state.as_ref().and_then(|s| s.1),
+        "lastDependencyJobId": state.as_ref().and_then(|s| s.2),
+        "dependencyRuns": state.as_ref().map_or(0, |s| s.3),
+    }))
 }

@@ -993,6 +993,7 @@ const TASK_FIELDS: &[&str] = &[
     "description",
     "tags",
     "parameters",
+    "after",
     "environment",
 ];
 const RUN_FIELDS: &[&str] = &[
@@ -1332,16 +1333,30 @@ fn valid_task(rng: &mut StdRng) -> Value {
         m.insert("tags".into(), json!(tags));
     }
     if rng.random_bool(0.5) {
-        let mut p = arb_json(rng, 3);
-        strip_nul(&mut p);
-        let p = match p {
-            Value::Object(o) => Value::Object(o),
-            other => json!({ "value": other }),
-        };
-        m.insert("parameters".into(), p);
+        m.insert("environment".into(), json!(valid_env(rng)));
     }
     if rng.random_bool(0.5) {
-        m.insert("environment".into(), json!(valid_env(rng)));
+        // Declared parameters (README, "Chains and parameters"): each with
+        // a default, so the schedule can run the task.
+        let mut p = serde_json::Map::new();
+        // Each is a variable of the run too, so they fit the environment's limit.
+        let env_len = m
+            .get("environment")
+            .and_then(Value::as_object)
+            .map_or(0, |e| e.len());
+        let room = limits::ENV_MAX.saturating_sub(env_len).min(3);
+        for i in 0..rng.random_range(0..=room) {
+            let def = match rng.random_range(0..4) {
+                0 => json!({"type": "string", "default": clean_text(rng, 20)}),
+                1 => json!({"type": "int", "default": rng.random_range(-1000i64..1000)}),
+                2 => json!({"type": "bool", "default": rng.random_bool(0.5)}),
+                _ => {
+                    json!({"type": "enum", "values": ["a", "b"], "default": "b", "required": true})
+                }
+            };
+            p.insert(format!("p{i}"), def);
+        }
+        m.insert("parameters".into(), Value::Object(p));
     }
     Value::Object(m)
 }

@@ -316,6 +316,7 @@ pub async fn tick(
                                 max_retries: task.max_retries,
                                 retry_delay_seconds: task.retry_delay_seconds,
                                 kill_on_timeout: task.kill_on_timeout,
+                                upstream_job_id: None,
                             },
                         ));
                         // Settled below once the batch insert answers.
@@ -489,6 +490,7 @@ async fn fire_fanout(
             max_retries: task.max_retries,
             retry_delay_seconds: task.retry_delay_seconds,
             kill_on_timeout: task.kill_on_timeout,
+            upstream_job_id: None,
         };
         let accepted = jobs::accept_in(
             tx,

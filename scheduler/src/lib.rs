@@ -97,7 +97,7 @@ async fn refresh_gauges(pool: &PgPool) {
     ::metrics::gauge!("taskhost_outbox_pending").set(pending as f64);
     if let Ok(mut conn) = pool.acquire().await {
         let head = taskhost_common::sync::Watermark::new()
-            .safe_head(&mut conn)
+            .safe_head_local(&mut conn)
             .await;
         if let Ok(head) = head
             && let Ok(consumers) = taskhost_common::sync::status(&mut conn, head).await

@@ -7,6 +7,7 @@ mod api_edges;
 mod asyncapi_examples;
 mod bench;
 mod bounded_output;
+mod chains;
 mod console;
 mod dashboard;
 mod docs_page;

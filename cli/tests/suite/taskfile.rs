@@ -33,10 +33,30 @@ async fn tasks_exported_from_one_system_import_into_a_fresh_one_unchanged() {
         let (status, answer) = call(&api, Method::POST, &key, "/tasks", Some(&body)).await;
         assert_eq!(status, 201, "{answer}");
     }
+    // A chain: the file names the upstream by app and name, not by id.
+    let (_, listed) = get(&api, &key, "/tasks").await;
+    let nightly_id = listed["tasks"]
+        .as_array()
+        .and_then(|a| a.iter().find(|t| t["taskName"] == "nightly"))
+        .map(|t| t["taskId"].clone())
+        .unwrap_or_default();
+    let (status, answer) = call(
+        &api,
+        Method::POST,
+        &key,
+        "/tasks",
+        Some(
+            &json!({"taskName": "report", "appName": "billing", "command": "echo report",
+                     "schedule": "@daily", "enabled": false,
+                     "after": {"taskId": nightly_id, "on": "succeeded"}}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 201, "{answer}");
     let conn = ["--url", api.base.as_str(), "--key", key.as_str()];
     let (code, exported, stderr) = taskhost(&[&["tasks", "export"][..], &conn[..]].concat()).await;
     assert_eq!(code, 0, "{stderr}");
-    assert!(stderr.contains("exported 4 task(s)"), "{stderr}");
+    assert!(stderr.contains("exported 5 task(s)"), "{stderr}");
     let file: Value = serde_json::from_str(&exported).expect("the export is JSON");
     assert_eq!(file["format"], "taskhost.tasks");
     assert_eq!(file["version"], 1);
@@ -51,6 +71,7 @@ async fn tasks_exported_from_one_system_import_into_a_fresh_one_unchanged() {
         [
             "billing/cleanup",
             "billing/nightly",
+            "billing/report",
             "default/ping",
             "taskhost/diagnostics"
         ]
@@ -58,6 +79,11 @@ async fn tasks_exported_from_one_system_import_into_a_fresh_one_unchanged() {
     assert!(!exported.contains(SECRET), "a secret left in clear");
     assert!(
         file["tasks"][1]["secretEnvironmentSealed"].is_string(),
+        "{exported}"
+    );
+    assert_eq!(
+        file["tasks"][2]["after"],
+        json!([{"appName": "billing", "taskName": "nightly", "on": "succeeded"}]),
         "{exported}"
     );
     assert!(
@@ -68,7 +94,7 @@ async fn tasks_exported_from_one_system_import_into_a_fresh_one_unchanged() {
         taskhost(&[&["tasks", "export", "--app", "billing"][..], &conn[..]].concat()).await;
     assert_eq!(code, 0);
     let billing: Value = serde_json::from_str(&billing).expect("JSON");
-    assert_eq!(billing["tasks"].as_array().map(Vec::len), Some(2));
+    assert_eq!(billing["tasks"].as_array().map(Vec::len), Some(3));
 
     // A fresh system with the same secrets.key.
     let mut target = TestEnv::new().await;
@@ -94,12 +120,13 @@ async fn tasks_exported_from_one_system_import_into_a_fresh_one_unchanged() {
         [
             "+ billing/cleanup",
             "+ billing/nightly",
+            "+ billing/report",
             "+ default/ping",
             "= taskhost/diagnostics"
         ]
     );
     assert!(
-        stderr.contains("dry run, nothing written: 3 created, 0 updated, 1 unchanged"),
+        stderr.contains("dry run, nothing written: 4 created, 0 updated, 1 unchanged"),
         "{stderr}"
     );
     let (_, listed) = get(&api2, &key2, "/tasks").await;
@@ -109,7 +136,7 @@ async fn tasks_exported_from_one_system_import_into_a_fresh_one_unchanged() {
         taskhost(&[&["tasks", "import", path.as_str()][..], &conn2[..]].concat()).await;
     assert_eq!(code, 0, "{stderr}");
     assert!(
-        stderr.contains("3 created, 0 updated, 1 unchanged"),
+        stderr.contains("4 created, 0 updated, 1 unchanged"),
         "{stderr}"
     );
     let (code, again, _) = taskhost(&[&["tasks", "export"][..], &conn2[..]].concat()).await;
@@ -162,7 +189,7 @@ async fn tasks_exported_from_one_system_import_into_a_fresh_one_unchanged() {
         taskhost(&[&["tasks", "import", path.as_str()][..], &conn2[..]].concat()).await;
     assert_eq!(code, 0);
     assert!(
-        stderr.contains("0 created, 1 updated, 3 unchanged"),
+        stderr.contains("0 created, 1 updated, 4 unchanged"),
         "{stderr}"
     );
     let (_, again, _) = taskhost(&[&["tasks", "export"][..], &conn2[..]].concat()).await;

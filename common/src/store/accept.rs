@@ -6,7 +6,7 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use sqlx::{PgConnection, PgPool, Postgres};
 use uuid::Uuid;
 
 use crate::amqp::Outgoing;
@@ -53,6 +53,8 @@ pub struct TaskRun {
     pub retry_delay_seconds: i32,
     /// Whether the run is killed at its timeout.
     pub kill_on_timeout: bool,
+    /// The upstream run that fired it (a dependency run, `after`).
+    pub upstream_job_id: Option<Uuid>,
 }
 
 /// What happened to a submission.
@@ -205,10 +207,7 @@ pub async fn accept(pool: &PgPool, new: NewJob<'_>) -> Result<Accepted, sqlx::Er
 
 /// Accepts a job inside the caller's transaction (a scheduler tick fires
 /// many tasks in one). Nothing is written unless it returns `Created`.
-pub async fn accept_in(
-    tx: &mut Transaction<'_, Postgres>,
-    new: &NewJob<'_>,
-) -> Result<Accepted, sqlx::Error> {
+pub async fn accept_in(tx: &mut PgConnection, new: &NewJob<'_>) -> Result<Accepted, sqlx::Error> {
     if let Some(key) = new.idempotency_key
         && let Some(found) = find_by_idempotency_key(tx, new.user_id, key).await?
     {
@@ -273,7 +272,7 @@ pub async fn accept_in(
             .bind(job_id)
             .bind(new.triggered_by.as_str())
             .bind(changelog::gzip(NO_NODE_REASON.as_bytes()))
-            .execute(&mut **tx)
+            .execute(&mut *tx)
             .await?;
         } else {
             let routing_key = match node {
@@ -536,7 +535,7 @@ fn duplicate_or_conflict(found: (Uuid, Option<String>), hash: Option<&str>) -> A
 }
 
 async fn insert_job_row(
-    tx: &mut Transaction<'_, Postgres>,
+    tx: &mut PgConnection,
     new: &NewJob<'_>,
     job_id: Uuid,
     node: Option<Uuid>,
@@ -550,10 +549,10 @@ async fn insert_job_row(
                            status_reason, target_node_id, target_node_group, target_node_role, fanout,
                            priority, timeout_seconds, env, triggered_by, idempotency_key, request_hash,
                            completed_at, success, task_id, fire_at, max_retries, retry_delay_seconds,
-                           kill_on_timeout, secret_env, limits, rerun_of)
+                           kill_on_timeout, secret_env, limits, rerun_of, upstream_job_id)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
                  CASE WHEN $19 THEN now() END, CASE WHEN $19 THEN false END, $20, $21, $22, $23, $24,
-                 $25, $26, $27)
+                 $25, $26, $27, $28)
          ON CONFLICT DO NOTHING
          RETURNING to_jsonb(jobs.*)::text, submitted_at",
     )
@@ -586,7 +585,8 @@ async fn insert_job_row(
     .bind(spec.secret_env.as_deref())
     .bind(limits_json(spec.limits.as_ref()))
     .bind(new.rerun_of)
-    .fetch_optional(&mut **tx)
+    .bind(new.task.and_then(|t| t.upstream_job_id))
+    .fetch_optional(&mut *tx)
     .await
 }
 

@@ -179,6 +179,14 @@ async fn finish_in(
             Some(node_id),
         )
         .await?;
+        super::chain::upstream_ended(
+            &mut *tx,
+            task_id,
+            claimed.job_id,
+            fin.status.as_str(),
+            node_name,
+        )
+        .await?;
     }
     Ok(if retry {
         Finished::Retry(delay)
@@ -336,6 +344,20 @@ async fn finish_final(
                 r.fin.status == JobStatus::Succeeded,
                 node_name,
                 Some(node_id),
+            )
+            .await?;
+        }
+    }
+    // Downstream runs after every schedule row of the batch is written
+    // (their schedule rows are locked after the batch's own).
+    for r in &done {
+        if let Some(task_id) = r.claimed.task_id {
+            super::chain::upstream_ended(
+                &mut *tx,
+                task_id,
+                r.claimed.job_id,
+                r.fin.status.as_str(),
+                node_name,
             )
             .await?;
         }

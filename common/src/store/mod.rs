@@ -7,6 +7,7 @@
 //! |---|---|
 //! | → pending (HTTP, queue) | [`accept::accept`], [`accept::accept_batch`] |
 //! | → pending (a task fires) | [`fire::fire_batch`] |
+//! | → pending (an upstream run ended, `after`) | `chain::upstream_ended`, inside the finishes |
 //! | pending → queued | [`publish::mark_queued`] |
 //! | queued → running | [`claim::claim`], and claims inside [`settle`] |
 //! | running → running (lease) | [`finish::renew`] |
@@ -24,6 +25,7 @@
 
 pub mod accept;
 pub mod cancel;
+pub mod chain;
 pub mod claim;
 pub mod finish;
 pub mod fire;
