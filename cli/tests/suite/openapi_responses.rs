@@ -601,6 +601,33 @@ async fn every_route_answers_what_the_document_says() {
         422,
     )
     .await;
+    // Export and import (the file as exported, so every task is unchanged).
+    let export = "/api/v1/tasks/export";
+    let file = c
+        .send(Req::new(M::GET, export, export).key(&admin), 200)
+        .await;
+    c.send(Req::new(M::GET, export, export).key(&debug), 403)
+        .await;
+    let import = "/api/v1/tasks/import";
+    c.send(
+        Req::new(M::POST, import, format!("{import}?dryRun=true"))
+            .key(&admin)
+            .json(file.clone()),
+        200,
+    )
+    .await;
+    c.send(
+        Req::new(M::POST, import, import).key(&admin).json(file),
+        200,
+    )
+    .await;
+    c.send(
+        Req::new(M::POST, import, import)
+            .key(&admin)
+            .json(json!({"format": "taskhost.tasks", "version": 9, "tasks": []})),
+        422,
+    )
+    .await;
     let schedule = "/api/v1/tasks/{taskId}/schedule";
     c.send(
         Req::new(M::GET, schedule, format!("{path}/schedule")).key(&debug),
