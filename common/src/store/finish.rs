@@ -166,6 +166,9 @@ async fn finish_in(
         record_job_change(claimed.job_id, Some(&old), &new, node_id, node_name, why),
     )
     .await?;
+    if !retry {
+        crate::notify::enqueue_jobs(&mut *tx, &[claimed.job_id]).await?;
+    }
     if retry {
         let again = claimed.work_message();
         insert_outbox_delayed(&mut *tx, &claimed.routing_key, &again, delay).await?;
@@ -340,6 +343,8 @@ async fn finish_final(
             .await?;
         }
     }
+    let ended: Vec<Uuid> = done.iter().map(|r| r.claimed.job_id).collect();
+    crate::notify::enqueue_jobs(&mut *tx, &ended).await?;
     Ok(done.iter().map(|r| key(r)).collect())
 }
 
