@@ -7,7 +7,8 @@
 //!   `output` (bounded previews, whole outputs streamed), `changes` (the
 //!   feed), `live` (job and node changes pushed as Server-Sent Events),
 //!   `sync` (consumer cursors, the events relay), `ops` (`/livez`,
-//!   `/readyz`, OpenAPI), `metrics`, `dashboard` (the browser page),
+//!   `/readyz`, OpenAPI), `webhooks` (notification webhooks and their
+//!   delivery log, admins only), `metrics`, `dashboard` (the browser page),
 //!   `auth` (Bearer keys), `path` (path ids as text, so a malformed one is
 //!   the handler's 404), `ratelimit` (per-key token buckets), `error` (the
 //!   one error type that owns status codes), `server` (the accept loop:
@@ -33,6 +34,7 @@ mod server;
 mod state;
 mod sync;
 mod tasks;
+mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -124,6 +126,15 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/tasks/{task_id}/schedule", get(tasks::schedule))
         .route("/tasks/{task_id}/run", post(tasks::run_now))
+        .route("/webhooks", get(webhooks::list).post(webhooks::create))
+        .route(
+            "/webhooks/{webhook_id}",
+            axum::routing::delete(webhooks::delete),
+        )
+        .route(
+            "/webhooks/{webhook_id}/deliveries",
+            get(webhooks::deliveries),
+        )
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             health::guard,
