@@ -28,3 +28,4 @@ mod sync;
 mod tasks;
 mod tracing;
 mod transport;
+mod webhooks;
