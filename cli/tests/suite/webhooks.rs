@@ -84,22 +84,6 @@ async fn a_failing_job_notifies_signed_once_across_a_receiver_outage() {
     env.settings.notifications.secret = SECRET.into();
     let api = env.start_api().await;
     env.start_worker("w1", "default", "worker").await;
-    // The scheduler is a child process, so its log can be searched for
-    // the secret; it reads the secret from the environment.
-    let log_path = std::env::temp_dir().join(format!("{}-webhooks-scheduler.log", env.prefix));
-    let mut scheduler = ChildGuard(env.spawn_binary_logged(
-        BIN,
-        &["scheduler"],
-        &[
-            ("TASKHOST__NOTIFICATIONS__SECRET", SECRET),
-            ("TASKHOST__NOTIFICATIONS__INTERVAL_MS", "100"),
-            (
-                "TASKHOST__LOG__LEVEL",
-                "debug,sqlx=warn,lapin=warn,hyper=warn,reqwest=warn",
-            ),
-        ],
-        &log_path,
-    ));
     let admin = env.key("root", &[Role::SystemAdmin]).await;
     let user = env.key("alice", &[Role::TaskManager]).await;
 
@@ -132,6 +116,29 @@ async fn a_failing_job_notifies_signed_once_across_a_receiver_outage() {
         env.wait_terminal(bad, Duration::from_secs(30)).await,
         "failed"
     );
+    // No scheduler runs yet: the notification waits in the outbox, written
+    // with the job's final state.
+    let log = deliveries(&api, &admin, hook).await;
+    assert_eq!(log["count"], 1, "{log}");
+    assert_eq!(log["deliveries"][0]["status"], "pending", "{log}");
+    assert_eq!(log["deliveries"][0]["attempts"], 0, "{log}");
+
+    // The scheduler is a child process, so its log can be searched for
+    // the secret; it reads the secret from the environment.
+    let log_path = std::env::temp_dir().join(format!("{}-webhooks-scheduler.log", env.prefix));
+    let mut scheduler = ChildGuard(env.spawn_binary_logged(
+        BIN,
+        &["scheduler"],
+        &[
+            ("TASKHOST__NOTIFICATIONS__SECRET", SECRET),
+            ("TASKHOST__NOTIFICATIONS__INTERVAL_MS", "100"),
+            (
+                "TASKHOST__LOG__LEVEL",
+                "debug,sqlx=warn,lapin=warn,hyper=warn,reqwest=warn",
+            ),
+        ],
+        &log_path,
+    ));
 
     // Down, answering 503: tried twice (1 s apart).
     receiver
@@ -249,6 +256,8 @@ async fn a_task_failing_n_times_in_a_row_notifies_once_and_a_dead_node_notifies(
     env.settings.notifications.interval_ms = 100;
     let api = env.start_api().await;
     env.start_worker("w1", "default", "worker").await;
+    // Two schedulers: each delivery is sent by one of them.
+    env.start_scheduler().await;
     env.start_scheduler().await;
     let admin = env.key("root", &[Role::SystemAdmin]).await;
     let receiver = Receiver::start().await;
