@@ -666,6 +666,29 @@ mod tests {
     }
 
     #[test]
+    fn notifications_defaults_env_and_a_secret_kept_out_of_debug() {
+        let s = load(&[]).expect("defaults");
+        assert_eq!(s.notifications.secret, "");
+        assert_eq!(s.notifications.max_attempts, 12);
+        assert_eq!(s.notifications.interval_ms, 1000);
+        let s = load(&[
+            ("TASKHOST__NOTIFICATIONS__SECRET", "hush-hush-42"),
+            ("TASKHOST__NOTIFICATIONS__MAX_ATTEMPTS", "3"),
+        ])
+        .expect("notifications env");
+        assert_eq!(s.notifications.secret, "hush-hush-42");
+        assert_eq!(s.notifications.max_attempts, 3);
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("hush-hush-42"), "{shown}");
+        assert!(shown.contains("NotificationSettings"), "{shown}");
+        let err = load(&[("TASKHOST__NOTIFICATIONS__MAX_ATTEMPTS", "0")]).expect_err("0 attempts");
+        assert!(
+            err.to_string().contains("notifications.max_attempts"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn amqp_tls_files_default_to_empty() {
         let s = load(&[]).expect("defaults");
         assert_eq!(s.amqp.tls_ca_file, "");
