@@ -510,3 +510,54 @@ async fn the_webhook_api_is_for_admins_and_validates_its_input() {
     assert!(resp.to_string().contains("notifications.secret"), "{resp}");
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_gives_up_after_max_attempts_and_the_log_says_failed() {
+    let mut env = TestEnv::new().await;
+    env.settings.notifications.secret = SECRET.into();
+    env.settings.notifications.interval_ms = 100;
+    env.settings.notifications.max_attempts = 2;
+    let api = env.start_api().await;
+    env.start_worker("w1", "default", "worker").await;
+    env.start_scheduler().await;
+    let admin = env.key("root", &[Role::SystemAdmin]).await;
+    let receiver = Receiver::start().await;
+    receiver.answer(500);
+    let hook = create_webhook(
+        &api,
+        &admin,
+        &json!({"url": receiver.url(), "events": ["job.timed_out"]}),
+    )
+    .await;
+    let (status, resp) = submit(
+        &api,
+        &admin,
+        &json!({"jobName": "slow", "command": "sleep 30", "timeoutSeconds": 1}),
+    )
+    .await;
+    assert_eq!(status, 202, "{resp}");
+    let job = job_id(&resp);
+    assert_eq!(
+        env.wait_terminal(job, Duration::from_secs(30)).await,
+        "timed_out"
+    );
+    let log = wait_log(&api, &admin, hook, "given up", |d| d["status"] == "failed").await;
+    let row = &log["deliveries"][0];
+    assert_eq!(row["attempts"], 2, "{log}");
+    assert_eq!(row["lastStatusCode"], 500, "{log}");
+    assert!(
+        row["lastError"].as_str().is_some_and(|e| e.contains("500")),
+        "{log}"
+    );
+    assert!(row["deliveredAt"].is_null(), "{log}");
+    assert_eq!(row["payload"]["job"]["state"], "timed_out", "{log}");
+    // No third attempt.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let got = receiver.received();
+    assert_eq!(got.len(), 2, "max_attempts = 2");
+    for r in &got {
+        assert_signed(r);
+        assert_eq!(r.header("x-taskhost-event"), Some("job.timed_out"));
+    }
+    env.cleanup().await;
+}
