@@ -228,6 +228,7 @@ JSON over HTTP; field names are camelCase; integers are written without a fracti
         (name = "nodes", description = "The worker node registry."),
         (name = "changes", description = "The change feed and its consumers (admin)."),
         (name = "console", description = "The operator console: the system at a glance, who the key is, live events."),
+        (name = "webhooks", description = "Notification webhooks and their delivery log (admin)."),
         (name = "operations", description = "Health, readiness, metrics and this documentation (open)."),
     ),
     components(
@@ -511,6 +512,16 @@ pub(crate) struct TaskIdPath {
     /// `diagnostics` task is 00000000-0000-7000-8000-000000000001.
     #[param(rename = "taskId", example = "00000000-0000-7000-8000-000000000001")]
     task_id: uuid::Uuid,
+}
+
+/// `{webhookId}`.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub(crate) struct WebhookIdPath {
+    /// The webhook id (UUID). A malformed id answers 404.
+    #[param(rename = "webhookId")]
+    webhook_id: uuid::Uuid,
 }
 
 /// `{nodeId}`.

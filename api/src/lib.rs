@@ -8,7 +8,8 @@
 //!   feed), `live` (job and node changes pushed as Server-Sent Events),
 //!   `sync` (consumer cursors, the events relay), `ops` (`/livez`,
 //!   `/readyz`, `/openapi.json`, `/docs`), `doc` (the OpenAPI document,
-//!   derived from the handlers' annotations), `metrics`, `dashboard` (the
+//!   derived from the handlers' annotations), `webhooks` (notification webhooks and their delivery log, admins only),
+//!   `metrics`, `dashboard` (the
 //!   browser page),
 //!   `auth` (Bearer keys), `path` (path ids as text, so a malformed one is
 //!   the handler's 404), `ratelimit` (per-key token buckets), `error` (the
@@ -37,6 +38,7 @@ mod state;
 mod sync;
 mod taskfile;
 mod tasks;
+mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -124,7 +126,10 @@ pub(crate) fn routes(guard: Option<AppState>) -> OpenApiRouter<AppState> {
         .routes(routes!(tasks::history))
         .routes(routes!(output::history_output))
         .routes(routes!(tasks::schedule))
-        .routes(routes!(tasks::run_now));
+        .routes(routes!(tasks::run_now))
+        .routes(routes!(webhooks::list, webhooks::create))
+        .routes(routes!(webhooks::delete))
+        .routes(routes!(webhooks::deliveries));
     if let Some(state) = guard {
         v1 = v1.layer(axum::middleware::from_fn_with_state(state, health::guard));
     }

@@ -1,6 +1,6 @@
-//! The `data_change` log: every change to tasks, task_schedule, nodes and jobs
-//! is written in the same transaction as the change, with the old and new row
-//! as gzip-compressed JSON (flate2).
+//! The `data_change` log: every change to tasks, task_schedule, nodes, jobs
+//! and webhooks is written in the same transaction as the change, with the
+//! old and new row as gzip-compressed JSON (flate2).
 
 use std::cell::RefCell;
 use std::io::Read;

@@ -56,6 +56,39 @@ pub struct Settings {
     pub secrets: SecretsSettings,
     /// Tracing across the hop, exported over OTLP (README, "Tracing").
     pub telemetry: TelemetrySettings,
+    /// Webhook notifications (README, "Notifications (webhooks)").
+    pub notifications: NotificationSettings,
+}
+
+/// Webhook notifications (README, "Notifications (webhooks)").
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotificationSettings {
+    /// The HMAC-SHA256 key that signs every delivery
+    /// (`X-Taskhost-Signature`). Empty (the default): webhooks cannot be
+    /// created and nothing is delivered. The api and the schedulers need
+    /// the same value.
+    pub secret: String,
+    /// Attempts of one delivery before it is marked `failed`.
+    pub max_attempts: u32,
+    /// Milliseconds between the scheduler's delivery passes.
+    pub interval_ms: u64,
+}
+
+// The secret never appears in logs or debug output.
+impl std::fmt::Debug for NotificationSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = if self.secret.is_empty() {
+            "\"\""
+        } else {
+            "***"
+        };
+        f.debug_struct("NotificationSettings")
+            .field("secret", &format_args!("{shown}"))
+            .field("max_attempts", &self.max_attempts)
+            .field("interval_ms", &self.interval_ms)
+            .finish()
+    }
 }
 
 /// Traces exported over OTLP/HTTP (README, "Tracing").
@@ -374,7 +407,10 @@ impl Settings {
             .set_default("secrets.key", "")?
             .set_default("telemetry.otlp_endpoint", "")?
             .set_default("telemetry.service_name", "")?
-            .set_default("telemetry.sample_ratio", 1.0)?;
+            .set_default("telemetry.sample_ratio", 1.0)?
+            .set_default("notifications.secret", "")?
+            .set_default("notifications.max_attempts", 12)?
+            .set_default("notifications.interval_ms", 1000)?;
         if let Some(path) = &file {
             builder = builder.add_source(config::File::from(path.as_path()).required(true));
         }
@@ -495,6 +531,11 @@ impl Settings {
             ("api.max_connections", self.api.max_connections as u64),
             ("api.header_timeout_secs", self.api.header_timeout_secs),
             ("api.idle_timeout_secs", self.api.idle_timeout_secs),
+            (
+                "notifications.max_attempts",
+                u64::from(self.notifications.max_attempts),
+            ),
+            ("notifications.interval_ms", self.notifications.interval_ms),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be greater than 0"));
@@ -622,6 +663,29 @@ mod tests {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         Settings::load_from(None, &env)
+    }
+
+    #[test]
+    fn notifications_defaults_env_and_a_secret_kept_out_of_debug() {
+        let s = load(&[]).expect("defaults");
+        assert_eq!(s.notifications.secret, "");
+        assert_eq!(s.notifications.max_attempts, 12);
+        assert_eq!(s.notifications.interval_ms, 1000);
+        let s = load(&[
+            ("TASKHOST__NOTIFICATIONS__SECRET", "hush-hush-42"),
+            ("TASKHOST__NOTIFICATIONS__MAX_ATTEMPTS", "3"),
+        ])
+        .expect("notifications env");
+        assert_eq!(s.notifications.secret, "hush-hush-42");
+        assert_eq!(s.notifications.max_attempts, 3);
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("hush-hush-42"), "{shown}");
+        assert!(shown.contains("NotificationSettings"), "{shown}");
+        let err = load(&[("TASKHOST__NOTIFICATIONS__MAX_ATTEMPTS", "0")]).expect_err("0 attempts");
+        assert!(
+            err.to_string().contains("notifications.max_attempts"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`amqp`]: topology names and declaration, the confirming publisher.
 //! - [`messages`]: versioned wire messages.
 //! - [`model`]: job states, modes, roles, request validation.
+//! - [`notify`]: webhook notifications (outbox rows, signed delivery).
 //! - [`changelog`]: the gzip-compressed `data_change` log.
 //! - [`keys`]: hashed API keys.
 //! - [`batch`]: group commit of requests that arrive together.
@@ -34,6 +35,7 @@ pub mod keys;
 pub mod messages;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod params;
 pub mod replica;
 pub mod schedule;

@@ -32,7 +32,7 @@ pub const EVENTS_CONSUMER: &str = "events";
 /// The `table_name` of a cursor that covers every table.
 pub const ALL_TABLES: &str = "*";
 /// The tables whose changes are recorded.
-pub const TABLES: &[&str] = &["tasks", "task_schedule", "nodes", "jobs"];
+pub const TABLES: &[&str] = &["tasks", "task_schedule", "nodes", "jobs", "webhooks"];
 /// AMQP `type` of a batch of change events (`{"changes": [...]}`).
 pub const CHANGES_V1: &str = "changes.v1";
 /// Changes one message carries at most.

@@ -10,6 +10,8 @@
 //! - [`ingress`] turns `<p>.submit` messages into jobs.
 //! - [`reaper`] handles dead nodes and expired claims.
 //! - [`retention`] prunes old rows.
+//! - The webhook loop sends the notification outbox
+//!   (`taskhost_common::notify::deliver_due`).
 //! - The change relay publishes the `data_change` feed onto `<p>.events`
 //!   (`taskhost_common::sync`).
 
@@ -53,6 +55,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         reaper_loop(&pool, &publisher, &settings, &shutdown),
         ingress::run(pool.clone(), &settings, broker.clone(), shutdown.clone()),
         change_relay_loop(&pool, &publisher, &settings, &shutdown),
+        webhook_loop(&pool, &settings, &shutdown),
     );
     publisher.close().await;
     tracing::info!("scheduler stopped");
@@ -171,6 +174,34 @@ async fn change_relay_loop(
             Ok(pass) if pass.published as i64 >= batch && !shutdown.is_cancelled() => continue,
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "change relay pass failed"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Sends due webhook deliveries every `notifications.interval_ms` (at once
+/// again while passes find a full batch). Idle when no secret is set.
+async fn webhook_loop(pool: &PgPool, settings: &Settings, shutdown: &CancellationToken) {
+    let secret = settings.notifications.secret.clone();
+    if secret.is_empty() {
+        return;
+    }
+    let client = taskhost_common::notify::client();
+    let every = Duration::from_millis(settings.notifications.interval_ms.max(10));
+    loop {
+        let pass = tokio::select! {
+            pass = taskhost_common::notify::deliver_due(
+                pool, &client, &secret, settings.notifications.max_attempts,
+            ) => pass,
+            () = shutdown.cancelled() => return,
+        };
+        match pass {
+            Ok(p) if p.attempted() >= 32 && !shutdown.is_cancelled() => continue,
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "webhook delivery pass failed"),
         }
         tokio::select! {
             () = tokio::time::sleep(every) => {}

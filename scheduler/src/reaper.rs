@@ -64,6 +64,7 @@ pub async fn reap(pool: &PgPool, dead_after_secs: f64) -> Result<Reaped, sqlx::E
         .await?;
     }
     let ids: Vec<Uuid> = dead.iter().map(|d| d.0).collect();
+    taskhost_common::notify::enqueue_nodes_dead(&mut tx, &ids).await?;
     store::reap::expire_claims_of(&mut tx, &ids).await?;
     let requeued_jobs = store::reap::requeue_expired(&mut tx).await?;
     tx.commit().await?;

@@ -4,6 +4,7 @@
 //! Nothing here mocks Postgres or RabbitMQ.
 
 pub mod otlp;
+pub mod webhook;
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};

@@ -33,3 +33,4 @@ mod taskfile;
 mod tasks;
 mod tracing;
 mod transport;
+mod webhooks;

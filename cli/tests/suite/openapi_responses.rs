@@ -248,6 +248,8 @@ fn id_of(body: &Value, field: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_answers_what_the_document_says() {
     let mut env = TestEnv::new().await;
+    // Webhooks need a signing secret.
+    env.settings.notifications.secret = "doc-test-webhook-secret".to_owned();
     let api = env.start_api().await;
     env.start_worker("docs", "default", "worker").await;
     let admin = env.key("ada", &[Role::SystemAdmin]).await;
@@ -601,6 +603,51 @@ async fn every_route_answers_what_the_document_says() {
         422,
     )
     .await;
+    // Webhooks (admin).
+    let hooks = "/api/v1/webhooks";
+    let hook = c
+        .send(
+            Req::new(M::POST, hooks, hooks).key(&admin).json(json!({
+                "url": "http://127.0.0.1:9/hook", "events": ["job.failed"], "taskId": task_id
+            })),
+            201,
+        )
+        .await;
+    let hook_id = id_of(&hook, "webhookId");
+    c.send(
+        Req::new(M::POST, hooks, hooks)
+            .key(&admin)
+            .json(json!({"url": "ftp://x", "events": ["job.failed"]})),
+        422,
+    )
+    .await;
+    c.send(Req::new(M::GET, hooks, hooks).key(&debug), 403)
+        .await;
+    c.send(Req::new(M::GET, hooks, hooks).key(&admin), 200)
+        .await;
+    let log = "/api/v1/webhooks/{webhookId}/deliveries";
+    c.send(
+        Req::new(M::GET, log, format!("{hooks}/{hook_id}/deliveries")).key(&admin),
+        200,
+    )
+    .await;
+    c.send(
+        Req::new(M::GET, log, format!("{hooks}/{MISSING}/deliveries")).key(&admin),
+        404,
+    )
+    .await;
+    let one = "/api/v1/webhooks/{webhookId}";
+    c.send(
+        Req::new(M::DELETE, one, format!("{hooks}/{hook_id}")).key(&admin),
+        200,
+    )
+    .await;
+    c.send(
+        Req::new(M::DELETE, one, format!("{hooks}/{hook_id}")).key(&admin),
+        404,
+    )
+    .await;
+
     // Export and import (the file as exported, so every task is unchanged).
     let export = "/api/v1/tasks/export";
     let file = c

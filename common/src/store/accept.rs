@@ -274,6 +274,7 @@ pub async fn accept_in(tx: &mut PgConnection, new: &NewJob<'_>) -> Result<Accept
             .bind(changelog::gzip(NO_NODE_REASON.as_bytes()))
             .execute(&mut *tx)
             .await?;
+            crate::notify::enqueue_jobs(tx, &[job_id]).await?;
         } else {
             let routing_key = match node {
                 Some(id) => format!("node.{id}"),

@@ -455,6 +455,7 @@ async fn give_up(
         )
         .await?;
     }
+    crate::notify::enqueue_jobs(&mut *tx, &[cur.job_id]).await?;
     Ok(if status == JobStatus::Dead {
         ClaimResult::Dead(reason)
     } else {
@@ -629,5 +630,6 @@ pub(super) async fn run_inline(
         })
         .collect();
     changelog::record_many(&mut *tx, &changes).await?;
+    crate::notify::enqueue_jobs(&mut *tx, &ids).await?;
     Ok(ran)
 }

@@ -166,6 +166,9 @@ async fn finish_in(
         record_job_change(claimed.job_id, Some(&old), &new, node_id, node_name, why),
     )
     .await?;
+    if !retry {
+        crate::notify::enqueue_jobs(&mut *tx, &[claimed.job_id]).await?;
+    }
     if retry {
         let again = claimed.work_message();
         insert_outbox_delayed(&mut *tx, &claimed.routing_key, &again, delay).await?;
@@ -348,6 +351,8 @@ async fn finish_final(
             .await?;
         }
     }
+    let ended: Vec<Uuid> = done.iter().map(|r| r.claimed.job_id).collect();
+    crate::notify::enqueue_jobs(&mut *tx, &ended).await?;
     // Downstream runs after every schedule row of the batch is written
     // (their schedule rows are locked after the batch's own).
     for r in &done {
