@@ -284,7 +284,7 @@ impl On {
     pub fn matches(self, status: &str) -> bool {
         match self {
             On::Succeeded => status == "succeeded",
-            On::Failed => matches!(status, "failed" | "timed_out"),
+            On::Failed => matches!(status, "failed" | "timed_out" | "dead"),
             On::Finished => true,
         }
     }
@@ -442,5 +442,6 @@ mod tests {
         .unwrap_err();
         assert!(e.message.contains("[0].parameters.region"), "{e}");
         assert!(On::Failed.matches("timed_out") && !On::Failed.matches("succeeded"));
+        assert!(On::Failed.matches("dead") && !On::Failed.matches("cancelled"));
     }
 }

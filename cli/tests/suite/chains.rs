@@ -517,3 +517,55 @@ async fn parameter_values_are_checked_and_named() {
     let (status, resp) = call(&api, Method::POST, &key, "/tasks", Some(&body)).await;
     assert_invalid(status, &resp, "environment");
 }
+
+/// A run that ends without running is a final run too: cancelled while
+/// queued, it fires an `on: finished` downstream (and not an `on:
+/// succeeded` one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_cancelled_before_it_starts_fires_on_finished() {
+    let mut env = TestEnv::new().await;
+    let api = env.start_api().await;
+    env.start_scheduler().await;
+    let key = env.key("alice", &[Role::TaskManager]).await;
+    let a = create(
+        &api,
+        &key,
+        json!({"taskName": "never-runs", "schedule": "@yearly", "command": "true"}),
+    )
+    .await;
+    let after_any = create(
+        &api,
+        &key,
+        json!({"taskName": "cleanup", "schedule": "@yearly", "enabled": false,
+               "command": "echo cleanup", "after": {"taskId": a, "on": "finished"}}),
+    )
+    .await;
+    let after_ok = create(
+        &api,
+        &key,
+        json!({"taskName": "report", "schedule": "@yearly", "enabled": false,
+               "command": "echo report", "after": {"taskId": a, "on": "succeeded"}}),
+    )
+    .await;
+    // No worker: the run waits in its queue, and is cancelled there.
+    let queued = run_now(&api, &key, a, json!({})).await;
+    env.wait_status(queued, "queued", Duration::from_secs(20))
+        .await;
+    let (status, body) = call(
+        &api,
+        Method::POST,
+        &key,
+        &format!("/jobs/{queued}/cancel"),
+        None,
+    )
+    .await;
+    assert!(status == 202 || status == 200, "{status} {body}");
+    let fired = wait_jobs(&env, after_any, 1).await;
+    let (_, job) = get(&api, &key, &format!("/jobs/{}", fired[0])).await;
+    assert_eq!(job["triggeredBy"], "dependency", "{job}");
+    assert_eq!(job["upstreamJobId"], json!(queued), "{job}");
+    assert!(
+        jobs_of(&env, after_ok).await.is_empty(),
+        "a cancelled run fired `on: succeeded`"
+    );
+}

@@ -111,6 +111,7 @@ pub async fn cancel(pool: &PgPool, job_id: Uuid, by: &str) -> Result<Cancelled, 
         // ends on a worker does.
         if let Some(task_id) = task_id {
             tasks::record_run_end(&mut tx, task_id, "cancelled", false, by, None).await?;
+            super::chain::upstream_ended(&mut tx, task_id, job_id, "cancelled", by).await?;
         }
         (new, Cancelled::BeforeStart { attempt })
     };

@@ -454,6 +454,10 @@ async fn give_up(
             Some(c.node_id),
         )
         .await?;
+        // A run that ends without starting (given up: dead; cancelled) is
+        // a final run of its task too: its downstream tasks hear of it.
+        super::chain::upstream_ended(&mut *tx, task_id, cur.job_id, status.as_str(), &c.node_name)
+            .await?;
     }
     crate::notify::enqueue_jobs(&mut *tx, &[cur.job_id]).await?;
     Ok(if status == JobStatus::Dead {
