@@ -22,7 +22,7 @@ const WRITERS: &[Role] = &[Role::TaskManager, Role::SystemAdmin, Role::SiteAdmin
 #[into_params(parameter_in = Query)]
 pub(crate) struct ExportQuery {
     /// Only this app's tasks (default: every app).
-    #[param(min_length = 1, max_length = 200)]
+    #[param(min_length = 1, max_length = 200, pattern = r"\S")]
     app: Option<String>,
 }
 
@@ -52,6 +52,13 @@ pub(crate) async fn export(
 ) -> Result<Json<TaskFile>, ApiError> {
     caller.require_any(WRITERS, "exporting tasks")?;
     let Query(query) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
+    if let Some(app) = &query.app
+        && (app.trim().is_empty() || app.chars().count() > 200)
+    {
+        return Err(ApiError::Invalid(
+            "app: 1 to 200 characters, not blank".into(),
+        ));
+    }
     let file = taskfile::export(&state.pool, query.app.as_deref()).await?;
     Ok(Json(file))
 }

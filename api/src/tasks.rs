@@ -504,7 +504,7 @@ pub(crate) struct Run202 {
     operation_id = "runTaskNow",
     tag = "tasks",
     params(crate::doc::TaskIdPath),
-    request_body(content = RunNowRequest, description = "Optional: values of the task's parameters; the others take their defaults."),
+    request_body(content = Option<RunNowRequest>, description = "Optional (may be empty): values of the task's parameters; the others take their defaults."),
     responses(
         (status = 202, description = "The run's job was accepted.", body = Run202,
          links(

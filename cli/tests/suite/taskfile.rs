@@ -256,6 +256,8 @@ async fn a_wrong_task_file_is_refused_whole_with_the_task_named() {
             .contains("secrets.key"),
         "{body}"
     );
+    let (status, body) = get(&api, &key, "/tasks/export?app=").await;
+    assert_eq!(status, 422, "an empty app: {body}");
     // Roles: exporting and importing need a task writer.
     let (status, _) = get(&api, &nobody, "/tasks/export").await;
     assert_eq!(status, 403);
