@@ -235,6 +235,12 @@ fn probes(ctx: &Arc<Ctx>) -> metrics::Probes {
 /// The depth of this worker's work queues, read every heartbeat (a passive
 /// declare each): what a "stuck queue" alert compares with the runs started.
 async fn record_queue_depths(ctx: &Ctx) {
+    // Only once the consumer has declared them: a passive declare of a
+    // queue that does not exist yet closes its channel (and lapin logs
+    // that as an error).
+    if !ctx.broker.is_up() {
+        return;
+    }
     let queues: Vec<String> = consumer::queue_keys(ctx)
         .iter()
         .map(|k| ctx.names.work_queue(k))
