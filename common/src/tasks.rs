@@ -1310,8 +1310,19 @@ pub async fn run_now(
         },
     )
     .await?;
-    if let crate::jobs::Accepted::Created { status, .. } = &accepted {
+    if let crate::jobs::Accepted::Created {
+        status, job_ids, ..
+    } = &accepted
+    {
         record_unscheduled_start(&mut tx, task.task_id, *status, user, "run now").await?;
+        if *status == crate::model::JobStatus::Dead {
+            // Recorded dead at once (no node matches): a final run, whose
+            // downstream tasks hear of it like any other.
+            for dead in job_ids {
+                crate::store::chain::upstream_ended(&mut tx, task.task_id, *dead, "dead", user)
+                    .await?;
+            }
+        }
         notify_scheduler(&mut tx, task.task_id).await?;
         tx.commit().await?;
         crate::metrics::submitted("manual", 1);

@@ -518,6 +518,18 @@ async fn fire_fanout(
                 update.runs += 1;
                 if status == JobStatus::Dead {
                     report.dead_jobs.extend(&job_ids);
+                    // Recorded dead at once (no node matches): a final run,
+                    // whose downstream tasks hear of it like any other.
+                    for dead in &job_ids {
+                        taskhost_common::store::chain::upstream_ended(
+                            tx,
+                            task.task_id,
+                            *dead,
+                            "dead",
+                            "scheduler",
+                        )
+                        .await?;
+                    }
                     update.failures += 1;
                     update.last_state = Some("dead");
                 } else {

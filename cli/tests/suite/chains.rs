@@ -569,3 +569,32 @@ async fn a_run_cancelled_before_it_starts_fires_on_finished() {
         "a cancelled run fired `on: succeeded`"
     );
 }
+
+/// A fan-out run recorded dead at once (no node matches) is a final run
+/// too: an `on: failed` downstream fires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_dead_for_want_of_a_node_fires_on_failed() {
+    let mut env = TestEnv::new().await;
+    let api = env.start_api().await;
+    let key = env.key("alice", &[Role::TaskManager]).await;
+    let a = create(
+        &api,
+        &key,
+        json!({"taskName": "everywhere", "schedule": "@yearly", "command": "true",
+               "fanout": "all", "assignedNodeRole": "no-such-role"}),
+    )
+    .await;
+    let alert = create(
+        &api,
+        &key,
+        json!({"taskName": "alert", "schedule": "@yearly", "enabled": false,
+               "command": "echo alert", "after": {"taskId": a, "on": "failed"}}),
+    )
+    .await;
+    let dead = run_now(&api, &key, a, json!({})).await;
+    assert_eq!(env.job_status(dead).await.as_deref(), Some("dead"));
+    let fired = wait_jobs(&env, alert, 1).await;
+    let (_, job) = get(&api, &key, &format!("/jobs/{}", fired[0])).await;
+    assert_eq!(job["upstreamJobId"], json!(dead), "{job}");
+    assert_eq!(job["triggeredBy"], "dependency", "{job}");
+}

@@ -33,7 +33,7 @@ use crate::tasks::{self, TASK_COLUMNS, Task};
 /// Fires the downstream runs of an upstream run that ended with `status`.
 /// Called in the transaction that records the end (after the upstream's
 /// `task_schedule` row is updated).
-pub(crate) async fn upstream_ended(
+pub async fn upstream_ended(
     conn: &mut PgConnection,
     upstream_task: Uuid,
     upstream_job: Uuid,
