@@ -72,12 +72,6 @@ async fn refresh(state: &AppState) {
         sqlx::query_as("SELECT status, count(*) FROM jobs GROUP BY status")
             .fetch_all(&state.pool)
             .await;
-    let nodes: Result<Vec<(String, i64, i64)>, _> = sqlx::query_as(
-        "SELECT node_group, count(*) FILTER (WHERE is_active), count(*) FILTER (WHERE NOT is_active)
-         FROM nodes GROUP BY node_group",
-    )
-    .fetch_all(&state.pool)
-    .await;
     let outbox: Result<i64, _> =
         sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
             .fetch_one(&state.pool)
@@ -92,12 +86,7 @@ async fn refresh(state: &AppState) {
             metrics::gauge!("taskhost_jobs", "status" => status.as_str()).set(n as f64);
         }
     }
-    for (group, active, inactive) in nodes.unwrap_or_default() {
-        metrics::gauge!("taskhost_nodes", "group" => group.clone(), "state" => "active")
-            .set(active as f64);
-        metrics::gauge!("taskhost_nodes", "group" => group, "state" => "inactive")
-            .set(inactive as f64);
-    }
+    taskhost_common::metrics::record_nodes(&state.pool).await;
     if let Ok(n) = outbox {
         metrics::gauge!("taskhost_outbox_pending").set(n as f64);
     }

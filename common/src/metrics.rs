@@ -399,6 +399,23 @@ impl Drop for BrokerUp {
     }
 }
 
+/// Sets `taskhost_nodes{group, state}` from the node registry (the api and
+/// the scheduler read it at scrape time).
+pub async fn record_nodes(pool: &sqlx::PgPool) {
+    let nodes: Result<Vec<(String, i64, i64)>, _> = sqlx::query_as(
+        "SELECT node_group, count(*) FILTER (WHERE is_active), count(*) FILTER (WHERE NOT is_active)
+         FROM nodes GROUP BY node_group",
+    )
+    .fetch_all(pool)
+    .await;
+    for (group, active, inactive) in nodes.unwrap_or_default() {
+        metrics::gauge!("taskhost_nodes", "group" => group.clone(), "state" => "active")
+            .set(active as f64);
+        metrics::gauge!("taskhost_nodes", "group" => group, "state" => "inactive")
+            .set(inactive as f64);
+    }
+}
+
 /// `SELECT 1` within a second: the database check of `/readyz`.
 pub async fn database_up(pool: &sqlx::PgPool) -> bool {
     let probe = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(pool);

@@ -420,13 +420,9 @@ pub async fn import(
         names = Names::load(pool).await?;
         for (t, item) in file.tasks.iter().zip(&out) {
             let Some(id) = item.task_id else { continue };
-            let current: Option<Task> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "SELECT {TASK_COLUMNS} FROM tasks WHERE task_id = $1"
-            )))
-            .bind(id)
-            .fetch_optional(pool)
-            .await?;
-            let Some(current) = current else { continue };
+            let Some(current) = tasks::get(pool, id).await? else {
+                continue;
+            };
             if names.export(&current.after) == t.after {
                 continue;
             }

@@ -112,18 +112,7 @@ async fn refresh_gauges(pool: &PgPool) {
             }
         }
     }
-    let nodes: Result<Vec<(String, i64, i64)>, _> = sqlx::query_as(
-        "SELECT node_group, count(*) FILTER (WHERE is_active), count(*) FILTER (WHERE NOT is_active)
-         FROM nodes GROUP BY node_group",
-    )
-    .fetch_all(pool)
-    .await;
-    for (group, active, inactive) in nodes.unwrap_or_default() {
-        ::metrics::gauge!("taskhost_nodes", "group" => group.clone(), "state" => "active")
-            .set(active as f64);
-        ::metrics::gauge!("taskhost_nodes", "group" => group, "state" => "inactive")
-            .set(inactive as f64);
-    }
+    metrics::record_nodes(pool).await;
 }
 
 async fn relay_loop(
