@@ -187,7 +187,7 @@ impl From<&Endpoint> for Endpoint {
 }
 
 /// Connects to the broker at `endpoint` (a URL, or `&settings.amqp` for
-/// its TLS files too), asking for a [`HEARTBEAT_SECS`] heartbeat.
+/// its TLS files too), asking for a [`HEARTBEAT_SECS`] heartbeat and [`FRAME_MAX`] frames.
 /// `amqps://` connects over TLS, verifying the broker's certificate and
 /// host name against the webpki roots and `amqp.tls_ca_file`. Reconnection
 /// is the caller's loop (see [`Publisher`] and [`supervise`]), because
@@ -201,7 +201,7 @@ pub async fn connect(endpoint: impl Into<Endpoint>, name: &str) -> lapin::Result
     match tokio::time::timeout(
         CONNECT_TIMEOUT,
         Connection::connect_with_config(
-            &with_heartbeat(&endpoint.url),
+            &with_defaults(&endpoint.url),
             props,
             tls,
             lapin::runtime::default_runtime()?,
@@ -226,12 +226,30 @@ pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// the deliveries it holds go to another consumer, within about twice this.
 pub const HEARTBEAT_SECS: u16 = 10;
 
-fn with_heartbeat(url: &str) -> String {
-    if url.contains("heartbeat=") {
-        return url.to_owned();
+/// Largest frame asked of the broker unless `amqp.url` names one
+/// (`?frame_max=N`). lapin keeps a receive and a send buffer of 32 frames
+/// per connection, zero-filled: at RabbitMQ's default (128 KiB) that is
+/// 8 MiB per connection, at this size 2 MiB. Larger messages travel as
+/// several frames (README, "Performance").
+pub const FRAME_MAX: u32 = 32 * 1024;
+
+/// `url` with the [`HEARTBEAT_SECS`] and [`FRAME_MAX`] defaults added where
+/// it names neither.
+fn with_defaults(url: &str) -> String {
+    let mut url = url.to_owned();
+    for (key, value) in [
+        ("heartbeat", u32::from(HEARTBEAT_SECS)),
+        ("frame_max", FRAME_MAX),
+    ] {
+        let named = url
+            .split_once('?')
+            .is_some_and(|(_, q)| q.split('&').any(|pair| pair.split('=').next() == Some(key)));
+        if !named {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            url = format!("{url}{sep}{key}={value}");
+        }
     }
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}heartbeat={HEARTBEAT_SECS}")
+    url
 }
 
 fn durable() -> ExchangeDeclareOptions {
@@ -405,7 +423,7 @@ pub enum PublishError {
 }
 
 struct Live {
-    connection: Connection,
+    connection: Arc<Connection>,
     channel: Channel,
     declared: Arc<Mutex<Declared>>,
 }
@@ -470,7 +488,7 @@ impl Publisher {
             .await?;
         let declared = Arc::new(Mutex::new(Declared::default()));
         *live = Some(Live {
-            connection,
+            connection: Arc::new(connection),
             channel: channel.clone(),
             declared: declared.clone(),
         });
@@ -500,42 +518,11 @@ impl Publisher {
         if self.channel().await.is_err() {
             return vec![None; queues.len()];
         }
-        let mut out = Vec::with_capacity(queues.len());
-        // A passive declare of a missing queue closes its channel, so a
-        // channel of its own, opened again after a miss.
-        let mut channel = None;
-        for queue in queues {
-            if channel.is_none() {
-                channel = match self.live.lock().await.as_ref() {
-                    Some(l) => l.connection.create_channel().await.ok(),
-                    None => None,
-                };
-            }
-            let Some(ch) = channel.as_ref() else {
-                out.push(None);
-                continue;
-            };
-            let passive = QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            };
-            match tokio::time::timeout(
-                Duration::from_secs(2),
-                ch.queue_declare(queue.as_str().into(), passive, FieldTable::default()),
-            )
-            .await
-            {
-                Ok(Ok(q)) => out.push(Some((q.message_count(), q.consumer_count()))),
-                _ => {
-                    out.push(None);
-                    channel = None;
-                }
-            }
-        }
-        if let Some(ch) = channel {
-            let _ = ch.close(200, "done".into()).await;
-        }
-        out
+        let connection = match self.live.lock().await.as_ref() {
+            Some(l) => l.connection.clone(),
+            None => return vec![None; queues.len()],
+        };
+        queue_depths(&connection, queues).await
     }
 
     /// Connects if needed; used by readiness checks. A blocked connection
@@ -788,23 +775,62 @@ pub async fn supervise<F, Fut>(
     }
 }
 
+/// `(ready messages, consumers)` of each queue, read on `connection` with
+/// a passive declare each (None where the queue is missing or the broker
+/// did not answer within 2 s). A passive declare of a missing queue
+/// closes its channel, so the reads use a channel of their own, opened
+/// again after a miss.
+pub async fn queue_depths(connection: &Connection, queues: &[String]) -> Vec<Option<(u32, u32)>> {
+    let mut out = Vec::with_capacity(queues.len());
+    let mut channel = None;
+    for queue in queues {
+        if channel.is_none() {
+            channel = connection.create_channel().await.ok();
+        }
+        let Some(ch) = channel.as_ref() else {
+            out.push(None);
+            continue;
+        };
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        match tokio::time::timeout(
+            Duration::from_secs(2),
+            ch.queue_declare(queue.as_str().into(), passive, FieldTable::default()),
+        )
+        .await
+        {
+            Ok(Ok(q)) => out.push(Some((q.message_count(), q.consumer_count()))),
+            _ => {
+                out.push(None);
+                channel = None;
+            }
+        }
+    }
+    if let Some(ch) = channel {
+        let _ = ch.close(200, "done".into()).await;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
-    use super::with_heartbeat;
+    use super::with_defaults;
 
     #[test]
-    fn a_heartbeat_is_asked_for_unless_the_url_names_one() {
+    fn a_heartbeat_and_a_frame_size_are_asked_for_unless_the_url_names_them() {
         assert_eq!(
-            with_heartbeat("amqp://g:g@h:5672/%2f"),
-            "amqp://g:g@h:5672/%2f?heartbeat=10"
+            with_defaults("amqp://g:g@h:5672/%2f"),
+            "amqp://g:g@h:5672/%2f?heartbeat=10&frame_max=32768"
         );
         assert_eq!(
-            with_heartbeat("amqp://h/%2f?frame_max=8192"),
+            with_defaults("amqp://h/%2f?frame_max=8192"),
             "amqp://h/%2f?frame_max=8192&heartbeat=10"
         );
         assert_eq!(
-            with_heartbeat("amqp://h/%2f?heartbeat=30"),
-            "amqp://h/%2f?heartbeat=30"
+            with_defaults("amqp://h/%2f?heartbeat=30"),
+            "amqp://h/%2f?heartbeat=30&frame_max=32768"
         );
     }
 }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use sqlx::migrate::{MigrateDatabase, Migrator};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{PgPool, Postgres};
 
 use crate::config::DatabaseSettings;
@@ -33,10 +33,60 @@ pub enum DbError {
     },
 }
 
+/// The connect options of `url`. Where neither the URL (`sslmode`) nor the
+/// environment (`PGSSLMODE`) chooses TLS and the server is on this machine
+/// (a loopback address, `localhost`, or a Unix socket), TLS is off: nothing
+/// leaves the machine, and TLS on a loopback connection halved the burn
+/// benchmark (README, "Performance"). Anywhere else sqlx's default,
+/// `prefer`, stays; production URLs should say `sslmode=verify-full`.
+pub fn connect_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
+    let options: PgConnectOptions = url.parse()?;
+    let chosen = std::env::var_os("PGSSLMODE").is_some() || names_ssl_mode(url);
+    Ok(if !chosen && is_local(&options) {
+        options.ssl_mode(PgSslMode::Disable)
+    } else {
+        options
+    })
+}
+
+/// Whether the URL's query sets `sslmode` (or sqlx's `ssl-mode`).
+fn names_ssl_mode(url: &str) -> bool {
+    url.split_once('?').is_some_and(|(_, query)| {
+        query.split('&').any(|pair| {
+            let key = pair.split('=').next().unwrap_or("");
+            key.eq_ignore_ascii_case("sslmode") || key.eq_ignore_ascii_case("ssl-mode")
+        })
+    })
+}
+
+/// A Unix socket, `localhost` or a loopback address.
+fn is_local(options: &PgConnectOptions) -> bool {
+    if options.get_socket().is_some() {
+        return true;
+    }
+    let host = options
+        .get_host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    host.starts_with('/')
+        || host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A one-connection pool for a `LISTEN` connection (sqlx's `PgListener`
+/// reconnects through it), with the options of [`connect_options`].
+pub fn listener_pool(url: &str) -> Result<PgPool, sqlx::Error> {
+    Ok(PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy_with(connect_options(url)?))
+}
+
 /// Opens a pool. Connections are made on demand so a process can start while
 /// Postgres is still coming up; `/readyz` reports it.
 pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, DbError> {
-    let options: PgConnectOptions = settings.url.parse()?;
+    let options = connect_options(&settings.url)?;
     Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(Duration::from_secs(settings.acquire_timeout_secs))
@@ -203,4 +253,33 @@ pub async fn no_fsync_wait(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Er
         .execute(conn)
         .await
         .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tls_off(url: &str) -> bool {
+        // PgConnectOptions shows its ssl mode only in Debug.
+        format!("{:?}", connect_options(url).unwrap()).contains("ssl_mode: Disable")
+    }
+
+    #[test]
+    fn tls_is_off_on_this_machine_unless_asked_for() {
+        if std::env::var_os("PGSSLMODE").is_some() {
+            return; // the environment chooses; nothing to decide here
+        }
+        assert!(tls_off("postgres://postgres@127.0.0.1:5432/x"));
+        assert!(tls_off("postgres://postgres@localhost/x"));
+        assert!(tls_off("postgres://postgres@[::1]:5432/x"));
+        assert!(tls_off("postgres:///x?host=/var/run/postgresql"));
+        assert!(!tls_off(
+            "postgres://postgres@127.0.0.1:5432/x?sslmode=require"
+        ));
+        assert!(!tls_off(
+            "postgres://postgres@127.0.0.1/x?application_name=a&ssl-mode=prefer"
+        ));
+        assert!(!tls_off("postgres://postgres@db.internal:5432/x"));
+        assert!(!tls_off("postgres://postgres@10.0.0.5:5432/x"));
+    }
 }

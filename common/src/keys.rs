@@ -329,7 +329,8 @@ impl KeyCache {
         let mut backoff = Duration::from_millis(250);
         while alive(&cache) {
             let connected = async {
-                let mut listener = sqlx::postgres::PgListener::connect(&url).await?;
+                let pool = crate::db::listener_pool(&url)?;
+                let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
                 listener.listen(REVOKED_CHANNEL).await?;
                 Ok::<_, sqlx::Error>(listener)
             }

@@ -146,8 +146,7 @@ pub async fn database(
     connections: u32,
 ) -> Result<PgPool, StartupError> {
     let url = &settings.url;
-    let options: PgConnectOptions = url
-        .parse()
+    let options = crate::db::connect_options(url)
         .map_err(|e: sqlx::Error| StartupError(explain_db_error(url, &e)))?;
     reach_database(url, &options).await?;
     let pool = PgPoolOptions::new()

@@ -363,7 +363,8 @@ async fn listen_loop(url: &str, wake: &Notify, shutdown: &CancellationToken) {
     let mut backoff = Duration::from_millis(250);
     loop {
         let connect = async {
-            let mut listener = PgListener::connect(url).await?;
+            let pool = taskhost_common::db::listener_pool(url)?;
+            let mut listener = PgListener::connect_with(&pool).await?;
             listener.listen(tasks::NOTIFY_CHANNEL).await?;
             Ok::<_, sqlx::Error>(listener)
         };

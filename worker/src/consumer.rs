@@ -57,11 +57,13 @@ pub(crate) async fn declare_control_queue(
 /// One connection's life: declare, consume until shutdown (then drain while
 /// the channel is still open for acks) or until the connection fails.
 pub(crate) async fn consume(ctx: &Arc<Ctx>) -> Result<(), lapin::Error> {
-    let conn = amqp::connect(
-        &ctx.settings.amqp,
-        &format!("taskhost-worker@{}", ctx.node_name),
-    )
-    .await?;
+    let conn = Arc::new(
+        amqp::connect(
+            &ctx.settings.amqp,
+            &format!("taskhost-worker@{}", ctx.node_name),
+        )
+        .await?,
+    );
     let ch = conn.create_channel().await?;
     // Only what this node binds to; its publisher declares the exchanges
     // it publishes to, and the scheduler the rest (least privilege).
@@ -130,6 +132,7 @@ pub(crate) async fn consume(ctx: &Arc<Ctx>) -> Result<(), lapin::Error> {
     let _up = ctx.broker.connected();
     let mut work = select_all(consumers);
     let acks = Acks::spawn();
+    let _depths = DepthReader::spawn(ctx, &conn);
     loop {
         tokio::select! {
             () = ctx.shutdown.cancelled() => {
@@ -154,6 +157,30 @@ pub(crate) async fn consume(ctx: &Arc<Ctx>) -> Result<(), lapin::Error> {
                 }
             }
         }
+    }
+}
+
+/// Reads the work queues' depths every heartbeat on the consumer's
+/// connection, for as long as this connection's life (dropped: stopped).
+struct DepthReader(tokio::task::JoinHandle<()>);
+
+impl DepthReader {
+    fn spawn(ctx: &Arc<Ctx>, conn: &Arc<lapin::Connection>) -> Self {
+        let (ctx, conn) = (ctx.clone(), conn.clone());
+        Self(tokio::spawn(async move {
+            let every = Duration::from_secs(ctx.settings.worker.heartbeat_secs.max(1));
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                crate::record_queue_depths(&ctx, &conn).await;
+            }
+        }))
+    }
+}
+
+impl Drop for DepthReader {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

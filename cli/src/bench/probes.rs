@@ -55,7 +55,9 @@ pub(crate) async fn run(env: &TestEnv) -> anyhow::Result<Vec<Limit>> {
     });
     // Own short-lived pool: closing it ends its backends, which flushes
     // their statistics before the run's transaction count starts.
-    let pool = PgPool::connect(&env.db_url()).await.context("probe pool")?;
+    let pool = PgPool::connect_with(taskhost_common::db::connect_options(&env.db_url())?)
+        .await
+        .context("probe pool")?;
     eprintln!("probe: Postgres batched inserts");
     let pg = pg_probes(&pool).await;
     pool.close().await;

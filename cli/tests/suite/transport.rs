@@ -250,6 +250,20 @@ async fn services_reach_postgres_over_tls_when_the_url_asks_for_it() {
         "sslmode=disable not honoured: {seen_clear:?}"
     );
 
+    // A loopback URL that names no sslmode is in the clear too (the
+    // default on this machine; README, "Transport security").
+    let default_app = format!("{}-default", env.prefix);
+    let mut default = env.settings.clone();
+    default.database.url = format!("{PG_SERVER}/{}?application_name={default_app}", env.db_name);
+    let default_api = env.start_api_with(default).await;
+    let (status, body) = get(&default_api, &key, "/jobs/results").await;
+    assert_eq!(status, 200, "{body}");
+    let seen_default = ssl_of(&env, &default_app).await;
+    assert!(
+        !seen_default.is_empty() && seen_default.iter().all(|(ssl, _)| !ssl),
+        "a loopback URL without sslmode used TLS: {seen_default:?}"
+    );
+
     let seen = ssl_of(&env, &app).await;
     assert!(
         seen.iter().all(|(ssl, _)| *ssl),
