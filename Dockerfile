@@ -29,6 +29,8 @@ COPY scheduler/ scheduler/
 COPY cli/       cli/
 COPY testkit/   testkit/
 COPY migrations/ migrations/
+# The offline data of the compile-time checked queries (scripts/sqlx-prepare).
+COPY .sqlx/ .sqlx/
 # The api serves the AsyncAPI document (include_str! in api/src/ops.rs).
 COPY docs/asyncapi.json docs/asyncapi.json
 

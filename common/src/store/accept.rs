@@ -6,7 +6,7 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::{PgConnection, PgPool, Postgres};
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::amqp::Outgoing;
@@ -139,19 +139,20 @@ pub async fn insert_outbox_delayed(
     delay_secs: f64,
 ) -> Result<OutboxMessage, sqlx::Error> {
     let payload = serde_json::to_value(run).unwrap_or(Value::Null);
-    sqlx::query_as(
-        "INSERT INTO outbox (exchange, routing_key, message_type, message_id, priority, payload, job_id, available_at, traceparent)
+    sqlx::query_as!(
+        OutboxMessage,
+        r#"INSERT INTO outbox (exchange, routing_key, message_type, message_id, priority, payload, job_id, available_at, traceparent)
          VALUES ('work', $1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7), $8)
-         RETURNING outbox_id, exchange, routing_key, message_type, message_id, priority, payload::text AS payload, job_id, traceparent",
+         RETURNING outbox_id, exchange, routing_key, message_type, message_id, priority, payload::text AS "payload!", job_id, traceparent"#,
+        routing_key,
+        JOB_RUN_V1,
+        format!("{}:{}", run.job_id, run.attempt),
+        run.priority,
+        payload,
+        run.job_id,
+        delay_secs,
+        crate::telemetry::current_traceparent(),
     )
-    .bind(routing_key)
-    .bind(JOB_RUN_V1)
-    .bind(format!("{}:{}", run.job_id, run.attempt))
-    .bind(run.priority)
-    .bind(payload)
-    .bind(run.job_id)
-    .bind(delay_secs)
-    .bind(crate::telemetry::current_traceparent())
     .fetch_one(conn)
     .await
 }
@@ -161,11 +162,12 @@ async fn find_by_idempotency_key(
     user_id: &str,
     key: &str,
 ) -> Result<Option<(Uuid, Option<String>)>, sqlx::Error> {
-    sqlx::query_as(
+    sqlx::query!(
         "SELECT job_id, request_hash FROM jobs WHERE user_id = $1 AND idempotency_key = $2",
+        user_id,
+        key,
     )
-    .bind(user_id)
-    .bind(key)
+    .map(|r| (r.job_id, r.request_hash))
     .fetch_optional(conn)
     .await
 }
@@ -175,17 +177,17 @@ pub async fn matching_active_nodes(
     conn: &mut PgConnection,
     target: &crate::model::Target,
 ) -> Result<Vec<Uuid>, sqlx::Error> {
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "SELECT node_id FROM nodes
          WHERE is_active
            AND ($1::uuid IS NULL OR node_id = $1)
            AND ($2::text IS NULL OR node_group = $2)
            AND ($3::text IS NULL OR node_role = $3)
          ORDER BY node_name",
+        target.node_id,
+        target.node_group.as_deref(),
+        target.node_role.as_deref(),
     )
-    .bind(target.node_id)
-    .bind(target.node_group.as_deref())
-    .bind(target.node_role.as_deref())
     .fetch_all(conn)
     .await
 }
@@ -264,14 +266,14 @@ pub async fn accept_in(tx: &mut PgConnection, new: &NewJob<'_>) -> Result<Accept
         )
         .await?;
         if no_node {
-            sqlx::query(
+            sqlx::query!(
                 "INSERT INTO task_history (task_id, job_id, attempt, state, is_final, triggered_by, start_time, duration_ms, error)
                  VALUES ($1, $2, 0, 'dead', true, $3, NULL, 0, $4)",
+                new.task.map(|t| t.task_id),
+                job_id,
+                new.triggered_by.as_str(),
+                changelog::gzip(NO_NODE_REASON.as_bytes()),
             )
-            .bind(new.task.map(|t| t.task_id))
-            .bind(job_id)
-            .bind(new.triggered_by.as_str())
-            .bind(changelog::gzip(NO_NODE_REASON.as_bytes()))
             .execute(&mut *tx)
             .await?;
             crate::notify::enqueue_jobs(tx, &[job_id]).await?;
@@ -302,26 +304,35 @@ pub async fn accept_in(tx: &mut PgConnection, new: &NewJob<'_>) -> Result<Accept
 }
 
 /// The columns a job takes from its [`JobSpec`], as arrays for one
-/// set-based INSERT (`UNNEST`), bound as parameters `$3` to `$12`: name,
+/// set-based INSERT (`UNNEST`), bound as parameters `$3` to `$12` (name,
 /// command, description, mode, node id, group, role, priority, timeout,
-/// env. Shared by [`accept_batch`] and [`super::fire::fire_batch`].
+/// env) and, after each query's own columns, the secret environments and
+/// the limits. Shared by [`accept_batch`] and [`super::fire::fire_batch`].
 pub(super) struct SpecColumns<'a> {
-    names: Vec<&'a str>,
-    commands: Vec<&'a str>,
-    descriptions: Vec<&'a str>,
-    modes: Vec<&'static str>,
-    node_ids: Vec<Option<Uuid>>,
-    groups: Vec<Option<&'a str>>,
-    roles: Vec<Option<&'a str>>,
-    priorities: Vec<i16>,
-    timeouts: Vec<Option<i32>>,
-    envs: Vec<Value>,
-    /// The sealed secret environments; bound apart by each query
-    /// ([`SpecColumns::secret_envs`]), after its own columns.
-    secret_envs: Vec<Option<&'a str>>,
-    /// The limits, as JSON; bound apart like the secret environments
-    /// ([`SpecColumns::limits`]).
-    limits: Vec<Option<Value>>,
+    /// Job names.
+    pub(super) names: Vec<&'a str>,
+    /// Commands.
+    pub(super) commands: Vec<&'a str>,
+    /// Descriptions.
+    pub(super) descriptions: Vec<&'a str>,
+    /// Execution modes.
+    pub(super) modes: Vec<&'static str>,
+    /// Target node ids.
+    pub(super) node_ids: Vec<Option<Uuid>>,
+    /// Target node groups.
+    pub(super) groups: Vec<Option<&'a str>>,
+    /// Target node roles.
+    pub(super) roles: Vec<Option<&'a str>>,
+    /// Priorities.
+    pub(super) priorities: Vec<i16>,
+    /// Timeouts, seconds.
+    pub(super) timeouts: Vec<Option<i32>>,
+    /// Extra environments, as JSON.
+    pub(super) envs: Vec<Value>,
+    /// The sealed secret environments (NULL: none).
+    pub(super) secret_envs: Vec<Option<&'a str>>,
+    /// The limits, as JSON (NULL: none).
+    pub(super) limits: Vec<Option<Value>>,
 }
 
 impl<'a> SpecColumns<'a> {
@@ -350,34 +361,6 @@ impl<'a> SpecColumns<'a> {
             secret_envs: specs.clone().map(|s| s.secret_env.as_deref()).collect(),
             limits: specs.map(|s| limits_json(s.limits.as_ref())).collect(),
         }
-    }
-
-    /// The limits, in order (NULL: none).
-    pub(super) fn limits(&self) -> &[Option<Value>] {
-        &self.limits
-    }
-
-    /// The sealed secret environments, in order (NULL: none).
-    pub(super) fn secret_envs(&self) -> &[Option<&'a str>] {
-        &self.secret_envs
-    }
-
-    /// Binds the ten arrays, in their order, after the query's first two.
-    pub(super) fn bind<'q, O>(
-        &'q self,
-        query: sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments>,
-    ) -> sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments> {
-        query
-            .bind(&self.names)
-            .bind(&self.commands)
-            .bind(&self.descriptions)
-            .bind(&self.modes)
-            .bind(&self.node_ids)
-            .bind(&self.groups)
-            .bind(&self.roles)
-            .bind(&self.priorities)
-            .bind(&self.timeouts)
-            .bind(&self.envs)
     }
 }
 
@@ -417,8 +400,8 @@ pub async fn accept_batch(pool: &PgPool, jobs: &[PlainJob]) -> Result<Vec<Accept
     let users: Vec<&str> = jobs.iter().map(|j| j.user_id.as_str()).collect();
     let spec = SpecColumns::of(jobs.iter().map(|j| &j.spec));
     let triggers: Vec<&str> = jobs.iter().map(|j| j.triggered_by.as_str()).collect();
-    let inserted = sqlx::query_as(
-        "INSERT INTO jobs (job_id, user_id, job_name, command, description, execution_mode, status,
+    let inserted: Vec<(Uuid, String, DateTime<Utc>)> = sqlx::query!(
+        r#"INSERT INTO jobs (job_id, user_id, job_name, command, description, execution_mode, status,
                            target_node_id, target_node_group, target_node_role, fanout, priority,
                            timeout_seconds, env, triggered_by, secret_env, limits)
          SELECT id, u, n, c, d, m, 'pending', ni, ng, nr, 'one', p, t, e, tb, se, li
@@ -427,17 +410,26 @@ pub async fn accept_batch(pool: &PgPool, jobs: &[PlainJob]) -> Result<Vec<Accept
                      $13::text[], $14::text[], $15::jsonb[])
               AS x(id, u, n, c, d, m, ni, ng, nr, p, t, e, tb, se, li)
          ON CONFLICT DO NOTHING
-         RETURNING job_id, to_jsonb(jobs.*)::text, submitted_at",
+         RETURNING job_id, to_jsonb(jobs.*)::text AS "row!", submitted_at"#,
+        &ids,
+        &users as &[&str],
+        &spec.names as &[&str],
+        &spec.commands as &[&str],
+        &spec.descriptions as &[&str],
+        &spec.modes as &[&str],
+        &spec.node_ids as &[Option<Uuid>],
+        &spec.groups as &[Option<&str>],
+        &spec.roles as &[Option<&str>],
+        &spec.priorities,
+        &spec.timeouts as &[Option<i32>],
+        &spec.envs,
+        &triggers as &[&str],
+        &spec.secret_envs as &[Option<&str>],
+        &spec.limits as &[Option<Value>],
     )
-    .bind(&ids)
-    .bind(&users);
-    let inserted: Vec<(Uuid, String, DateTime<Utc>)> = spec
-        .bind(inserted)
-        .bind(&triggers)
-        .bind(spec.secret_envs())
-        .bind(spec.limits())
-        .fetch_all(&mut *tx)
-        .await?;
+    .map(|r| (r.job_id, r.row, r.submitted_at))
+    .fetch_all(&mut *tx)
+    .await?;
     let by_id: std::collections::HashMap<Uuid, usize> = inserted
         .iter()
         .enumerate()
@@ -490,20 +482,21 @@ pub async fn accept_batch(pool: &PgPool, jobs: &[PlainJob]) -> Result<Vec<Accept
     } else {
         Vec::new()
     };
-    let outbox: Vec<OutboxMessage> = sqlx::query_as(
-        "INSERT INTO outbox (exchange, routing_key, message_type, message_id, priority, payload, job_id, traceparent)
+    let outbox: Vec<OutboxMessage> = sqlx::query_as!(
+        OutboxMessage,
+        r#"INSERT INTO outbox (exchange, routing_key, message_type, message_id, priority, payload, job_id, traceparent)
          SELECT 'work', rk, $2, mid, p, pl, j, tp
          FROM UNNEST($1::text[], $3::text[], $4::int2[], $5::jsonb[], $6::uuid[], $7::text[])
               AS x(rk, mid, p, pl, j, tp)
-         RETURNING outbox_id, exchange, routing_key, message_type, message_id, priority, payload::text AS payload, job_id, traceparent",
+         RETURNING outbox_id, exchange, routing_key, message_type, message_id, priority, payload::text AS "payload!", job_id, traceparent"#,
+        &keys,
+        JOB_RUN_V1,
+        &message_ids,
+        &run_priorities,
+        &payloads,
+        &run_ids,
+        &traceparents as &[Option<&str>],
     )
-    .bind(&keys)
-    .bind(JOB_RUN_V1)
-    .bind(&message_ids)
-    .bind(&run_priorities)
-    .bind(&payloads)
-    .bind(&run_ids)
-    .bind(&traceparents)
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -545,8 +538,8 @@ async fn insert_job_row(
 ) -> Result<Option<(String, DateTime<Utc>)>, sqlx::Error> {
     let spec = new.spec;
     let dead = status == JobStatus::Dead;
-    sqlx::query_as(
-        "INSERT INTO jobs (job_id, user_id, job_name, command, description, execution_mode, status,
+    sqlx::query!(
+        r#"INSERT INTO jobs (job_id, user_id, job_name, command, description, execution_mode, status,
                            status_reason, target_node_id, target_node_group, target_node_role, fanout,
                            priority, timeout_seconds, env, triggered_by, idempotency_key, request_hash,
                            completed_at, success, task_id, fire_at, max_retries, retry_delay_seconds,
@@ -555,38 +548,39 @@ async fn insert_job_row(
                  CASE WHEN $19 THEN now() END, CASE WHEN $19 THEN false END, $20, $21, $22, $23, $24,
                  $25, $26, $27, $28)
          ON CONFLICT DO NOTHING
-         RETURNING to_jsonb(jobs.*)::text, submitted_at",
+         RETURNING to_jsonb(jobs.*)::text AS "row!", submitted_at"#,
+        job_id,
+        new.user_id,
+        &spec.job_name,
+        &spec.command,
+        &spec.description,
+        spec.execution_mode.as_str(),
+        status.as_str(),
+        dead.then_some(NO_NODE_REASON),
+        node.or(spec.target.node_id),
+        spec.target.node_group.as_deref(),
+        spec.target.node_role.as_deref(),
+        spec.target.fanout.as_str(),
+        spec.priority,
+        spec.timeout_seconds,
+        serde_json::to_value(&spec.env).unwrap_or(Value::Null),
+        new.triggered_by.as_str(),
+        // A fan-out answers with its first job, so only that one carries
+        // the key (the key names one job per user).
+        new.idempotency_key.filter(|_| first),
+        new.request_hash.filter(|_| first),
+        dead,
+        new.task.map(|t| t.task_id),
+        new.task.and_then(|t| t.fire_at),
+        new.task.map_or(0, |t| t.max_retries),
+        new.task.map_or(0, |t| t.retry_delay_seconds),
+        new.task.is_none_or(|t| t.kill_on_timeout),
+        spec.secret_env.as_deref(),
+        limits_json(spec.limits.as_ref()),
+        new.rerun_of,
+        new.task.and_then(|t| t.upstream_job_id),
     )
-    .bind(job_id)
-    .bind(new.user_id)
-    .bind(&spec.job_name)
-    .bind(&spec.command)
-    .bind(&spec.description)
-    .bind(spec.execution_mode.as_str())
-    .bind(status.as_str())
-    .bind(dead.then_some(NO_NODE_REASON))
-    .bind(node.or(spec.target.node_id))
-    .bind(spec.target.node_group.as_deref())
-    .bind(spec.target.node_role.as_deref())
-    .bind(spec.target.fanout.as_str())
-    .bind(spec.priority)
-    .bind(spec.timeout_seconds)
-    .bind(serde_json::to_value(&spec.env).unwrap_or(Value::Null))
-    .bind(new.triggered_by.as_str())
-    // A fan-out answers with its first job, so only that one carries the
-    // key (the key names one job per user).
-    .bind(new.idempotency_key.filter(|_| first))
-    .bind(new.request_hash.filter(|_| first))
-    .bind(dead)
-    .bind(new.task.map(|t| t.task_id))
-    .bind(new.task.and_then(|t| t.fire_at))
-    .bind(new.task.map_or(0, |t| t.max_retries))
-    .bind(new.task.map_or(0, |t| t.retry_delay_seconds))
-    .bind(new.task.is_none_or(|t| t.kill_on_timeout))
-    .bind(spec.secret_env.as_deref())
-    .bind(limits_json(spec.limits.as_ref()))
-    .bind(new.rerun_of)
-    .bind(new.task.and_then(|t| t.upstream_job_id))
+    .map(|r| (r.row, r.submitted_at))
     .fetch_optional(&mut *tx)
     .await
 }

@@ -44,11 +44,14 @@ struct CancelRow {
 /// Cancels a job on behalf of `by` (visibility is the caller's check).
 pub async fn cancel(pool: &PgPool, job_id: Uuid, by: &str) -> Result<Cancelled, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let current: Option<CancelRow> = sqlx::query_as(
-        "SELECT to_jsonb(j.*)::text AS row, status, claimed_by, attempt, task_id FROM jobs j
-         WHERE job_id = $1 FOR UPDATE",
+    let current: Option<CancelRow> = sqlx::query_as!(
+        CancelRow,
+        r#"SELECT to_jsonb(j.*)::text AS "row!", status AS "status: JobStatus", claimed_by, attempt,
+                task_id
+         FROM jobs j
+         WHERE job_id = $1 FOR UPDATE"#,
+        job_id,
     )
-    .bind(job_id)
     .fetch_optional(&mut *tx)
     .await?;
     let Some(CancelRow {
@@ -65,11 +68,11 @@ pub async fn cancel(pool: &PgPool, job_id: Uuid, by: &str) -> Result<Cancelled, 
         return Ok(Cancelled::AlreadyFinished(status));
     }
     let (new, answer): (String, Cancelled) = if status == JobStatus::Running {
-        let new = sqlx::query_scalar(
-            "UPDATE jobs SET cancel_requested = true WHERE job_id = $1
-             RETURNING to_jsonb(jobs.*)::text",
+        let new = sqlx::query_scalar!(
+            r#"UPDATE jobs SET cancel_requested = true WHERE job_id = $1
+             RETURNING to_jsonb(jobs.*)::text AS "new!""#,
+            job_id,
         )
-        .bind(job_id)
         .fetch_one(&mut *tx)
         .await?;
         (
@@ -82,19 +85,19 @@ pub async fn cancel(pool: &PgPool, job_id: Uuid, by: &str) -> Result<Cancelled, 
     } else {
         // Not started: it ends here; a worker that receives its message later
         // sees a finished job and acks it without running.
-        let new = sqlx::query_scalar(
-            "UPDATE jobs SET cancel_requested = true, status = 'cancelled', completed_at = now(),
+        let new = sqlx::query_scalar!(
+            r#"UPDATE jobs SET cancel_requested = true, status = 'cancelled', completed_at = now(),
                     success = false, retry_at = NULL,
                     status_reason = CASE WHEN attempt > 0 THEN 'cancelled while waiting for its retry'
                                          ELSE 'cancelled before it started' END
-             WHERE job_id = $1 RETURNING to_jsonb(jobs.*)::text",
+             WHERE job_id = $1 RETURNING to_jsonb(jobs.*)::text AS "new!""#,
+            job_id,
         )
-        .bind(job_id)
         .fetch_one(&mut *tx)
         .await?;
-        sqlx::query(
-            // A job waiting for a retry already has a (non-final) row for
-            // its last attempt; the cancel is the next one.
+        // A job waiting for a retry already has a (non-final) row for its
+        // last attempt; the cancel is the next one.
+        sqlx::query!(
             "INSERT INTO task_history (task_id, job_id, attempt, state, is_final, triggered_by, duration_ms)
              SELECT task_id, job_id,
                     attempt + CASE WHEN EXISTS (SELECT 1 FROM task_history h
@@ -103,8 +106,8 @@ pub async fn cancel(pool: &PgPool, job_id: Uuid, by: &str) -> Result<Cancelled, 
                     'cancelled', true, triggered_by, 0
              FROM jobs j WHERE job_id = $1
              ON CONFLICT DO NOTHING",
+            job_id,
         )
-        .bind(job_id)
         .execute(&mut *tx)
         .await?;
         // A task run that ends here frees its task's schedule, as a run that
@@ -148,11 +151,13 @@ pub enum Deleted {
 /// with a DELETE change row.
 pub async fn delete(pool: &PgPool, job_id: Uuid, user: &str) -> Result<Deleted, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let old: Option<(String, JobStatus)> = sqlx::query_as(
-        "SELECT to_jsonb(j.*)::text, status FROM jobs j WHERE job_id = $1 AND user_id = $2 FOR UPDATE",
+    let old: Option<(String, JobStatus)> = sqlx::query!(
+        r#"SELECT to_jsonb(j.*)::text AS "row!", status AS "status: JobStatus"
+         FROM jobs j WHERE job_id = $1 AND user_id = $2 FOR UPDATE"#,
+        job_id,
+        user,
     )
-    .bind(job_id)
-    .bind(user)
+    .map(|r| (r.row, r.status))
     .fetch_optional(&mut *tx)
     .await?;
     let Some((old, status)) = old else {
@@ -161,8 +166,7 @@ pub async fn delete(pool: &PgPool, job_id: Uuid, user: &str) -> Result<Deleted, 
     if !status.is_terminal() {
         return Ok(Deleted::NotFinished(status));
     }
-    sqlx::query("DELETE FROM jobs WHERE job_id = $1")
-        .bind(job_id)
+    sqlx::query!("DELETE FROM jobs WHERE job_id = $1", job_id)
         .execute(&mut *tx)
         .await?;
     changelog::record(

@@ -26,9 +26,11 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::jobs::{Accepted, NewJob, TaskRun};
-use crate::model::TriggeredBy;
+use crate::model::{
+    ExecutionMode, Fanout, MisfirePolicy, NoNodePolicy, OverlapPolicy, TriggeredBy,
+};
 use crate::params;
-use crate::tasks::{self, TASK_COLUMNS, Task};
+use crate::tasks::{self, Task};
 
 /// Fires the downstream runs of an upstream run that ended with `status`.
 /// Called in the transaction that records the end (after the upstream's
@@ -40,21 +42,34 @@ pub async fn upstream_ended(
     status: &str,
     by: &str,
 ) -> Result<(), sqlx::Error> {
-    let downstream: Vec<Task> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {TASK_COLUMNS} FROM tasks
+    // The columns of `tasks::TASK_COLUMNS`, written out for the macro (it
+    // checks that they fill every field of `Task`).
+    let downstream: Vec<Task> = sqlx::query_as!(
+        Task,
+        r#"SELECT task_id, task_name, app_name, command,
+                execution_mode AS "execution_mode: ExecutionMode", schedule, timezone, enabled,
+                assigned_node_id, assigned_node_group, assigned_node_role,
+                fanout AS "fanout: Fanout", priority, timeout_seconds, max_retries,
+                retry_delay_seconds, kill_on_timeout,
+                misfire_policy AS "misfire_policy: MisfirePolicy",
+                overlap_policy AS "overlap_policy: OverlapPolicy",
+                no_node_policy AS "no_node_policy: NoNodePolicy", description, tags, parameters,
+                after, environment, secret_environment, limits, created_by, created_at,
+                modified_by, modified_at
+         FROM tasks
          WHERE after @> jsonb_build_array(jsonb_build_object('taskId', $1::text))
-         ORDER BY task_id"
-    )))
-    .bind(upstream_task.to_string())
+         ORDER BY task_id"#,
+        upstream_task.to_string(),
+    )
     .fetch_all(&mut *conn)
     .await?;
     if downstream.is_empty() {
         return Ok(());
     }
-    let upstream_env: Option<Value> = sqlx::query_scalar("SELECT env FROM jobs WHERE job_id = $1")
-        .bind(upstream_job)
-        .fetch_optional(&mut *conn)
-        .await?;
+    let upstream_env: Option<Value> =
+        sqlx::query_scalar!("SELECT env FROM jobs WHERE job_id = $1", upstream_job)
+            .fetch_optional(&mut *conn)
+            .await?;
     for task in &downstream {
         let Ok(edges) = task.after_edges() else {
             continue;
@@ -68,18 +83,17 @@ pub async fn upstream_ended(
         // Upstreams deleted since do not hold the downstream back.
         let ids: Vec<Uuid> = edges.iter().map(|e| e.task_id).collect();
         let existing: Vec<Uuid> =
-            sqlx::query_scalar("SELECT task_id FROM tasks WHERE task_id = ANY($1)")
-                .bind(&ids)
+            sqlx::query_scalar!("SELECT task_id FROM tasks WHERE task_id = ANY($1)", &ids)
                 .fetch_all(&mut *conn)
                 .await?;
-        let satisfied: Value = sqlx::query_scalar(
+        let satisfied: Value = sqlx::query_scalar!(
             "INSERT INTO task_chain_state (task_id, satisfied) VALUES ($1, jsonb_build_object($2::text, $3::text))
              ON CONFLICT (task_id) DO UPDATE SET satisfied = task_chain_state.satisfied || EXCLUDED.satisfied
              RETURNING satisfied",
+            task.task_id,
+            upstream_task.to_string(),
+            upstream_job.to_string(),
         )
-        .bind(task.task_id)
-        .bind(upstream_task.to_string())
-        .bind(upstream_job.to_string())
         .fetch_one(&mut *conn)
         .await?;
         let all = existing
@@ -89,13 +103,13 @@ pub async fn upstream_ended(
             continue;
         }
         let job_id = fire(conn, task, &edges, upstream_job, upstream_env.as_ref(), by).await?;
-        sqlx::query(
+        sqlx::query!(
             "UPDATE task_chain_state SET satisfied = '{}'::jsonb, last_fired_at = now(),
                     last_fired_job = coalesce($2, last_fired_job), fire_count = fire_count + CASE WHEN $2 IS NULL THEN 0 ELSE 1 END
              WHERE task_id = $1",
+            task.task_id,
+            job_id,
         )
-        .bind(task.task_id)
-        .bind(job_id)
         .execute(&mut *conn)
         .await?;
     }

@@ -218,30 +218,6 @@ fn decide(cur: &Current, own_stale: bool, c: &Claimer) -> Decision {
     Decision::Claim
 }
 
-/// The columns a claim decides on, with the row's lock clause appended.
-macro_rules! current_select {
-    ($where_and_lock:literal) => {
-        concat!(
-            "SELECT job_id, to_jsonb(j.*)::text AS row, status, attempt, claimed_by,
-                    coalesce(claim_expiry > now(), false) AS claim_live, task_id, triggered_by,
-                    execution_mode, command, timeout_seconds, env, secret_env, limits, target_node_id, target_node_group,
-                    target_node_role, max_retries, retry_delay_seconds, cancel_requested,
-                    kill_on_timeout, coalesce(retry_at > now(), false) AS retry_pending,
-                    priority, submitted_at, job_name, user_id
-             FROM jobs j ",
-            $where_and_lock
-        )
-    };
-}
-
-const CURRENT_ONE: &str = current_select!("WHERE job_id = $1 FOR UPDATE");
-
-// Rows another transaction holds (the api marking them queued, a claim of
-// the same job elsewhere) are skipped here and claimed one by one after the
-// batch, so a batch never waits behind someone else's lock.
-const CURRENT_MANY: &str =
-    current_select!("WHERE job_id = ANY($1) ORDER BY job_id FOR UPDATE SKIP LOCKED");
-
 /// Claims one job in its own transaction, waiting for its row if another
 /// transaction holds it. Losing this commit in a Postgres crash is harmless
 /// (see db::no_fsync_wait), so it does not wait for the disk.
@@ -252,10 +228,25 @@ pub async fn claim(
 ) -> Result<ClaimResult, sqlx::Error> {
     let mut tx = pool.begin().await?;
     db::no_fsync_wait(&mut tx).await?;
-    let current: Option<Current> = sqlx::query_as(CURRENT_ONE)
-        .bind(request.job_id)
-        .fetch_optional(&mut *tx)
-        .await?;
+    // The columns a claim decides on (`Current`; `plan` reads the same
+    // list), the row locked.
+    let current: Option<Current> = sqlx::query_as!(
+        Current,
+        r#"SELECT job_id, to_jsonb(j.*)::text AS "row!", status AS "status: JobStatus", attempt,
+                claimed_by, coalesce(claim_expiry > now(), false) AS "claim_live!", task_id,
+                triggered_by AS "triggered_by: TriggeredBy",
+                execution_mode AS "execution_mode: ExecutionMode", command, timeout_seconds,
+                env AS "env: Json<BTreeMap<String, String>>", secret_env,
+                limits AS "limits: Json<JobLimits>", target_node_id, target_node_group,
+                target_node_role, max_retries, retry_delay_seconds, cancel_requested,
+                kill_on_timeout, coalesce(retry_at > now(), false) AS "retry_pending!",
+                priority, submitted_at, job_name, user_id
+         FROM jobs j
+         WHERE job_id = $1 FOR UPDATE"#,
+        request.job_id,
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
     let Some(cur) = current else {
         return Ok(ClaimResult::Missing);
     };
@@ -265,7 +256,7 @@ pub async fn claim(
     if matches!(decision, Decision::GiveUp(..))
         || (matches!(decision, Decision::Claim) && cur.execution_mode == ExecutionMode::Background)
     {
-        sqlx::query("SET LOCAL synchronous_commit = on")
+        sqlx::query!("SET LOCAL synchronous_commit = on")
             .execute(&mut *tx)
             .await?;
     }
@@ -351,10 +342,27 @@ pub(super) async fn plan(
     let rows: Vec<Current> = if ids.is_empty() {
         Vec::new()
     } else {
-        sqlx::query_as(CURRENT_MANY)
-            .bind(&ids)
-            .fetch_all(&mut *tx)
-            .await?
+        // The columns of `claim`'s read. Rows another transaction holds
+        // (the api marking them queued, a claim of the same job elsewhere)
+        // are skipped here and claimed one by one after the batch, so a
+        // batch never waits behind someone else's lock.
+        sqlx::query_as!(
+            Current,
+            r#"SELECT job_id, to_jsonb(j.*)::text AS "row!", status AS "status: JobStatus", attempt,
+                    claimed_by, coalesce(claim_expiry > now(), false) AS "claim_live!", task_id,
+                    triggered_by AS "triggered_by: TriggeredBy",
+                    execution_mode AS "execution_mode: ExecutionMode", command, timeout_seconds,
+                    env AS "env: Json<BTreeMap<String, String>>", secret_env,
+                    limits AS "limits: Json<JobLimits>", target_node_id, target_node_group,
+                    target_node_role, max_retries, retry_delay_seconds, cancel_requested,
+                    kill_on_timeout, coalesce(retry_at > now(), false) AS "retry_pending!",
+                    priority, submitted_at, job_name, user_id
+             FROM jobs j
+             WHERE job_id = ANY($1) ORDER BY job_id FOR UPDATE SKIP LOCKED"#,
+            &ids,
+        )
+        .fetch_all(&mut *tx)
+        .await?
     };
     let mut rows: HashMap<Uuid, Current> = rows.into_iter().map(|r| (r.job_id, r)).collect();
     let mut plan = ClaimPlan {
@@ -408,28 +416,28 @@ async fn give_up(
     status: JobStatus,
     reason: String,
 ) -> Result<ClaimResult, sqlx::Error> {
-    let new: String = sqlx::query_scalar(
-        "UPDATE jobs SET status = $2, status_reason = $3, completed_at = now(), success = false,
+    let new: String = sqlx::query_scalar!(
+        r#"UPDATE jobs SET status = $2, status_reason = $3, completed_at = now(), success = false,
                 claim_expiry = NULL
-         WHERE job_id = $1 RETURNING to_jsonb(jobs.*)::text",
+         WHERE job_id = $1 RETURNING to_jsonb(jobs.*)::text AS "new!""#,
+        cur.job_id,
+        status.as_str(),
+        &reason,
     )
-    .bind(cur.job_id)
-    .bind(status)
-    .bind(&reason)
     .fetch_one(&mut *tx)
     .await?;
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO task_history (task_id, job_id, node_id, attempt, state, is_final, triggered_by, error, duration_ms)
          VALUES ($1, $2, $3, $4, $5, true, $6, $7, 0)
          ON CONFLICT DO NOTHING",
+        cur.task_id,
+        cur.job_id,
+        c.node_id,
+        cur.attempt + 1,
+        status.as_str(),
+        cur.triggered_by.as_str(),
+        changelog::gzip(reason.as_bytes()),
     )
-    .bind(cur.task_id)
-    .bind(cur.job_id)
-    .bind(c.node_id)
-    .bind(cur.attempt + 1)
-    .bind(status)
-    .bind(cur.triggered_by)
-    .bind(changelog::gzip(reason.as_bytes()))
     .execute(&mut *tx)
     .await?;
     changelog::record(
@@ -479,17 +487,18 @@ async fn claim_rows(
     }
     let ids: Vec<Uuid> = rows.iter().map(|r| r.job_id).collect();
     let attempts: Vec<i32> = rows.iter().map(|r| r.attempt + 1).collect();
-    let updated: Vec<(Uuid, String)> = sqlx::query_as(
-        "UPDATE jobs SET status = 'running', attempt = v.attempt, claimed_by = $3,
+    let updated: Vec<(Uuid, String)> = sqlx::query!(
+        r#"UPDATE jobs SET status = 'running', attempt = v.attempt, claimed_by = $3,
                 claim_expiry = now() + make_interval(secs => $4), started_at = now(), retry_at = NULL
          FROM UNNEST($1::uuid[], $2::int4[]) AS v(id, attempt)
          WHERE jobs.job_id = v.id
-         RETURNING jobs.job_id, to_jsonb(jobs.*)::text",
+         RETURNING jobs.job_id, to_jsonb(jobs.*)::text AS "new!""#,
+        &ids,
+        &attempts,
+        c.node_id,
+        c.lease.as_secs_f64(),
     )
-    .bind(&ids)
-    .bind(&attempts)
-    .bind(c.node_id)
-    .bind(c.lease.as_secs_f64())
+    .map(|r| (r.job_id, r.new))
     .fetch_all(&mut *tx)
     .await?;
     let new: HashMap<Uuid, String> = updated.into_iter().collect();
@@ -596,22 +605,23 @@ pub(super) async fn run_inline(
         .iter()
         .map(|(_, f)| f.status == JobStatus::Succeeded)
         .collect();
-    let new: Vec<(Uuid, String)> = sqlx::query_as(
-        "UPDATE jobs SET status = v.status, attempt = v.attempt, claimed_by = $7,
+    let new: Vec<(Uuid, String)> = sqlx::query!(
+        r#"UPDATE jobs SET status = v.status, attempt = v.attempt, claimed_by = $7,
                 status_reason = v.reason, exit_code = v.exit_code, success = v.success,
                 started_at = now(), completed_at = now(), claim_expiry = NULL, retry_at = NULL
          FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::int4[], $6::bool[])
               AS v(id, attempt, status, reason, exit_code, success)
          WHERE jobs.job_id = v.id
-         RETURNING jobs.job_id, to_jsonb(jobs.*)::text",
+         RETURNING jobs.job_id, to_jsonb(jobs.*)::text AS "new!""#,
+        &ids,
+        &attempts,
+        &statuses as &[JobStatus],
+        &reasons as &[Option<&str>],
+        &codes as &[Option<i32>],
+        &successes,
+        c.node_id,
     )
-    .bind(&ids)
-    .bind(&attempts)
-    .bind(&statuses)
-    .bind(&reasons)
-    .bind(&codes)
-    .bind(&successes)
-    .bind(c.node_id)
+    .map(|r| (r.job_id, r.new))
     .fetch_all(&mut *tx)
     .await?;
     let new: HashMap<Uuid, String> = new.into_iter().collect();

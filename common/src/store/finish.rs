@@ -25,14 +25,14 @@ pub async fn renew(
     attempt: i32,
     lease: Duration,
 ) -> Result<Option<bool>, sqlx::Error> {
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "UPDATE jobs SET claim_expiry = now() + make_interval(secs => $3)
          WHERE job_id = $1 AND attempt = $2 AND status = 'running'
          RETURNING cancel_requested",
+        job_id,
+        attempt,
+        lease.as_secs_f64(),
     )
-    .bind(job_id)
-    .bind(attempt)
-    .bind(lease.as_secs_f64())
     .fetch_optional(pool)
     .await
 }
@@ -85,10 +85,12 @@ async fn finish_in(
 ) -> Result<Finished, sqlx::Error> {
     let retryable = matches!(fin.status, JobStatus::Failed | JobStatus::TimedOut);
     let retries_done: i64 = if retryable && claimed.max_retries > 0 {
-        sqlx::query_scalar("SELECT count(*) FROM task_history WHERE job_id = $1 AND NOT is_final")
-            .bind(claimed.job_id)
-            .fetch_one(&mut *tx)
-            .await?
+        sqlx::query_scalar!(
+            r#"SELECT count(*) AS "count!" FROM task_history WHERE job_id = $1 AND NOT is_final"#,
+            claimed.job_id,
+        )
+        .fetch_one(&mut *tx)
+        .await?
     } else {
         0
     };
@@ -110,50 +112,53 @@ async fn finish_in(
     } else {
         fin.reason.clone()
     };
-    let changed: Option<(String, String)> = sqlx::query_as(
-        "WITH old AS (
+    // `$6::boolean`: the macro describes the statement without parameter
+    // types, and Postgres alone would take `$6` (beside a NULL) for text.
+    let changed: Option<(String, String)> = sqlx::query!(
+        r#"WITH old AS (
              SELECT job_id, to_jsonb(j.*)::text AS row FROM jobs j
              WHERE job_id = $1 AND attempt = $2 AND status = 'running' FOR UPDATE
          )
          UPDATE jobs SET status = CASE WHEN $7 THEN 'queued' ELSE $3 END, status_reason = $4, exit_code = $5,
-                success = CASE WHEN $7 THEN NULL ELSE $6 END,
+                success = CASE WHEN $7 THEN NULL ELSE $6::boolean END,
                 completed_at = CASE WHEN $7 THEN NULL ELSE now() END,
                 claimed_by = CASE WHEN $7 THEN NULL ELSE claimed_by END, claim_expiry = NULL,
                 retry_at = CASE WHEN $7 THEN now() + make_interval(secs => $8) END
          FROM old WHERE jobs.job_id = old.job_id
-         RETURNING old.row, to_jsonb(jobs.*)::text",
+         RETURNING old.row AS "old!", to_jsonb(jobs.*)::text AS "new!""#,
+        claimed.job_id,
+        claimed.attempt,
+        fin.status.as_str(),
+        reason.as_deref(),
+        fin.exit_code,
+        fin.status == JobStatus::Succeeded,
+        retry,
+        delay,
     )
-    .bind(claimed.job_id)
-    .bind(claimed.attempt)
-    .bind(fin.status.as_str())
-    .bind(reason.as_deref())
-    .bind(fin.exit_code)
-    .bind(fin.status == JobStatus::Succeeded)
-    .bind(retry)
-    .bind(delay)
+    .map(|r| (r.old, r.new))
     .fetch_optional(&mut *tx)
     .await?;
     let Some((old, new)) = changed else {
         return Ok(Finished::Fenced);
     };
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO task_history (task_id, job_id, node_id, attempt, start_time, end_time, duration_ms,
                                    state, is_final, exit_code, output, error, output_truncated, triggered_by)
          VALUES ($1, $2, $3, $4, $5, now(), $6, $7, $8, $9, $10, $11, $12, $13)",
+        claimed.task_id,
+        claimed.job_id,
+        node_id,
+        claimed.attempt,
+        fin.started_at,
+        fin.duration.as_millis() as i64,
+        fin.status.as_str(),
+        !retry,
+        fin.exit_code,
+        &fin.output,
+        &fin.error,
+        fin.truncated,
+        claimed.triggered_by.as_str(),
     )
-    .bind(claimed.task_id)
-    .bind(claimed.job_id)
-    .bind(node_id)
-    .bind(claimed.attempt)
-    .bind(fin.started_at)
-    .bind(fin.duration.as_millis() as i64)
-    .bind(fin.status.as_str())
-    .bind(!retry)
-    .bind(fin.exit_code)
-    .bind(&fin.output)
-    .bind(&fin.error)
-    .bind(fin.truncated)
-    .bind(claimed.triggered_by.as_str())
     .execute(&mut *tx)
     .await?;
     let why = if retry {
@@ -269,8 +274,8 @@ async fn finish_final(
         .iter()
         .map(|i| pick(i).fin.status == JobStatus::Succeeded)
         .collect();
-    let changed: Vec<(Uuid, i32, String, String)> = sqlx::query_as(
-        "WITH v AS (
+    let changed: Vec<(Uuid, i32, String, String)> = sqlx::query!(
+        r#"WITH v AS (
              SELECT * FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::int4[], $6::bool[])
                  AS v(id, attempt, status, reason, exit_code, success)
          ), old AS (
@@ -284,14 +289,15 @@ async fn finish_final(
                 success = v.success, completed_at = now(), claim_expiry = NULL, retry_at = NULL
          FROM old JOIN v ON v.id = old.job_id AND v.attempt = old.attempt
          WHERE jobs.job_id = old.job_id
-         RETURNING jobs.job_id, jobs.attempt, old.row, to_jsonb(jobs.*)::text",
+         RETURNING jobs.job_id, jobs.attempt, old.row AS "old!", to_jsonb(jobs.*)::text AS "new!""#,
+        &ids,
+        &attempts,
+        &statuses as &[&str],
+        &reasons as &[Option<&str>],
+        &codes as &[Option<i32>],
+        &successes,
     )
-    .bind(&ids)
-    .bind(&attempts)
-    .bind(&statuses)
-    .bind(&reasons)
-    .bind(&codes)
-    .bind(&successes)
+    .map(|r| (r.job_id, r.attempt, r.old, r.new))
     .fetch_all(&mut *tx)
     .await?;
     if changed.is_empty() {
@@ -391,26 +397,26 @@ pub(super) async fn insert_final_history(
     let h_err: Vec<&[u8]> = done.iter().map(|(_, f)| f.error.as_slice()).collect();
     let h_trunc: Vec<bool> = done.iter().map(|(_, f)| f.truncated).collect();
     let h_by: Vec<&str> = done.iter().map(|(c, _)| c.triggered_by.as_str()).collect();
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO task_history (task_id, job_id, node_id, attempt, start_time, end_time, duration_ms,
                                    state, is_final, exit_code, output, error, output_truncated, triggered_by)
          SELECT t, j, $3, a, s, now(), d, st, true, e, o, er, tr, tb
          FROM UNNEST($1::uuid[], $2::uuid[], $4::int4[], $5::timestamptz[], $6::int8[], $7::text[],
                      $8::int4[], $9::bytea[], $10::bytea[], $11::bool[], $12::text[])
              AS x(t, j, a, s, d, st, e, o, er, tr, tb)",
+        &h_task as &[Option<Uuid>],
+        &h_job,
+        node_id,
+        &h_attempt,
+        &h_start,
+        &h_ms,
+        &h_state as &[&str],
+        &h_code as &[Option<i32>],
+        &h_out as &[&[u8]],
+        &h_err as &[&[u8]],
+        &h_trunc,
+        &h_by as &[&str],
     )
-    .bind(&h_task)
-    .bind(&h_job)
-    .bind(node_id)
-    .bind(&h_attempt)
-    .bind(&h_start)
-    .bind(&h_ms)
-    .bind(&h_state)
-    .bind(&h_code)
-    .bind(&h_out)
-    .bind(&h_err)
-    .bind(&h_trunc)
-    .bind(&h_by)
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -428,17 +434,18 @@ pub async fn release(
     routing_key: &str,
 ) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let changed: Option<(String, String)> = sqlx::query_as(
-        "WITH old AS (
+    let changed: Option<(String, String)> = sqlx::query!(
+        r#"WITH old AS (
              SELECT job_id, to_jsonb(j.*)::text AS row FROM jobs j
              WHERE job_id = $1 AND attempt = $2 AND status = 'running' FOR UPDATE
          )
          UPDATE jobs SET status = 'queued', claimed_by = NULL, claim_expiry = NULL, started_at = NULL
          FROM old WHERE jobs.job_id = old.job_id
-         RETURNING old.row, to_jsonb(jobs.*)::text",
+         RETURNING old.row AS "old!", to_jsonb(jobs.*)::text AS "new!""#,
+        claimed.job_id,
+        claimed.attempt,
     )
-    .bind(claimed.job_id)
-    .bind(claimed.attempt)
+    .map(|r| (r.old, r.new))
     .fetch_optional(&mut *tx)
     .await?;
     let Some((old, new)) = changed else {

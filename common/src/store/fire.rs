@@ -60,8 +60,8 @@ pub async fn fire_batch(
     let max_retries: Vec<i32> = fires.iter().map(|f| f.task.max_retries).collect();
     let delays: Vec<i32> = fires.iter().map(|f| f.task.retry_delay_seconds).collect();
     let kills: Vec<bool> = fires.iter().map(|f| f.task.kill_on_timeout).collect();
-    let inserted = sqlx::query_as(
-        "INSERT INTO jobs (job_id, user_id, job_name, command, description, execution_mode, status,
+    let inserted: Vec<(Uuid, String, DateTime<Utc>)> = sqlx::query!(
+        r#"INSERT INTO jobs (job_id, user_id, job_name, command, description, execution_mode, status,
                            target_node_id, target_node_group, target_node_role, fanout, priority,
                            timeout_seconds, env, triggered_by, task_id, fire_at, max_retries,
                            retry_delay_seconds, kill_on_timeout, secret_env, limits)
@@ -72,21 +72,30 @@ pub async fn fire_batch(
                      $18::text[], $19::jsonb[])
               AS x(id, u, n, c, d, m, ni, ng, nr, p, t, e, ti, fa, mr, rd, k, se, li)
          ON CONFLICT DO NOTHING
-         RETURNING job_id, to_jsonb(jobs.*)::text, submitted_at",
+         RETURNING job_id, to_jsonb(jobs.*)::text AS "row!", submitted_at"#,
+        &ids,
+        &users as &[&str],
+        &spec.names as &[&str],
+        &spec.commands as &[&str],
+        &spec.descriptions as &[&str],
+        &spec.modes as &[&str],
+        &spec.node_ids as &[Option<Uuid>],
+        &spec.groups as &[Option<&str>],
+        &spec.roles as &[Option<&str>],
+        &spec.priorities,
+        &spec.timeouts as &[Option<i32>],
+        &spec.envs,
+        &task_ids,
+        &fire_ats as &[Option<DateTime<Utc>>],
+        &max_retries,
+        &delays,
+        &kills,
+        &spec.secret_envs as &[Option<&str>],
+        &spec.limits as &[Option<Value>],
     )
-    .bind(&ids)
-    .bind(&users);
-    let inserted: Vec<(Uuid, String, DateTime<Utc>)> = spec
-        .bind(inserted)
-        .bind(&task_ids)
-        .bind(&fire_ats)
-        .bind(&max_retries)
-        .bind(&delays)
-        .bind(&kills)
-        .bind(spec.secret_envs())
-        .bind(spec.limits())
-        .fetch_all(&mut *conn)
-        .await?;
+    .map(|r| (r.job_id, r.row, r.submitted_at))
+    .fetch_all(&mut *conn)
+    .await?;
     let by_id: HashMap<Uuid, usize> = inserted
         .iter()
         .enumerate()
@@ -136,20 +145,21 @@ pub async fn fire_batch(
     } else {
         Vec::new()
     };
-    let outbox: Vec<OutboxMessage> = sqlx::query_as(
-        "INSERT INTO outbox (exchange, routing_key, message_type, message_id, priority, payload, job_id, traceparent)
+    let outbox: Vec<OutboxMessage> = sqlx::query_as!(
+        OutboxMessage,
+        r#"INSERT INTO outbox (exchange, routing_key, message_type, message_id, priority, payload, job_id, traceparent)
          SELECT 'work', rk, $2, mid, p, pl, j, tp
          FROM UNNEST($1::text[], $3::text[], $4::int2[], $5::jsonb[], $6::uuid[], $7::text[])
               AS x(rk, mid, p, pl, j, tp)
-         RETURNING outbox_id, exchange, routing_key, message_type, message_id, priority, payload::text AS payload, job_id, traceparent",
+         RETURNING outbox_id, exchange, routing_key, message_type, message_id, priority, payload::text AS "payload!", job_id, traceparent"#,
+        &keys,
+        JOB_RUN_V1,
+        &message_ids,
+        &run_priorities,
+        &payloads,
+        &run_ids,
+        &traceparents as &[Option<&str>],
     )
-    .bind(&keys)
-    .bind(JOB_RUN_V1)
-    .bind(&message_ids)
-    .bind(&run_priorities)
-    .bind(&payloads)
-    .bind(&run_ids)
-    .bind(&traceparents)
     .fetch_all(&mut *conn)
     .await?;
     let mut outbox: HashMap<Uuid, OutboxMessage> = outbox

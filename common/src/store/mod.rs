@@ -22,6 +22,17 @@
 //! A worker's claims and run endings that arrive together share one
 //! transaction ([`settle`]); an `inline` job is claimed, run and recorded in
 //! that one transaction.
+//!
+//! Every statement is written with sqlx's query macros (`query!`,
+//! `query_as!`, `query_scalar!`), so its SQL, parameter and column types are
+//! checked at compile time against the offline data in `.sqlx/`
+//! (`scripts/sqlx-prepare` regenerates it). An argument cast to its own
+//! type (`&names as &[&str]`, `&codes as &[Option<i32>]`,
+//! `states as &[JobStatus]`) binds an array the macro's type check would not
+//! match to the parameter's type (`&[String]`, `&[i32]`); the value sent is
+//! the same.
+//! Column aliases such as `"row!"` or `"status: JobStatus"` set a column's
+//! nullability or Rust type where the macro cannot infer it.
 
 pub mod accept;
 pub mod cancel;
@@ -135,11 +146,13 @@ pub async fn settle(
     task_ids.sort_unstable();
     task_ids.dedup();
     if !task_ids.is_empty() {
-        sqlx::query(
-            "SELECT 1 FROM task_schedule WHERE task_id = ANY($1) ORDER BY task_id FOR UPDATE",
+        // The rows are fetched only to lock them (the macro's query with an
+        // output column has no `execute`).
+        sqlx::query_scalar!(
+            r#"SELECT 1 AS "locked!" FROM task_schedule WHERE task_id = ANY($1) ORDER BY task_id FOR UPDATE"#,
+            &task_ids,
         )
-        .bind(&task_ids)
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
     }
     let finished = finish::finish_many(&mut tx, c.node_id, &c.node_name, &finishes).await?;
@@ -172,7 +185,7 @@ pub async fn settle(
         finish::finish_many(&mut tx, c.node_id, &c.node_name, &requests).await?
     };
     if !durable && (plan_durable || !ran.is_empty() || !one_step_ran.is_empty()) {
-        sqlx::query("SET LOCAL synchronous_commit = on")
+        sqlx::query!("SET LOCAL synchronous_commit = on")
             .execute(&mut *tx)
             .await?;
     }

@@ -3,6 +3,8 @@
 //! new outbox message (running → queued), and finished jobs past their
 //! retention are deleted.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
@@ -10,7 +12,7 @@ use uuid::Uuid;
 
 use crate::changelog::{self, Action, Change};
 use crate::messages::JobRun;
-use crate::model::{ExecutionMode, Fanout, Target};
+use crate::model::{ExecutionMode, Fanout, JobStatus, Target};
 use crate::store::accept::insert_outbox;
 
 /// Expired claims one pass requeues at most.
@@ -22,11 +24,11 @@ pub async fn expire_claims_of(conn: &mut PgConnection, nodes: &[Uuid]) -> Result
     if nodes.is_empty() {
         return Ok(());
     }
-    sqlx::query(
+    sqlx::query!(
         "UPDATE jobs SET claim_expiry = now() - interval '1 second'
          WHERE status = 'running' AND claimed_by = ANY($1)",
+        nodes,
     )
-    .bind(nodes)
     .execute(conn)
     .await?;
     Ok(())
@@ -40,7 +42,7 @@ struct ExpiredJob {
     command: String,
     execution_mode: ExecutionMode,
     timeout_seconds: Option<i32>,
-    env: Json<std::collections::BTreeMap<String, String>>,
+    env: Json<BTreeMap<String, String>>,
     priority: i16,
     submitted_at: DateTime<Utc>,
     target_node_id: Option<Uuid>,
@@ -54,27 +56,31 @@ struct ExpiredJob {
 /// next pass takes them). Returns each job with the attempt that lost its
 /// claim.
 pub async fn requeue_expired(conn: &mut PgConnection) -> Result<Vec<(Uuid, i32)>, sqlx::Error> {
-    let expired: Vec<ExpiredJob> = sqlx::query_as(
-        "SELECT job_id, to_jsonb(j.*)::text AS row, attempt, command, execution_mode, timeout_seconds,
-                env, priority, submitted_at, target_node_id, target_node_group, target_node_role
+    let expired: Vec<ExpiredJob> = sqlx::query_as!(
+        ExpiredJob,
+        r#"SELECT job_id, to_jsonb(j.*)::text AS "row!", attempt, command,
+                execution_mode AS "execution_mode: ExecutionMode", timeout_seconds,
+                env AS "env: Json<BTreeMap<String, String>>", priority, submitted_at,
+                target_node_id, target_node_group, target_node_role
          FROM jobs j
          WHERE status = 'running' AND claim_expiry < now()
          ORDER BY job_id
          LIMIT $1
-         FOR UPDATE SKIP LOCKED",
+         FOR UPDATE SKIP LOCKED"#,
+        REQUEUE_BATCH,
     )
-    .bind(REQUEUE_BATCH)
     .fetch_all(&mut *conn)
     .await?;
     if expired.is_empty() {
         return Ok(Vec::new());
     }
     let ids: Vec<Uuid> = expired.iter().map(|j| j.job_id).collect();
-    let new: Vec<(Uuid, String)> = sqlx::query_as(
-        "UPDATE jobs SET status = 'queued', claimed_by = NULL, claim_expiry = NULL, started_at = NULL
-         WHERE job_id = ANY($1) RETURNING job_id, to_jsonb(jobs.*)::text",
+    let new: Vec<(Uuid, String)> = sqlx::query!(
+        r#"UPDATE jobs SET status = 'queued', claimed_by = NULL, claim_expiry = NULL, started_at = NULL
+         WHERE job_id = ANY($1) RETURNING job_id, to_jsonb(jobs.*)::text AS "new!""#,
+        &ids,
     )
-    .bind(&ids)
+    .map(|r| (r.job_id, r.new))
     .fetch_all(&mut *conn)
     .await?;
     let new: std::collections::HashMap<Uuid, String> = new.into_iter().collect();
@@ -123,18 +129,18 @@ pub async fn requeue_expired(conn: &mut PgConnection) -> Result<Vec<(Uuid, i32)>
 /// removes); the retention pass logs its counts.
 pub async fn prune(
     pool: &PgPool,
-    states: &[crate::model::JobStatus],
+    states: &[JobStatus],
     days: u32,
     limit: i64,
 ) -> Result<u64, sqlx::Error> {
-    let done = sqlx::query(
+    let done = sqlx::query!(
         "DELETE FROM jobs WHERE job_id IN (
              SELECT job_id FROM jobs WHERE status = ANY($1)
                AND completed_at < now() - make_interval(days => $2::int) LIMIT $3)",
+        states as &[JobStatus],
+        days as i32,
+        limit,
     )
-    .bind(states)
-    .bind(days as i32)
-    .bind(limit)
     .execute(pool)
     .await?;
     Ok(done.rows_affected())
