@@ -2,6 +2,7 @@
 //! spawns, Postgres commits, broker publishes and consumes, CPUs, memory.
 
 use std::collections::VecDeque;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -31,6 +32,7 @@ const BATCH_ROWS: usize = 1000;
 
 pub(crate) const SPAWN_SEQ: &str = "spawns_per_s";
 pub(crate) const SPAWN_PAR: &str = "spawns_per_s_2_concurrent";
+pub(crate) const SPAWN_SWITCHED: &str = "spawns_per_s_2_concurrent_setpriv";
 pub(crate) const PG_BATCH_ROWS: &str = "pg_batched_rows_per_s";
 pub(crate) const PG_COMMITS: &str = "pg_single_row_commits_per_s";
 pub(crate) const AMQP_CONFIRMS: &str = "amqp_confirmed_publishes_per_s";
@@ -53,6 +55,17 @@ pub(crate) async fn run(env: &TestEnv) -> anyhow::Result<Vec<Limit>> {
         label: "sh -c true, 2 concurrent spawners (runs/s)",
         value: spawns(2).await?,
     });
+    // A root worker runs jobs as `nobody` through util-linux `setpriv` in
+    // front of the shell (README, "Jobs run unprivileged"): one more exec
+    // per job, so its spawn rate is the one a default worker can reach.
+    if nix::unistd::geteuid().is_root() && Path::new(SETPRIV).exists() {
+        eprintln!("probe: setpriv (nobody) + sh -c true, 2 concurrent spawners");
+        out.push(Limit {
+            key: SPAWN_SWITCHED,
+            label: "setpriv (nobody) + sh -c true, 2 spawners (runs/s)",
+            value: spawns_switched(2).await?,
+        });
+    }
     // Own short-lived pool: closing it ends its backends, which flushes
     // their statistics before the run's transaction count starts.
     let pool = PgPool::connect_with(taskhost_common::db::connect_options(&env.db_url())?)
@@ -97,21 +110,46 @@ pub(crate) async fn run(env: &TestEnv) -> anyhow::Result<Vec<Limit>> {
     Ok(out)
 }
 
+/// util-linux `setpriv`, as a root worker finds it.
+const SETPRIV: &str = "/usr/bin/setpriv";
+
 /// `sh -c true` runs per second with `spawners` concurrent loops.
 async fn spawns(spawners: usize) -> anyhow::Result<f64> {
+    spawn_loops(spawners, &["/bin/sh", "-c", "true"]).await
+}
+
+/// `sh -c true` as `nobody` through `setpriv`, as a root worker starts a
+/// job, runs per second with `spawners` concurrent loops.
+async fn spawns_switched(spawners: usize) -> anyhow::Result<f64> {
+    let argv = [
+        SETPRIV,
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--",
+        "/bin/sh",
+        "-c",
+        "true",
+    ];
+    spawn_loops(spawners, &argv).await
+}
+
+/// Runs per second of `argv` with `spawners` concurrent loops.
+async fn spawn_loops(spawners: usize, argv: &[&'static str]) -> anyhow::Result<f64> {
     let t = Instant::now();
     let mut loops = Vec::new();
     for _ in 0..spawners {
+        let argv = argv.to_vec();
         loops.push(tokio::spawn(async move {
             let mut n = 0u64;
             while t.elapsed() < PROBE {
-                let status = tokio::process::Command::new("/bin/sh")
-                    .args(["-c", "true"])
+                let status = tokio::process::Command::new(argv[0])
+                    .args(&argv[1..])
                     .stdin(std::process::Stdio::null())
                     .status()
                     .await?;
                 if !status.success() {
-                    bail!("/bin/sh -c true failed: {status}");
+                    bail!("{} failed: {status}", argv.join(" "));
                 }
                 n += 1;
             }

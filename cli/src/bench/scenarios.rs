@@ -251,12 +251,27 @@ impl Run<'_> {
                 "≥ 8000 jobs/s (inline noop)".to_owned(),
             ),
             Mode::Pool | Mode::Background => (
-                format!(
-                    "sh -c {} /s seq, {} /s ×2; 70% = {}",
-                    lim(r.limit(probes::SPAWN_SEQ)),
-                    lim(r.limit(probes::SPAWN_PAR)),
-                    lim(r.limit(probes::SPAWN_PAR).map(|v| v * 0.7))
-                ),
+                {
+                    // A root worker's jobs start through setpriv, unless
+                    // `worker.run_as = "root"` keeps them root.
+                    let switched = r
+                        .limit(probes::SPAWN_SWITCHED)
+                        .filter(|_| self.env.settings.worker.run_as != "root");
+                    match switched {
+                        Some(switched) => format!(
+                            "sh -c {} /s ×2; via setpriv {} /s ×2; 70% = {}",
+                            lim(r.limit(probes::SPAWN_PAR)),
+                            lim(Some(switched)),
+                            lim(Some(switched * 0.7))
+                        ),
+                        None => format!(
+                            "sh -c {} /s seq, {} /s ×2; 70% = {}",
+                            lim(r.limit(probes::SPAWN_SEQ)),
+                            lim(r.limit(probes::SPAWN_PAR)),
+                            lim(r.limit(probes::SPAWN_PAR).map(|v| v * 0.7))
+                        ),
+                    }
+                },
                 "≥ 1800 jobs/s (shell)".to_owned(),
             ),
         };
