@@ -57,13 +57,24 @@ pub(crate) async fn declare_control_queue(
 /// One connection's life: declare, consume until shutdown (then drain while
 /// the channel is still open for acks) or until the connection fails.
 pub(crate) async fn consume(ctx: &Arc<Ctx>) -> Result<(), lapin::Error> {
-    let conn = Arc::new(
-        amqp::connect(
-            &ctx.settings.amqp,
-            &format!("taskhost-worker@{}", ctx.node_name),
-        )
-        .await?,
-    );
+    // The first life goes on the start-up identity check's connection,
+    // which has held the node's control queue since the check.
+    let identity = ctx
+        .identity
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .filter(|c| c.status().connected());
+    let conn = Arc::new(match identity {
+        Some(conn) => conn,
+        None => {
+            amqp::connect(
+                &ctx.settings.amqp,
+                &format!("taskhost-worker@{}", ctx.node_name),
+            )
+            .await?
+        }
+    });
     let ch = conn.create_channel().await?;
     // Only what this node binds to; its publisher declares the exchanges
     // it publishes to, and the scheduler the rest (least privilege).

@@ -87,6 +87,10 @@ pub(crate) struct Ctx {
     pub(crate) sandbox: sandbox::Sandbox,
     /// Whether the consumer is connected (`/readyz`).
     pub(crate) broker: Arc<metrics::BrokerLink>,
+    /// The connection of the start-up identity check, which holds the
+    /// node's exclusive control queue; the consumer's first life takes it
+    /// over, so no second worker with this name can slip in between.
+    pub(crate) identity: Mutex<Option<lapin::Connection>>,
 }
 
 /// Steps one batch takes at most, and batches in flight at once.
@@ -106,19 +110,16 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     // One process per node: a second worker with this name is refused
     // before it changes the node's row, and checked again after a first
     // registration (two new workers racing for one name).
-    let identity = startup::broker(
-        &settings.amqp,
-        &format!("taskhost-worker@{node_name} identity check"),
-    )
-    .await?;
+    let identity = startup::broker(&settings.amqp, &format!("taskhost-worker@{node_name}")).await?;
     if let Some(id) = node::id_of(&pool, &node_name).await? {
         node::ensure_not_running(&identity, &names, id, &node_name).await?;
     }
     let node_id = node::register(&pool, &settings.worker)
         .await
         .context("registering the node")?;
+    // From here the identity connection holds the node's control queue
+    // until the consumer takes the connection over.
     node::ensure_not_running(&identity, &names, node_id, &node_name).await?;
-    let _ = identity.close(200, "identity checked".into()).await;
     tracing::info!(%node_id, node_name, group = settings.worker.group, role = settings.worker.role,
         concurrency = settings.worker.concurrency, "worker registered");
     if sandbox.ids.is_none() && nix::unistd::Uid::effective().is_root() {
@@ -174,6 +175,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         tracker: TaskTracker::new(),
         shutdown: shutdown.clone(),
         broker: metrics::BrokerLink::new("worker"),
+        identity: Mutex::new(Some(identity)),
         settings,
         sandbox,
     });
