@@ -6,9 +6,9 @@
 //! sink gathers whatever events arrive while the previous batch is being
 //! published and sends them as one `job.events.v1` message per status,
 //! routed `job.<status>`, with the events in the order they happened. A
-//! batch gathers for at most 10 ms after its first event, so at load one
+//! batch gathers for at most 50 ms after its first event, so at load one
 //! message carries dozens or hundreds of events and a lone event is at most
-//! 10 ms late.
+//! 50 ms late.
 //!
 //! Events are notifications: they are published without confirms and a
 //! failure is logged, never retried. The durable record is `task_history`
@@ -28,7 +28,7 @@ use crate::model::JobStatus;
 /// Events one message carries at most.
 const MAX_PER_MESSAGE: usize = 1000;
 /// How long a batch waits for more events after its first one.
-const LINGER: std::time::Duration = std::time::Duration::from_millis(10);
+const LINGER: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// The body of a `job.events.v1` message.
 #[derive(Debug, Serialize)]
