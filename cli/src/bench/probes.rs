@@ -2,10 +2,10 @@
 //! spawns, Postgres commits, broker publishes and consumes, CPUs, memory.
 
 use std::collections::VecDeque;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use taskhost_worker::sandbox::Switcher;
 
 use anyhow::{Context, bail};
 use futures_util::StreamExt;
@@ -32,7 +32,7 @@ const BATCH_ROWS: usize = 1000;
 
 pub(crate) const SPAWN_SEQ: &str = "spawns_per_s";
 pub(crate) const SPAWN_PAR: &str = "spawns_per_s_2_concurrent";
-pub(crate) const SPAWN_SWITCHED: &str = "spawns_per_s_2_concurrent_setpriv";
+pub(crate) const SPAWN_SWITCHED: &str = "spawns_per_s_2_concurrent_as_nobody";
 pub(crate) const PG_BATCH_ROWS: &str = "pg_batched_rows_per_s";
 pub(crate) const PG_COMMITS: &str = "pg_single_row_commits_per_s";
 pub(crate) const AMQP_CONFIRMS: &str = "amqp_confirmed_publishes_per_s";
@@ -55,15 +55,28 @@ pub(crate) async fn run(env: &TestEnv) -> anyhow::Result<Vec<Limit>> {
         label: "sh -c true, 2 concurrent spawners (runs/s)",
         value: spawns(2).await?,
     });
-    // A root worker runs jobs as `nobody` through util-linux `setpriv` in
-    // front of the shell (README, "Jobs run unprivileged"): one more exec
-    // per job, so its spawn rate is the one a default worker can reach.
-    if nix::unistd::geteuid().is_root() && Path::new(SETPRIV).exists() {
-        eprintln!("probe: setpriv (nobody) + sh -c true, 2 concurrent spawners");
+    // A root worker runs jobs as `nobody` through a user switch in front
+    // of the shell (README, "Jobs run unprivileged and bounded"):
+    // taskhost's launcher, else `setpriv`. One more exec per job, so this
+    // spawn rate is the one a default worker can reach.
+    let nobody = (65534, 65534);
+    if nix::unistd::geteuid().is_root()
+        && let Some(switcher) = taskhost_worker::sandbox::Switcher::find(nobody)
+    {
+        let label = match switcher {
+            Switcher::Launcher { .. } => "launcher (nobody) + sh -c true, 2 spawners (runs/s)",
+            Switcher::Setpriv(_) => "setpriv (nobody) + sh -c true, 2 spawners (runs/s)",
+        };
+        eprintln!(
+            "probe: {} (nobody) + sh -c true, 2 concurrent spawners",
+            switcher.name()
+        );
+        let mut argv = switcher.prefix(nobody);
+        argv.extend(["/bin/sh", "-c", "true"].map(String::from));
         out.push(Limit {
             key: SPAWN_SWITCHED,
-            label: "setpriv (nobody) + sh -c true, 2 spawners (runs/s)",
-            value: spawns_switched(2).await?,
+            label,
+            value: spawn_loops(2, argv).await?,
         });
     }
     // Own short-lived pool: closing it ends its backends, which flushes
@@ -110,40 +123,25 @@ pub(crate) async fn run(env: &TestEnv) -> anyhow::Result<Vec<Limit>> {
     Ok(out)
 }
 
-/// util-linux `setpriv`, as a root worker finds it.
-const SETPRIV: &str = "/usr/bin/setpriv";
-
 /// `sh -c true` runs per second with `spawners` concurrent loops.
 async fn spawns(spawners: usize) -> anyhow::Result<f64> {
-    spawn_loops(spawners, &["/bin/sh", "-c", "true"]).await
-}
-
-/// `sh -c true` as `nobody` through `setpriv`, as a root worker starts a
-/// job, runs per second with `spawners` concurrent loops.
-async fn spawns_switched(spawners: usize) -> anyhow::Result<f64> {
-    let argv = [
-        SETPRIV,
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--",
-        "/bin/sh",
-        "-c",
-        "true",
-    ];
-    spawn_loops(spawners, &argv).await
+    spawn_loops(
+        spawners,
+        ["/bin/sh", "-c", "true"].map(String::from).to_vec(),
+    )
+    .await
 }
 
 /// Runs per second of `argv` with `spawners` concurrent loops.
-async fn spawn_loops(spawners: usize, argv: &[&'static str]) -> anyhow::Result<f64> {
+async fn spawn_loops(spawners: usize, argv: Vec<String>) -> anyhow::Result<f64> {
     let t = Instant::now();
     let mut loops = Vec::new();
     for _ in 0..spawners {
-        let argv = argv.to_vec();
+        let argv = argv.clone();
         loops.push(tokio::spawn(async move {
             let mut n = 0u64;
             while t.elapsed() < PROBE {
-                let status = tokio::process::Command::new(argv[0])
+                let status = tokio::process::Command::new(&argv[0])
                     .args(&argv[1..])
                     .stdin(std::process::Stdio::null())
                     .status()

@@ -252,14 +252,14 @@ impl Run<'_> {
             ),
             Mode::Pool | Mode::Background => (
                 {
-                    // A root worker's jobs start through setpriv, unless
+                    // A root worker's jobs start through a user switch, unless
                     // `worker.run_as = "root"` keeps them root.
                     let switched = r
                         .limit(probes::SPAWN_SWITCHED)
                         .filter(|_| self.env.settings.worker.run_as != "root");
                     match switched {
                         Some(switched) => format!(
-                            "sh -c {} /s ×2; via setpriv {} /s ×2; 70% = {}",
+                            "sh -c {} /s ×2; as nobody {} /s ×2; 70% = {}",
                             lim(r.limit(probes::SPAWN_PAR)),
                             lim(Some(switched)),
                             lim(Some(switched * 0.7))
