@@ -82,8 +82,9 @@ impl Switcher {
             Ok(launcher) => {
                 // Once, so a machine where it cannot run (no /proc, a
                 // seccomp policy) falls back instead of failing every job.
-                let works = std::process::Command::new(launcher.prefix((uid, gid))[0].clone())
-                    .args(&launcher.prefix((uid, gid))[1..])
+                let argv = launcher.prefix((uid, gid));
+                let works = std::process::Command::new(&argv[0])
+                    .args(&argv[1..])
                     .arg("/bin/sh")
                     .args(["-c", "exit 0"])
                     .stdin(std::process::Stdio::null())
