@@ -5,7 +5,6 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use taskhost_worker::sandbox::Switcher;
 
 use anyhow::{Context, bail};
 use futures_util::StreamExt;
@@ -18,6 +17,7 @@ use lapin::types::FieldTable;
 use sqlx::PgPool;
 use taskhost_common::amqp;
 use taskhost_testkit::{AMQP_URL, TestEnv};
+use taskhost_worker::sandbox::Switcher;
 
 use super::report::Limit;
 
@@ -61,7 +61,7 @@ pub(crate) async fn run(env: &TestEnv) -> anyhow::Result<Vec<Limit>> {
     // spawn rate is the one a default worker can reach.
     let nobody = (65534, 65534);
     if nix::unistd::geteuid().is_root()
-        && let Some(switcher) = taskhost_worker::sandbox::Switcher::find(nobody)
+        && let Some(switcher) = Switcher::find(nobody)
     {
         let label = match switcher {
             Switcher::Launcher { .. } => "launcher (nobody) + sh -c true, 2 spawners (runs/s)",

@@ -223,6 +223,19 @@ async fn ssl_of(env: &TestEnv, app: &str) -> Vec<(bool, i64)> {
     .expect("pg_stat_ssl")
 }
 
+/// Starts an api whose database URL is the loopback server with `query`
+/// (empty, or ending in `&`) in front of its own `application_name`, has it
+/// answer one request, and returns [`ssl_of`] its connections.
+async fn ssl_of_an_api(env: &mut TestEnv, key: &str, name: &str, query: &str) -> Vec<(bool, i64)> {
+    let app = format!("{}-{name}", env.prefix);
+    let mut settings = env.settings.clone();
+    settings.database.url = format!("{PG_SERVER}/{}?{query}application_name={app}", env.db_name);
+    let api = env.start_api_with(settings).await;
+    let (status, body) = get(&api, key, "/jobs/results").await;
+    assert_eq!(status, 200, "{body}");
+    ssl_of(env, &app).await
+}
+
 #[tokio::test]
 async fn services_reach_postgres_over_tls_when_the_url_asks_for_it() {
     let mut env = TestEnv::new().await;
@@ -235,16 +248,7 @@ async fn services_reach_postgres_over_tls_when_the_url_asks_for_it() {
 
     // The URL decides, and the check can tell: an api told
     // `sslmode=disable` talks to Postgres in the clear.
-    let clear_app = format!("{}-clear", env.prefix);
-    let mut clear = env.settings.clone();
-    clear.database.url = format!(
-        "{PG_SERVER}/{}?sslmode=disable&application_name={clear_app}",
-        env.db_name
-    );
-    let clear_api = env.start_api_with(clear).await;
-    let (status, body) = get(&clear_api, &key, "/jobs/results").await;
-    assert_eq!(status, 200, "{body}");
-    let seen_clear = ssl_of(&env, &clear_app).await;
+    let seen_clear = ssl_of_an_api(&mut env, &key, "clear", "sslmode=disable&").await;
     assert!(
         !seen_clear.is_empty() && seen_clear.iter().all(|(ssl, _)| !ssl),
         "sslmode=disable not honoured: {seen_clear:?}"
@@ -252,13 +256,7 @@ async fn services_reach_postgres_over_tls_when_the_url_asks_for_it() {
 
     // A loopback URL that names no sslmode is in the clear too (the
     // default on this machine; README, "Transport security").
-    let default_app = format!("{}-default", env.prefix);
-    let mut default = env.settings.clone();
-    default.database.url = format!("{PG_SERVER}/{}?application_name={default_app}", env.db_name);
-    let default_api = env.start_api_with(default).await;
-    let (status, body) = get(&default_api, &key, "/jobs/results").await;
-    assert_eq!(status, 200, "{body}");
-    let seen_default = ssl_of(&env, &default_app).await;
+    let seen_default = ssl_of_an_api(&mut env, &key, "default", "").await;
     assert!(
         !seen_default.is_empty() && seen_default.iter().all(|(ssl, _)| !ssl),
         "a loopback URL without sslmode used TLS: {seen_default:?}"
