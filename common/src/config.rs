@@ -276,8 +276,8 @@ pub struct WorkerSettings {
     /// Processes of the job's user (RLIMIT_NPROC, counted per user, so it
     /// bounds a fork bomb; root ignores it); 0: inherit.
     pub job_max_processes: u64,
-    /// Where each run gets its own working directory (removed afterwards);
-    /// empty: `$TMPDIR/taskhost-jobs`.
+    /// Where each run gets its own working directory (emptied afterwards
+    /// and kept as a spare for a later run); empty: `$TMPDIR/taskhost-jobs`.
     pub work_dir: String,
     /// Where `taskhost worker` serves `/livez`, `/readyz` and `/metrics`
     /// (`host:port`), or `off`. Not used by `taskhost standalone`, whose

@@ -516,7 +516,7 @@ async fn execute(ctx: &Ctx, claimed: &Claimed, cancel: CancellationToken) -> Out
     .await;
     live.stop().await;
     if let Some(dir) = dir {
-        crate::sandbox::Sandbox::remove_dir(&dir);
+        ctx.sandbox.finish_dir(&dir);
     }
     // Secret values never reach the stored output (README, "Secrets").
     if !masks.is_empty() {

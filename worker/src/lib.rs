@@ -202,6 +202,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     .await;
     // The consumer returned without draining only if it never connected.
     consumer::drain(&ctx).await;
+    ctx.sandbox.remove_spares();
     heartbeat.abort();
     if let Err(error) = node::deactivate(&ctx.pool, ctx.node_id, &ctx.node_name).await {
         tracing::warn!(%error, "could not mark the node inactive");
