@@ -263,7 +263,7 @@ impl Sandbox {
                 work_root.display()
             ))
         })?;
-        remove_spares(&work_root);
+        remove_left_spares(&work_root);
         let switcher = ids.and_then(Switcher::find);
         Ok(Self {
             ids,
@@ -342,10 +342,19 @@ impl Sandbox {
         loop {
             let spare = self.spares.lock().ok().and_then(|mut s| s.pop());
             let Some(spare) = spare else { break };
-            // Another worker sharing the work_dir may have removed it at its
-            // start (ENOENT): take the next.
-            if std::fs::rename(&spare, &dir).is_ok() {
-                return Ok(dir);
+            match std::fs::rename(&spare, &dir) {
+                Ok(()) => return Ok(dir),
+                // Another worker sharing the work_dir removed it at its
+                // start: take the next.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                // The run's name is taken (a directory a killed worker
+                // left): keep the spare, and use that directory as before.
+                Err(_) => {
+                    if let Ok(mut spares) = self.spares.lock() {
+                        spares.push(spare);
+                    }
+                    break;
+                }
             }
         }
         std::fs::create_dir_all(&dir)?;
@@ -521,7 +530,7 @@ const NEW_DIR_MODE: u32 = 0o755;
 /// it was killed). Each is first renamed to a name of this process's own,
 /// so one another worker is just taking (a rename, atomic) is never
 /// emptied under its job.
-fn remove_spares(work_root: &Path) {
+fn remove_left_spares(work_root: &Path) {
     let Ok(entries) = std::fs::read_dir(work_root) else {
         return;
     };
@@ -725,11 +734,19 @@ mod tests {
         }
         assert_eq!(std::fs::read_dir(&next).unwrap().count(), 0, "empty");
 
-        // A worker starting on this work_dir removes the spares left in it.
+        // A name already taken (a directory a killed worker left) keeps the
+        // spare for the next run.
         sandbox.finish_dir(&next);
+        let taken = root.join(format!("{second}-3"));
+        std::fs::create_dir_all(taken.join("left")).unwrap();
+        assert_eq!(sandbox.make_dir(second, 3).unwrap(), taken);
+        assert_eq!(sandbox.spares.lock().unwrap().len(), 1);
+        std::fs::remove_dir_all(&taken).unwrap();
+
+        // A worker starting on this work_dir removes the spares left in it.
         let spare = sandbox.spares.lock().unwrap()[0].clone();
         assert!(spare.exists());
-        remove_spares(&root);
+        remove_left_spares(&root);
         assert!(!spare.exists());
         // Taken from under this sandbox: the next run gets a new directory.
         let third = sandbox.make_dir(first, 3).unwrap();
