@@ -9,7 +9,7 @@
  * what `setpriv --reuid=UID --regid=GID --clear-groups -- PROGRAM ARG...`
  * does, and nothing else.
  *
- * It has no C library: its own entry point and five system calls. A static
+ * It has no C library: its own entry point and six system calls. A static
  * C library's start-up alone (its CPU feature probe traps to the hypervisor
  * on a VM, then its relocations) cost more than everything else this
  * program does, on every job. worker/build.rs compiles it for x86-64 and
