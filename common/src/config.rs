@@ -279,11 +279,21 @@ pub struct WorkerSettings {
     /// Where each run gets its own working directory (emptied afterwards
     /// and kept as a spare for a later run); empty: `$TMPDIR/taskhost-jobs`.
     pub work_dir: String,
+    /// Names of the worker's environment variables a job inherits,
+    /// separated by spaces or commas; `NAME*` matches a prefix. Nothing
+    /// else of the worker's environment reaches a job, and never a variable
+    /// taskhost reads itself (`TASKHOST*`, `DATABASE_URL`, `AMQP_URL`),
+    /// whatever this lists.
+    pub pass_env: String,
     /// Where `taskhost worker` serves `/livez`, `/readyz` and `/metrics`
     /// (`host:port`), or `off`. Not used by `taskhost standalone`, whose
     /// api serves the whole process's metrics.
     pub metrics_bind: String,
 }
+
+/// What a job inherits of the worker's environment by default
+/// (`worker.pass_env`): where to find programs, the locale and the zone.
+pub const DEFAULT_PASS_ENV: &str = "PATH LANG LANGUAGE LC_* TZ";
 
 /// Scheduler settings.
 #[derive(Debug, Clone, Deserialize)]
@@ -387,6 +397,7 @@ impl Settings {
             .set_default("worker.job_max_files", 4096)?
             .set_default("worker.job_max_processes", 4096)?
             .set_default("worker.work_dir", "")?
+            .set_default("worker.pass_env", DEFAULT_PASS_ENV)?
             .set_default("worker.metrics_bind", "0.0.0.0:9464")?
             .set_default("scheduler.relay_interval_ms", 500)?
             .set_default("scheduler.relay_grace_ms", 2000)?

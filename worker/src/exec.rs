@@ -84,7 +84,8 @@ pub struct CommandSpec<'a> {
     pub shell: &'a [String],
     /// The command text, passed as the shell's last argument.
     pub command: &'a str,
-    /// Extra environment.
+    /// The job's environment, after what the sandbox passes on of the
+    /// worker's (nothing else of the worker's reaches the job).
     pub env: &'a BTreeMap<String, String>,
     /// Kill after this long.
     pub timeout: Option<Duration>,
@@ -173,6 +174,12 @@ pub async fn run(spec: CommandSpec<'_>, cancel: CancellationToken) -> Outcome {
     }
     if let Some(dir) = spec.dir {
         cmd.current_dir(dir);
+    }
+    // Only what the sandbox passes on and the job's own variables: the
+    // worker's environment holds its credentials.
+    cmd.env_clear();
+    if let Some(s) = spec.sandbox {
+        cmd.envs(s.env.iter().map(|(k, v)| (k, v)));
     }
     cmd.args(args)
         .envs(spec.env)

@@ -13,7 +13,9 @@
 //! run; afterwards it is emptied and kept as a spare for a later run
 //! (renamed, not deleted and made again: see [`Sandbox::make_dir`]).
 
+use std::ffi::OsString;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -61,6 +63,40 @@ pub struct Sandbox {
     /// [`Sandbox::work_root`] as `.spare-*`, each ready to be renamed into
     /// the next run's.
     pub spares: Arc<std::sync::Mutex<Vec<PathBuf>>>,
+    /// The worker's environment variables every job inherits
+    /// (`worker.pass_env`), read once at start; a job's environment is
+    /// these, then its own.
+    pub env: Vec<(OsString, OsString)>,
+}
+
+/// Variables taskhost reads itself: its settings, credentials and keys.
+/// They never reach a job, whatever `worker.pass_env` lists.
+fn taskhost_own(name: &[u8]) -> bool {
+    name.starts_with(b"TASKHOST") || name == b"DATABASE_URL" || name == b"AMQP_URL"
+}
+
+/// The variables of `vars` that `pass` (names separated by spaces or
+/// commas, `NAME*` a prefix) lets a job inherit, in their order.
+pub fn passed_env(
+    pass: &str,
+    vars: impl IntoIterator<Item = (OsString, OsString)>,
+) -> Vec<(OsString, OsString)> {
+    let patterns: Vec<&str> = pass
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|p| !p.is_empty())
+        .collect();
+    let allowed = |name: &[u8]| {
+        patterns.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix.as_bytes()),
+            None => name == p.as_bytes(),
+        })
+    };
+    vars.into_iter()
+        .filter(|(name, _)| {
+            let name = name.as_bytes();
+            allowed(name) && !taskhost_own(name)
+        })
+        .collect()
 }
 
 /// Prefix of a spare working directory's name (a dot: `ls` leaves them
@@ -280,6 +316,7 @@ impl Sandbox {
             inherited,
             work_root,
             spares: Arc::default(),
+            env: passed_env(&w.pass_env, std::env::vars_os()),
         })
     }
 
@@ -316,8 +353,16 @@ impl Sandbox {
             .switcher
             .as_ref()
             .map_or_else(String::new, |s| format!(" (through {})", s.name()));
+        // Names only: the values may be anything.
+        let env = if self.env.is_empty() {
+            "nothing".to_owned()
+        } else {
+            let names: Vec<_> = self.env.iter().map(|(k, _)| k.to_string_lossy()).collect();
+            names.join(" ")
+        };
         format!(
-            "jobs run as {}{through} with {limits}, each in its own directory under {}",
+            "jobs run as {}{through} with {limits}, each in its own directory under {}, \
+             inheriting {env} of the worker's environment",
             self.user,
             self.work_root.display()
         )
@@ -560,7 +605,45 @@ mod tests {
             inherited: Vec::new(),
             work_root: std::env::temp_dir(),
             spares: Arc::default(),
+            env: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_job_inherits_only_the_listed_variables_and_never_taskhosts_own() {
+        let vars = [
+            ("PATH", "/usr/bin:/bin"),
+            ("LC_TIME", "de_DE.UTF-8"),
+            ("LC_ALL", "C.UTF-8"),
+            ("HOSTNAME", "box"),
+            ("WORKER_ONLY_SECRET", "hunter2"),
+            ("TASKHOST__DATABASE__URL", "postgres://u:pw@db/taskhost"),
+            ("TASKHOST_SECRETS_KEY", "c2VjcmV0"),
+            ("DATABASE_URL", "postgres://u:pw@db/taskhost"),
+            ("AMQP_URL", "amqp://guest:guest@mq"),
+            ("TOOL_HOME", "/opt/tool"),
+        ]
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+        let names = |pass: &str| -> Vec<String> {
+            passed_env(pass, vars.clone())
+                .into_iter()
+                .map(|(k, _)| k.to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(
+            names(taskhost_common::config::DEFAULT_PASS_ENV),
+            ["PATH", "LC_TIME", "LC_ALL"],
+            "the default: programs' path and the locale, nothing else"
+        );
+        assert_eq!(names("TOOL_HOME, PATH"), ["PATH", "TOOL_HOME"]);
+        assert!(
+            names("* TASKHOST__DATABASE__URL DATABASE_URL AMQP_URL TASKHOST*")
+                .iter()
+                .all(|n| !n.starts_with("TASKHOST") && n != "DATABASE_URL" && n != "AMQP_URL"),
+            "taskhost's own settings never reach a job, even when listed"
+        );
+        assert_eq!(names("*").len(), 6, "`*` passes everything else");
+        assert!(names("").is_empty());
     }
 
     #[test]

@@ -336,3 +336,79 @@ async fn a_jobs_or_tasks_own_limits_tighten_the_workers_and_never_loosen_them() 
     }
     env.cleanup().await;
 }
+
+/// A worker's environment holds its credentials (the database and broker
+/// URLs, the secrets key): a job sees only what `worker.pass_env` lets
+/// through, never a variable taskhost reads itself, plus its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_sees_only_the_passed_part_of_the_workers_environment() {
+    let mut env = TestEnv::new().await;
+    env.set_secrets_key(taskhost_testkit::TEST_SECRETS_KEY);
+    let api = env.start_api().await;
+    env.start_scheduler().await;
+    let name = format!("{}-env", env.prefix);
+    let _worker = taskhost_testkit::ChildGuard(env.spawn_binary(
+        env!("CARGO_BIN_EXE_taskhost"),
+        &["worker", "--node-name", &name],
+        &[
+            (
+                "TASKHOST__WORKER__PASS_ENV",
+                "PATH, TOOL_* TASKHOST* DATABASE_URL",
+            ),
+            ("TOOL_HOME", "/opt/tool"),
+            ("WORKER_ONLY_SECRET", "hunter2"),
+        ],
+    ));
+    env.wait_node(&name).await;
+    let key = env.key("alice", &[Role::TaskManager]).await;
+    let job = run_body(
+        &env,
+        &api,
+        &key,
+        &json!({"jobName": "env", "command": "env", "env": {"GREETING": "hi"}, "timeoutSeconds": 30}),
+    )
+    .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let out = job["output"].as_str().unwrap_or_default();
+    let names: Vec<&str> = out.lines().filter_map(|l| l.split('=').next()).collect();
+    for wanted in [
+        "PATH",
+        "TOOL_HOME",
+        "GREETING",
+        "HOME",
+        "TASKHOST_JOB_ID",
+        "TASKHOST_WORK_DIR",
+    ] {
+        assert!(names.contains(&wanted), "{wanted} is missing:\n{out}");
+    }
+    assert!(out.contains("TOOL_HOME=/opt/tool\n"), "{out}");
+    for leaked in [
+        "hunter2",
+        "someone:pw",
+        "TASKHOST__",
+        "DATABASE_URL",
+        taskhost_testkit::TEST_SECRETS_KEY,
+    ] {
+        assert!(!out.contains(leaked), "the job saw {leaked:?}:\n{out}");
+    }
+    let allowed = |n: &&str| {
+        [
+            "PATH",
+            "TOOL_HOME",
+            "GREETING",
+            "HOME",
+            "USER",
+            "PWD",
+            "SHLVL",
+            "_",
+            "OLDPWD",
+        ]
+        .contains(n)
+            || n.starts_with("TASKHOST_")
+    };
+    let unexpected: Vec<&&str> = names.iter().filter(|n| !allowed(n)).collect();
+    assert!(
+        unexpected.is_empty(),
+        "more than was passed: {unexpected:?}\n{out}"
+    );
+}
