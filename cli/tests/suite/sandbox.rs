@@ -382,11 +382,16 @@ async fn a_job_sees_only_the_passed_part_of_the_workers_environment() {
         assert!(names.contains(&wanted), "{wanted} is missing:\n{out}");
     }
     assert!(out.contains("TOOL_HOME=/opt/tool\n"), "{out}");
+    // The worker's database and broker URLs (DATABASE_URL, AMQP_URL), its
+    // settings (TASKHOST__*) and the secrets key.
+    let db_url = env.db_url();
     for leaked in [
         "hunter2",
-        "someone:pw",
+        db_url.as_str(),
+        taskhost_testkit::AMQP_URL,
         "TASKHOST__",
         "DATABASE_URL",
+        "AMQP_URL",
         taskhost_testkit::TEST_SECRETS_KEY,
     ] {
         assert!(!out.contains(leaked), "the job saw {leaked:?}:\n{out}");
