@@ -103,6 +103,7 @@ const BATCH_RUNNERS: usize = 2;
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let sandbox = sandbox::Sandbox::from_settings(&settings.worker)?;
     sandbox.apply_inherited()?;
+    sandbox::protect_worker_process()?;
     startup::check_services(&settings, "taskhost-worker start-up check").await?;
     let pool = db::pool(&settings.database).context("database.url")?;
     let node_name = settings.worker.node_name.clone();

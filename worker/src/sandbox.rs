@@ -99,6 +99,21 @@ pub fn passed_env(
         .collect()
 }
 
+/// Makes this process non-dumpable: its `/proc/<pid>` files (environ,
+/// mem, fds) become root's and no process of the same user may attach to
+/// it, so a job running as the worker's own user (a worker that is not
+/// root, as in the container image) cannot read the database and broker
+/// credentials or `secrets.key` out of it. Jobs are not affected: an exec
+/// makes a process dumpable again. It also means no core dumps of the
+/// worker.
+pub fn protect_worker_process() -> Result<(), StartupError> {
+    nix::sys::prctl::set_dumpable(false).map_err(|e| {
+        StartupError(format!(
+            "cannot make the worker process non-dumpable (its jobs could read it): {e}"
+        ))
+    })
+}
+
 /// Prefix of a spare working directory's name (a dot: `ls` leaves them
 /// out). The rest is this process's id and a count, so no two processes
 /// sharing a `worker.work_dir` name one alike.

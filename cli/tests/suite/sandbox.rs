@@ -417,3 +417,81 @@ async fn a_job_sees_only_the_passed_part_of_the_workers_environment() {
         "more than was passed: {unexpected:?}\n{out}"
     );
 }
+
+/// A worker that is not root (the container image's) runs jobs as its own
+/// user. Such a job must still not read the worker's credentials out of
+/// `/proc/<worker>/environ` (or its memory): the worker makes itself
+/// non-dumpable, so those files are root's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_running_as_the_workers_own_user_cannot_read_the_worker() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    // Needs root to start the worker as another user; CI runs as root.
+    if !is_root() {
+        eprintln!("skipped: starting a worker as another user needs root");
+        return;
+    }
+    let mut env = TestEnv::new().await;
+    env.set_secrets_key(taskhost_testkit::TEST_SECRETS_KEY);
+    let api = env.start_api().await;
+    env.start_scheduler().await;
+    let nobody = nix::unistd::User::from_name("nobody")
+        .expect("users")
+        .expect("a `nobody` user");
+    // The binary and a work dir where `nobody` can reach them.
+    let dir = std::env::temp_dir().join(format!("taskhost-test-{}-own", env.prefix));
+    std::fs::create_dir_all(&dir).expect("test dir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let bin = dir.join("taskhost");
+    std::fs::copy(env!("CARGO_BIN_EXE_taskhost"), &bin).expect("copy the binary");
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work).expect("work dir");
+    nix::unistd::chown(&work, Some(nobody.uid), Some(nobody.gid)).expect("chown");
+    let name = format!("{}-own", env.prefix);
+    let worker = taskhost_testkit::ChildGuard(
+        std::process::Command::new(&bin)
+            .args(["worker", "--node-name", &name])
+            .envs(env.env())
+            .env("TASKHOST__WORKER__WORK_DIR", &work)
+            .current_dir(&dir)
+            .uid(nobody.uid.as_raw())
+            .gid(nobody.gid.as_raw())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start a worker as nobody"),
+    );
+    env.wait_node(&name).await;
+    let pid = worker.0.id();
+    let key = env.key("alice", &[Role::TaskManager]).await;
+    let job = run_job(
+        &env,
+        &api,
+        &key,
+        &format!("id -u; stat -c %u /proc/{pid}/environ; cat /proc/{pid}/environ 2>&1; echo"),
+    )
+    .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let out = job["output"].as_str().unwrap_or_default();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[0],
+        nobody.uid.to_string(),
+        "the job runs as the worker's own user: {out}"
+    );
+    assert_eq!(lines[1], "0", "the worker's /proc files are root's: {out}");
+    assert!(out.contains("Permission denied"), "{out}");
+    let db_url = env.db_url();
+    for secret in [
+        db_url.as_str(),
+        taskhost_testkit::AMQP_URL,
+        taskhost_testkit::TEST_SECRETS_KEY,
+        "DATABASE_URL",
+    ] {
+        assert!(!out.contains(secret), "the job read {secret:?}:\n{out}");
+    }
+    drop(worker);
+    env.cleanup().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
