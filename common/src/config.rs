@@ -282,7 +282,7 @@ pub struct WorkerSettings {
     /// Names of the worker's environment variables a job inherits,
     /// separated by spaces or commas; `NAME*` matches a prefix. Nothing
     /// else of the worker's environment reaches a job, and never a variable
-    /// taskhost reads itself (`TASKHOST*`, `DATABASE_URL`, `AMQP_URL`),
+    /// taskhost reads itself (`TASKHOST*` and the [`BARE_ENV`] names),
     /// whatever this lists.
     pub pass_env: String,
     /// Where `taskhost worker` serves `/livez`, `/readyz` and `/metrics`
@@ -290,6 +290,23 @@ pub struct WorkerSettings {
     /// api serves the whole process's metrics.
     pub metrics_bind: String,
 }
+
+/// The variables without the `TASKHOST` prefix that settings are read
+/// from: (bare name, the specific one that wins over it, the setting).
+pub const BARE_ENV: [(&str, &str, &str); 4] = [
+    ("DATABASE_URL", "TASKHOST__DATABASE__URL", "database.url"),
+    ("AMQP_URL", "TASKHOST__AMQP__URL", "amqp.url"),
+    (
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "TASKHOST__TELEMETRY__OTLP_ENDPOINT",
+        "telemetry.otlp_endpoint",
+    ),
+    (
+        "OTEL_SERVICE_NAME",
+        "TASKHOST__TELEMETRY__SERVICE_NAME",
+        "telemetry.service_name",
+    ),
+];
 
 /// What a job inherits of the worker's environment by default
 /// (`worker.pass_env`): where to find programs, the locale and the zone.
@@ -438,20 +455,7 @@ impl Settings {
                 )),
         );
         // The bare names are honoured unless the specific one is set too.
-        for (bare, specific, key) in [
-            ("DATABASE_URL", "TASKHOST__DATABASE__URL", "database.url"),
-            ("AMQP_URL", "TASKHOST__AMQP__URL", "amqp.url"),
-            (
-                "OTEL_EXPORTER_OTLP_ENDPOINT",
-                "TASKHOST__TELEMETRY__OTLP_ENDPOINT",
-                "telemetry.otlp_endpoint",
-            ),
-            (
-                "OTEL_SERVICE_NAME",
-                "TASKHOST__TELEMETRY__SERVICE_NAME",
-                "telemetry.service_name",
-            ),
-        ] {
+        for (bare, specific, key) in BARE_ENV {
             if !env.contains_key(specific) {
                 builder = builder.set_override_option(key, env.get(bare).cloned())?;
             }

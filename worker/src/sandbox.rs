@@ -72,7 +72,10 @@ pub struct Sandbox {
 /// Variables taskhost reads itself: its settings, credentials and keys.
 /// They never reach a job, whatever `worker.pass_env` lists.
 fn taskhost_own(name: &[u8]) -> bool {
-    name.starts_with(b"TASKHOST") || name == b"DATABASE_URL" || name == b"AMQP_URL"
+    name.starts_with(b"TASKHOST")
+        || taskhost_common::config::BARE_ENV
+            .iter()
+            .any(|(bare, _, _)| name == bare.as_bytes())
 }
 
 /// The variables of `vars` that `pass` (names separated by spaces or
@@ -636,6 +639,7 @@ mod tests {
             ("TASKHOST_SECRETS_KEY", "c2VjcmV0"),
             ("DATABASE_URL", "postgres://u:pw@db/taskhost"),
             ("AMQP_URL", "amqp://guest:guest@mq"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
             ("TOOL_HOME", "/opt/tool"),
         ]
         .map(|(k, v)| (OsString::from(k), OsString::from(v)));
@@ -652,9 +656,11 @@ mod tests {
         );
         assert_eq!(names("TOOL_HOME, PATH"), ["PATH", "TOOL_HOME"]);
         assert!(
-            names("* TASKHOST__DATABASE__URL DATABASE_URL AMQP_URL TASKHOST*")
+            names("* TASKHOST__DATABASE__URL DATABASE_URL AMQP_URL OTEL_* TASKHOST*")
                 .iter()
-                .all(|n| !n.starts_with("TASKHOST") && n != "DATABASE_URL" && n != "AMQP_URL"),
+                .all(|n| !n.starts_with("TASKHOST")
+                    && !["DATABASE_URL", "AMQP_URL", "OTEL_EXPORTER_OTLP_ENDPOINT"]
+                        .contains(&n.as_str())),
             "taskhost's own settings never reach a job, even when listed"
         );
         assert_eq!(names("*").len(), 6, "`*` passes everything else");
