@@ -236,20 +236,16 @@ const PUBLISH_BATCH: usize = 256;
 impl PublishBatcher {
     /// Starts the batching task (it ends when every handle is dropped).
     pub fn spawn(pool: PgPool, publisher: std::sync::Arc<Publisher>) -> Self {
-        // One batch at a time, and never a failed batch retried request by
-        // request (that would publish its messages again): each request is
-        // answered with the batch's outcome.
         // Two batches may be out at once. A batch answers once the broker
-        // confirmed its messages; marking them `queued` happens after, off
-        // the answer's path (a lost mark only makes the relay publish the
-        // message again, which the claim absorbs). A failed batch is never
-        // retried request by request (that would publish its messages
-        // again): each request is answered with the batch's outcome.
-        // Their `job.queued` events travel in batches gathered across
-        // publish batches.
-        let sink = crate::events::EventSink::spawn(publisher.clone());
+        // confirmed its messages; marking them `queued` happens later, off
+        // the answer's path (see [`spawn_marker`]; a lost mark only makes
+        // the relay publish the message again, which the claim absorbs). A
+        // failed batch is never retried request by request (that would
+        // publish its messages again): each request is answered with the
+        // batch's outcome.
+        let marker = spawn_marker(pool, crate::events::EventSink::spawn(publisher.clone()));
         let inner = Batcher::spawn(PUBLISH_BATCH, 2, move |batch: Vec<PublishRequest>| {
-            let (pool, publisher, sink) = (pool.clone(), publisher.clone(), sink.clone());
+            let (publisher, marker) = (publisher.clone(), marker.clone());
             async move {
                 let groups: Vec<(&[OutboxMessage], &str)> = batch
                     .iter()
@@ -258,14 +254,9 @@ impl PublishBatcher {
                 let confirmed = publish_groups(&publisher, &groups).await;
                 let counts: Vec<Result<usize, String>> =
                     confirmed.iter().map(|(rows, _)| Ok(rows.len())).collect();
-                tokio::spawn(async move {
-                    match mark_groups(&pool, &confirmed).await {
-                        Ok(events) => sink.send_all(events),
-                        Err(error) => {
-                            tracing::warn!(%error, "marking published jobs failed; the relay will finish them");
-                        }
-                    }
-                });
+                // The marker outlives every batcher handle; a send after it
+                // stopped (shutdown) leaves the rows to the relay.
+                let _ = marker.send(confirmed);
                 Ok(counts)
             }
         });
@@ -290,6 +281,51 @@ impl PublishBatcher {
         };
         self.inner.call(request).await?
     }
+}
+
+/// How long after the broker's confirm published jobs are marked `queued`.
+/// A worker usually takes a job sooner and moves it from `pending` itself
+/// (docs/state_machine.md), so the mark then only records its outbox row as
+/// published: it no longer competes with the claim for the job's row lock
+/// (a claim that meets a locked row waits for it), and the job has no
+/// `queued` change row or event. A job still waiting is marked as before.
+const MARK_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
+/// Publish batches one mark takes at most.
+const MARK_MAX: usize = 64;
+
+/// Starts the task that marks confirmed outbox rows (and their jobs still
+/// `pending`) [`MARK_AFTER`] the first of them was confirmed, gathering
+/// every batch confirmed meanwhile into one transaction, and queues their
+/// `job.queued` events on `sink`. When every sender is gone it marks what
+/// it holds at once and ends; rows it never marks (a crash) are published
+/// again by the relay.
+fn spawn_marker(
+    pool: PgPool,
+    sink: crate::events::EventSink,
+) -> tokio::sync::mpsc::UnboundedSender<Vec<(Vec<OutboxMessage>, String)>> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<(Vec<OutboxMessage>, String)>>();
+    tokio::spawn(async move {
+        let mut batches = Vec::new();
+        while rx.recv_many(&mut batches, MARK_MAX).await > 0 {
+            let deadline = tokio::time::Instant::now() + MARK_AFTER;
+            while batches.len() < MARK_MAX {
+                let room = MARK_MAX - batches.len();
+                match tokio::time::timeout_at(deadline, rx.recv_many(&mut batches, room)).await {
+                    Ok(n) if n > 0 => {}
+                    _ => break, // the deadline, or every sender gone
+                }
+            }
+            let confirmed: Vec<(Vec<OutboxMessage>, String)> =
+                batches.drain(..).flatten().collect();
+            match mark_groups(&pool, &confirmed).await {
+                Ok(events) => sink.send_all(events),
+                Err(error) => {
+                    tracing::warn!(%error, "marking published jobs failed; the relay will finish them");
+                }
+            }
+        }
+    });
+    tx
 }
 
 /// Starts the batcher that accepts [`PlainJob`]s (the api and the queue

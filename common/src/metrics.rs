@@ -193,7 +193,7 @@ fn describe() {
     );
     describe_gauge!(
         "taskhost_outbox_pending",
-        "Outbox messages not yet confirmed by the broker."
+        "Outbox messages not yet marked published (confirmed ones are marked within 0.1 s)."
     );
 }
 

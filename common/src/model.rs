@@ -119,9 +119,11 @@ macro_rules! string_enum {
 string_enum! {
     /// Where a job is in its life; see docs/state_machine.md.
     JobStatus {
-        /// Accepted and committed, not yet confirmed by the broker.
+        /// Accepted and committed, its publish not yet marked (a worker may
+        /// already have its message and claims it from here).
         Pending = "pending",
-        /// Published to its work queue.
+        /// Published to its work queue and still waiting when the publish was
+        /// marked (0.1 s after the broker's confirm).
         Queued = "queued",
         /// Claimed by a worker.
         Running = "running",

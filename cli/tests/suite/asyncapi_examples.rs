@@ -402,6 +402,18 @@ async fn every_example_is_accepted_or_refused_as_documented() {
     // node's registration) are on it too.
     let api = env.start_api().await;
     env.start_scheduler().await;
+    // A job submitted before any worker runs waits on its queue and is
+    // marked `queued` (one taken at once goes from `pending` to `running`).
+    let early = env.key("early", &[Role::TaskManager]).await;
+    let (status, body) = submit(
+        &api,
+        &early,
+        &json!({"jobName": "waits", "command": "true"}),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    env.wait_status(job_id(&body), "queued", Duration::from_secs(10))
+        .await;
     // Group prod, role db: the nightlyExport example targets group prod.
     env.start_worker("w1", "prod", "db").await;
     let node = env.wait_node(&format!("{}-w1", env.prefix)).await;
@@ -493,7 +505,12 @@ async fn every_example_is_accepted_or_refused_as_documented() {
         .fetch_one(&env.pool)
         .await
         .expect("count jobs");
-    assert_eq!(jobs, submitted.len() as i64, "a refused message made a job");
+    // The examples' jobs and the one that waited for the worker.
+    assert_eq!(
+        jobs,
+        submitted.len() as i64 + 1,
+        "a refused message made a job"
+    );
 
     // --------------------------------------------------------- job.run.v1
     // A work message is taskhost's own (from a committed job's outbox row);

@@ -1015,6 +1015,73 @@ async fn submit_while_the_broker_is_down_is_relayed_later() {
     env.cleanup().await;
 }
 
+/// A worker usually takes a job before the api marks its publish (0.1 s
+/// after the broker's confirm) and claims it straight from `pending`; the
+/// mark must then still record the outbox row as published (or a relay
+/// would publish it again) and never move the job back. No scheduler runs
+/// here, so no relay can be what marked the row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_taken_before_its_publish_is_marked_runs_once_and_its_outbox_row_is_marked() {
+    let mut env = TestEnv::new().await;
+    let api = env.start_api().await;
+    env.start_worker("w1", "default", "worker").await;
+    let key = env.key("alice", &[Role::TaskManager]).await;
+
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        let body = json!({"jobName": format!("quick-{n}"), "command": format!("echo quick-{n}")});
+        ids.push(submit_ok(&api, &key, body).await);
+    }
+    for &id in &ids {
+        assert_eq!(
+            env.wait_terminal(id, Duration::from_secs(20)).await,
+            "succeeded"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let unpublished: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM outbox WHERE job_id = ANY($1) AND published_at IS NULL",
+        )
+        .bind(&ids)
+        .fetch_one(&env.pool)
+        .await
+        .expect("outbox");
+        if unpublished == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{unpublished} outbox rows of finished jobs still unpublished after 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut conn = env.pool.acquire().await.expect("connection");
+    let changes = changelog::read_since(&mut conn, Some("jobs"), 0, 1000)
+        .await
+        .expect("read changes");
+    drop(conn);
+    for &id in &ids {
+        let statuses: Vec<String> = changes
+            .iter()
+            .filter(|c| c.record_id == id.to_string() && c.action == "UPDATE")
+            .filter_map(|c| c.new_data.as_ref()?["status"].as_str().map(str::to_owned))
+            .collect();
+        assert!(
+            statuses == ["running", "succeeded"] || statuses == ["queued", "running", "succeeded"],
+            "job {id} moved {statuses:?}"
+        );
+        let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM task_history WHERE job_id = $1")
+            .bind(id)
+            .fetch_one(&env.pool)
+            .await
+            .expect("history");
+        assert_eq!(runs, 1, "job {id}: one history row");
+    }
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_of_a_killed_worker_is_finished_by_another() {
     let mut env = TestEnv::new().await;
