@@ -17,6 +17,31 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 type Reply<A> = oneshot::Sender<Result<A, String>>;
 
+/// Waits for an item on `rx`, then gathers into `buf` whatever else arrives
+/// within `linger` of it, up to `max` items in all. Returns how many it
+/// took: 0 only when every sender is gone and nothing was waiting (a
+/// lingering batch ends early, and is returned, when the senders go).
+pub async fn gather<T>(
+    rx: &mut mpsc::UnboundedReceiver<T>,
+    buf: &mut Vec<T>,
+    max: usize,
+    linger: std::time::Duration,
+) -> usize {
+    let start = buf.len();
+    if rx.recv_many(buf, max).await == 0 {
+        return 0;
+    }
+    let deadline = tokio::time::Instant::now() + linger;
+    while buf.len() - start < max {
+        let room = max - (buf.len() - start);
+        match tokio::time::timeout_at(deadline, rx.recv_many(buf, room)).await {
+            Ok(n) if n > 0 => {}
+            _ => break, // the deadline, or every sender gone
+        }
+    }
+    buf.len() - start
+}
+
 /// Batches requests of type `R` answered with `A`.
 pub struct Batcher<R, A> {
     tx: mpsc::Sender<(R, Reply<A>)>,

@@ -96,18 +96,10 @@ impl EventSink {
         let (tx, mut rx) = mpsc::unbounded_channel::<JobEvent>();
         tokio::spawn(async move {
             let mut batch = Vec::new();
-            while rx.recv_many(&mut batch, 4 * MAX_PER_MESSAGE).await > 0 {
-                // Whatever else happens within the linger joins this batch,
-                // so a steady stream costs a few messages a second per
-                // status, not one per burst of claims.
-                let deadline = tokio::time::Instant::now() + LINGER;
-                while batch.len() < 4 * MAX_PER_MESSAGE {
-                    let room = 4 * MAX_PER_MESSAGE - batch.len();
-                    match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
-                        Ok(n) if n > 0 => {}
-                        _ => break,
-                    }
-                }
+            // Whatever else happens within the linger joins a batch, so a
+            // steady stream costs a few messages a second per status, not
+            // one per burst of claims.
+            while crate::batch::gather(&mut rx, &mut batch, 4 * MAX_PER_MESSAGE, LINGER).await > 0 {
                 let out = messages(&batch);
                 if let Err(error) = publisher.publish_unconfirmed(&out).await {
                     tracing::debug!(%error, count = batch.len(), "job events not published");

@@ -306,15 +306,7 @@ fn spawn_marker(
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<(Vec<OutboxMessage>, String)>>();
     tokio::spawn(async move {
         let mut batches = Vec::new();
-        while rx.recv_many(&mut batches, MARK_MAX).await > 0 {
-            let deadline = tokio::time::Instant::now() + MARK_AFTER;
-            while batches.len() < MARK_MAX {
-                let room = MARK_MAX - batches.len();
-                match tokio::time::timeout_at(deadline, rx.recv_many(&mut batches, room)).await {
-                    Ok(n) if n > 0 => {}
-                    _ => break, // the deadline, or every sender gone
-                }
-            }
+        while crate::batch::gather(&mut rx, &mut batches, MARK_MAX, MARK_AFTER).await > 0 {
             let confirmed: Vec<(Vec<OutboxMessage>, String)> =
                 batches.drain(..).flatten().collect();
             match mark_groups(&pool, &confirmed).await {
