@@ -167,7 +167,7 @@ fn describe() {
     describe_gauge!(
         "taskhost_relay_lag_seconds",
         Unit::Seconds,
-        "Age of the oldest due outbox message not yet confirmed by the broker (0: none)."
+        "Age of the oldest due outbox message not yet marked published (0: none; confirmed ones are marked within 0.1 s)."
     );
     describe_counter!(
         "taskhost_relay_published_total",

@@ -249,6 +249,8 @@ async fn a_worker_and_a_scheduler_alone_serve_health_and_metrics() {
             && metric(t, "taskhost_dead_letters_total", &[("queue", "submit")]) == Some(1.0)
             // The change relay's cursor exists once it has passed once.
             && metric(t, "taskhost_change_feed_lag", &[("consumer", "events")]).is_some()
+            // The publisher marks confirmed jobs 0.1 s after the confirm.
+            && metric(t, "taskhost_outbox_pending", &[]) == Some(0.0)
     })
     .await;
     assert_eq!(
