@@ -80,7 +80,7 @@ fn taskhost_own(name: &[u8]) -> bool {
 
 /// The variables of `vars` that `pass` (names separated by spaces or
 /// commas, `NAME*` a prefix) lets a job inherit, in their order.
-pub fn passed_env(
+fn passed_env(
     pass: &str,
     vars: impl IntoIterator<Item = (OsString, OsString)>,
 ) -> Vec<(OsString, OsString)> {
