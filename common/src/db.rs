@@ -241,18 +241,21 @@ pub fn describe(error: &sqlx::Error) -> String {
     }
 }
 
-/// Lets the current transaction commit without waiting for its WAL to reach
-/// disk (`SET LOCAL synchronous_commit = off`). Only for transactions whose
-/// loss in a Postgres crash is harmless because what they record is
-/// recovered anyway: a claim (the message is not acked, so it is claimed
-/// again), marking an outbox row published (the relay publishes it again and
-/// the duplicate is absorbed), a heartbeat. Never for accepting a job or
-/// recording its end: those are answered (202) or acked right after.
-pub async fn no_fsync_wait(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("SET LOCAL synchronous_commit = off")
-        .execute(conn)
+/// Begins a transaction that commits without waiting for its WAL to reach
+/// disk (`SET LOCAL synchronous_commit = off`), sent with the `BEGIN` in
+/// one message, so it costs no round trip of its own. Only for
+/// transactions whose loss in a Postgres crash is harmless because what
+/// they record is recovered anyway: a claim (the message is not acked, so
+/// it is claimed again), marking an outbox row published (the relay
+/// publishes it again and the duplicate is absorbed), a heartbeat. Never
+/// for accepting a job or recording its end: those are answered (202) or
+/// acked right after. A transaction that comes to record one after all
+/// sets `synchronous_commit = on` before its commit.
+pub async fn begin_no_fsync_wait(
+    pool: &PgPool,
+) -> Result<sqlx::Transaction<'static, Postgres>, sqlx::Error> {
+    pool.begin_with("BEGIN; SET LOCAL synchronous_commit = off")
         .await
-        .map(|_| ())
 }
 
 #[cfg(test)]

@@ -104,10 +104,9 @@ async fn mark_groups(
     if confirmed.iter().all(|(rows, _)| rows.is_empty()) {
         return Ok(Vec::new());
     }
-    let mut tx = pool.begin().await?;
     // Losing this commit in a Postgres crash is harmless (see
-    // crate::db::no_fsync_wait), so it does not wait for the disk.
-    crate::db::no_fsync_wait(&mut tx).await?;
+    // crate::db::begin_no_fsync_wait), so it does not wait for the disk.
+    let mut tx = crate::db::begin_no_fsync_wait(pool).await?;
     let mut events = Vec::new();
     // One statement set per distinct author (usually one or a few).
     let mut authors: Vec<&str> = confirmed.iter().map(|(_, by)| by.as_str()).collect();
@@ -134,10 +133,9 @@ pub async fn relay_outbox(
     grace_ms: u64,
     batch: i64,
 ) -> Result<usize, sqlx::Error> {
-    let mut tx = pool.begin().await?;
     // Losing this commit in a Postgres crash is harmless (see
-    // crate::db::no_fsync_wait), so it does not wait for the disk.
-    crate::db::no_fsync_wait(&mut tx).await?;
+    // crate::db::begin_no_fsync_wait), so it does not wait for the disk.
+    let mut tx = crate::db::begin_no_fsync_wait(pool).await?;
     let rows: Vec<OutboxMessage> = sqlx::query_as(
         "SELECT outbox_id, exchange, routing_key, message_type, message_id, priority, payload::text AS payload, job_id,
                 traceparent

@@ -148,10 +148,9 @@ pub(crate) async fn heartbeat(
     node_name: &str,
     stats: &Value,
 ) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
     // Losing this commit in a Postgres crash is harmless (see
-    // db::no_fsync_wait), so it does not wait for the disk.
-    db::no_fsync_wait(&mut tx).await?;
+    // db::begin_no_fsync_wait), so it does not wait for the disk.
+    let mut tx = db::begin_no_fsync_wait(pool).await?;
     let revived: Option<(Value, Value)> = sqlx::query_as(
         "WITH old AS (SELECT node_id, is_active, to_jsonb(n.*) AS row FROM nodes n WHERE node_id = $1 FOR UPDATE)
          UPDATE nodes SET last_heartbeat = now(), stats = $2, is_active = true

@@ -220,14 +220,13 @@ fn decide(cur: &Current, own_stale: bool, c: &Claimer) -> Decision {
 
 /// Claims one job in its own transaction, waiting for its row if another
 /// transaction holds it. Losing this commit in a Postgres crash is harmless
-/// (see db::no_fsync_wait), so it does not wait for the disk.
+/// (see db::begin_no_fsync_wait), so it does not wait for the disk.
 pub async fn claim(
     pool: &PgPool,
     c: &Claimer,
     request: ClaimRequest,
 ) -> Result<ClaimResult, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    db::no_fsync_wait(&mut tx).await?;
+    let mut tx = db::begin_no_fsync_wait(pool).await?;
     // The columns a claim decides on (`Current`; `plan` reads the same
     // list), the row locked.
     let current: Option<Current> = sqlx::query_as!(

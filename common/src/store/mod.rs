@@ -90,7 +90,7 @@ pub type InlineRunner = dyn Fn(&Claimed) -> Finish + Send + Sync;
 /// the claims run at once and are recorded in the same transaction. The
 /// commit waits for the disk when it records any run's end (the worker
 /// acks right after); a transaction of claims alone does not (see
-/// [`db::no_fsync_wait`]). Returns one answer per step, in order.
+/// [`db::begin_no_fsync_wait`]). Returns one answer per step, in order.
 ///
 /// Locking: claimed rows are locked `SKIP LOCKED` (never waiting); then
 /// the schedule rows of every task run in the batch are locked at once in
@@ -124,13 +124,14 @@ pub async fn settle(
         let answer = claim(pool, c, *one).await?;
         return Ok(vec![StepResult::Claim(answer)]);
     }
-    let mut tx = pool.begin().await?;
     // The commit waits for the disk when it records any run's end: the
     // finishes asked for, or inline jobs the deliveries announce.
     let durable = !finishes.is_empty() || claims.iter().any(|c| c.inline_hint);
-    if !durable {
-        db::no_fsync_wait(&mut tx).await?;
-    }
+    let mut tx = if durable {
+        pool.begin().await?
+    } else {
+        db::begin_no_fsync_wait(pool).await?
+    };
     let mut plan = claim::plan(&mut tx, c, &claims).await?;
     // A redelivered copy of a job whose end this batch records must not
     // claim it in the same transaction: it asks again and finds it ended.
