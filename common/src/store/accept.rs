@@ -390,27 +390,82 @@ impl PlainJob {
     }
 }
 
-/// Accepts plain submissions together: one transaction with one INSERT of
-/// the job rows, one of their change rows and one of their outbox rows, so
-/// Postgres does per-batch rather than per-job work. Answers one
-/// [`Accepted`] per job, in order (`Duplicate` when the id exists).
+/// Accepts plain submissions together: one transaction with one statement
+/// inserting the job rows and their outbox rows, and one inserting their
+/// change rows, so Postgres does per-batch rather than per-job work.
+/// Answers one [`Accepted`] per job, in order (`Duplicate` when the id
+/// exists, or repeats an earlier one of the batch).
 pub async fn accept_batch(pool: &PgPool, jobs: &[PlainJob]) -> Result<Vec<Accepted>, sqlx::Error> {
+    // Each id once (a repeated id in one batch is a duplicate of its first).
+    let mut seen = std::collections::HashSet::new();
+    let unique: Vec<&PlainJob> = jobs.iter().filter(|j| seen.insert(j.job_id)).collect();
+    let ids: Vec<Uuid> = unique.iter().map(|j| j.job_id).collect();
+    let users: Vec<&str> = unique.iter().map(|j| j.user_id.as_str()).collect();
+    let spec = SpecColumns::of(unique.iter().map(|j| &j.spec));
+    let triggers: Vec<&str> = unique.iter().map(|j| j.triggered_by.as_str()).collect();
+    let keys: Vec<String> = unique.iter().map(|j| j.spec.target.routing_key()).collect();
+    let message_ids: Vec<String> = ids.iter().map(|id| format!("{id}:0")).collect();
+    // The work message without its `submitted_at`, which the statement
+    // sets from the row it inserts (the transaction's clock).
+    let payloads: Vec<Value> = unique
+        .iter()
+        .map(|j| {
+            let run = JobRun {
+                job_id: j.job_id,
+                attempt: 0,
+                command: j.spec.command.clone(),
+                execution_mode: j.spec.execution_mode,
+                timeout_seconds: j.spec.timeout_seconds,
+                env: j.spec.env.clone(),
+                priority: j.spec.priority,
+                submitted_at: DateTime::<Utc>::UNIX_EPOCH,
+            };
+            serde_json::to_value(run).unwrap_or(Value::Null)
+        })
+        .collect();
+    // With tracing off the array is empty: UNNEST pads it with NULLs.
+    let traceparents: Vec<Option<&str>> = if unique.iter().any(|j| j.traceparent.is_some()) {
+        unique.iter().map(|j| j.traceparent.as_deref()).collect()
+    } else {
+        Vec::new()
+    };
     let mut tx = pool.begin().await?;
-    let ids: Vec<Uuid> = jobs.iter().map(|j| j.job_id).collect();
-    let users: Vec<&str> = jobs.iter().map(|j| j.user_id.as_str()).collect();
-    let spec = SpecColumns::of(jobs.iter().map(|j| &j.spec));
-    let triggers: Vec<&str> = jobs.iter().map(|j| j.triggered_by.as_str()).collect();
-    let inserted: Vec<(Uuid, String, DateTime<Utc>)> = sqlx::query!(
-        r#"INSERT INTO jobs (job_id, user_id, job_name, command, description, execution_mode, status,
-                           target_node_id, target_node_group, target_node_role, fanout, priority,
-                           timeout_seconds, env, triggered_by, secret_env, limits)
-         SELECT id, u, n, c, d, m, 'pending', ni, ng, nr, 'one', p, t, e, tb, se, li
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                     $7::uuid[], $8::text[], $9::text[], $10::int2[], $11::int4[], $12::jsonb[],
-                     $13::text[], $14::text[], $15::jsonb[])
-              AS x(id, u, n, c, d, m, ni, ng, nr, p, t, e, tb, se, li)
-         ON CONFLICT DO NOTHING
-         RETURNING job_id, to_jsonb(jobs.*)::text AS "row!", submitted_at"#,
+    // The outbox rows are inserted from the job rows' RETURNING, so a job
+    // whose id existed (ON CONFLICT DO NOTHING) gets none; they draw their
+    // ids in the batch's order.
+    let inserted = sqlx::query!(
+        r#"WITH x AS (
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                  $6::text[], $7::uuid[], $8::text[], $9::text[], $10::int2[],
+                                  $11::int4[], $12::jsonb[], $13::text[], $14::text[], $15::jsonb[],
+                                  $16::text[], $17::text[], $18::jsonb[], $19::text[])
+                 WITH ORDINALITY
+                 AS x(id, u, n, c, d, m, ni, ng, nr, p, t, e, tb, se, li, rk, mid, pl, tp, ord)
+         ), ins AS (
+             INSERT INTO jobs (job_id, user_id, job_name, command, description, execution_mode, status,
+                               target_node_id, target_node_group, target_node_role, fanout, priority,
+                               timeout_seconds, env, triggered_by, secret_env, limits)
+             SELECT id, u, n, c, d, m, 'pending', ni, ng, nr, 'one', p, t, e, tb, se, li FROM x
+             ON CONFLICT DO NOTHING
+             RETURNING job_id, to_jsonb(jobs.*)::text AS row, submitted_at
+         ), ob AS (
+             INSERT INTO outbox (exchange, routing_key, message_type, message_id, priority, payload,
+                                 job_id, traceparent)
+             SELECT 'work', x.rk, $20, x.mid, x.p,
+                    jsonb_set(x.pl, '{submitted_at}',
+                              to_jsonb(to_char(ins.submitted_at AT TIME ZONE 'UTC',
+                                               'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'))),
+                    ins.job_id, x.tp
+             FROM ins JOIN x ON x.id = ins.job_id
+             ORDER BY x.ord
+             RETURNING outbox_id, exchange, routing_key, message_type, message_id, priority,
+                       payload::text AS payload, job_id, traceparent
+         )
+         SELECT ins.row AS "row!", ob.outbox_id AS "outbox_id!", ob.exchange AS "exchange!",
+                ob.routing_key AS "routing_key!", ob.message_type AS "message_type!",
+                ob.message_id AS "message_id!", ob.priority AS "priority!",
+                ob.payload AS "payload!", ob.job_id AS "job_id!", ob.traceparent
+         FROM ins JOIN ob ON ob.job_id = ins.job_id"#,
         &ids,
         &users as &[&str],
         &spec.names as &[&str],
@@ -426,20 +481,35 @@ pub async fn accept_batch(pool: &PgPool, jobs: &[PlainJob]) -> Result<Vec<Accept
         &triggers as &[&str],
         &spec.secret_envs as &[Option<&str>],
         &spec.limits as &[Option<Value>],
+        &keys,
+        &message_ids,
+        &payloads,
+        &traceparents as &[Option<&str>],
+        JOB_RUN_V1,
     )
-    .map(|r| (r.job_id, r.row, r.submitted_at))
+    .map(|r| {
+        let message = OutboxMessage {
+            outbox_id: r.outbox_id,
+            exchange: r.exchange,
+            routing_key: r.routing_key,
+            message_type: r.message_type,
+            message_id: r.message_id,
+            priority: r.priority,
+            payload: r.payload,
+            job_id: Some(r.job_id),
+            traceparent: r.traceparent,
+        };
+        (r.job_id, (r.row, message))
+    })
     .fetch_all(&mut *tx)
     .await?;
-    let by_id: std::collections::HashMap<Uuid, usize> = inserted
+    let mut inserted: std::collections::HashMap<Uuid, (String, OutboxMessage)> =
+        inserted.into_iter().collect();
+    // Change rows in the batch's order.
+    let fresh: Vec<&PlainJob> = unique
         .iter()
-        .enumerate()
-        .map(|(k, (id, _, _))| (*id, k))
-        .collect();
-    // Inserted rows, each once (a repeated id in one batch is a duplicate).
-    let mut seen = std::collections::HashSet::new();
-    let fresh: Vec<&PlainJob> = jobs
-        .iter()
-        .filter(|j| by_id.contains_key(&j.job_id) && seen.insert(j.job_id))
+        .copied()
+        .filter(|j| inserted.contains_key(&j.job_id))
         .collect();
     let changes: Vec<Change<'_>> = fresh
         .iter()
@@ -448,74 +518,26 @@ pub async fn accept_batch(pool: &PgPool, jobs: &[PlainJob]) -> Result<Vec<Accept
             record_id: j.job_id.to_string(),
             action: Action::Insert,
             old: None,
-            new: Some(&inserted[by_id[&j.job_id]].1),
+            new: Some(&inserted[&j.job_id].0),
             changed_by: &j.changed_by,
             node_id: None,
             reason: Some("submitted"),
         })
         .collect();
     changelog::record_many(&mut tx, &changes).await?;
-    let runs: Vec<JobRun> = fresh
-        .iter()
-        .map(|j| JobRun {
-            job_id: j.job_id,
-            attempt: 0,
-            command: j.spec.command.clone(),
-            execution_mode: j.spec.execution_mode,
-            timeout_seconds: j.spec.timeout_seconds,
-            env: j.spec.env.clone(),
-            priority: j.spec.priority,
-            submitted_at: inserted[by_id[&j.job_id]].2,
-        })
-        .collect();
-    let keys: Vec<String> = fresh.iter().map(|j| j.spec.target.routing_key()).collect();
-    let message_ids: Vec<String> = runs.iter().map(|r| format!("{}:0", r.job_id)).collect();
-    let payloads: Vec<Value> = runs
-        .iter()
-        .map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
-        .collect();
-    let run_ids: Vec<Uuid> = runs.iter().map(|r| r.job_id).collect();
-    let run_priorities: Vec<i16> = runs.iter().map(|r| r.priority).collect();
-    // With tracing off the array is empty: UNNEST pads it with NULLs.
-    let traceparents: Vec<Option<&str>> = if fresh.iter().any(|j| j.traceparent.is_some()) {
-        fresh.iter().map(|j| j.traceparent.as_deref()).collect()
-    } else {
-        Vec::new()
-    };
-    let outbox: Vec<OutboxMessage> = sqlx::query_as!(
-        OutboxMessage,
-        r#"INSERT INTO outbox (exchange, routing_key, message_type, message_id, priority, payload, job_id, traceparent)
-         SELECT 'work', rk, $2, mid, p, pl, j, tp
-         FROM UNNEST($1::text[], $3::text[], $4::int2[], $5::jsonb[], $6::uuid[], $7::text[])
-              AS x(rk, mid, p, pl, j, tp)
-         RETURNING outbox_id, exchange, routing_key, message_type, message_id, priority, payload::text AS "payload!", job_id, traceparent"#,
-        &keys,
-        JOB_RUN_V1,
-        &message_ids,
-        &run_priorities,
-        &payloads,
-        &run_ids,
-        &traceparents as &[Option<&str>],
-    )
-    .fetch_all(&mut *tx)
-    .await?;
     tx.commit().await?;
     for j in &fresh {
         crate::metrics::submitted(j.triggered_by.as_str(), 1);
     }
-    let mut outbox: std::collections::HashMap<Uuid, OutboxMessage> = outbox
-        .into_iter()
-        .filter_map(|m| m.job_id.map(|id| (id, m)))
-        .collect();
     Ok(jobs
         .iter()
-        .map(|j| match outbox.remove(&j.job_id) {
-            Some(message) if by_id.contains_key(&j.job_id) => Accepted::Created {
+        .map(|j| match inserted.remove(&j.job_id) {
+            Some((_, message)) => Accepted::Created {
                 job_ids: vec![j.job_id],
                 outbox: vec![message],
                 status: JobStatus::Pending,
             },
-            _ => Accepted::Duplicate { job_id: j.job_id },
+            None => Accepted::Duplicate { job_id: j.job_id },
         })
         .collect())
 }
