@@ -604,14 +604,30 @@ pub(super) async fn run_inline(
         .iter()
         .map(|(_, f)| f.status == JobStatus::Succeeded)
         .collect();
+    let done: Vec<(&Claimed, &super::Finish)> = ran.iter().map(|(c, f)| (c, f)).collect();
+    let h = super::finish::HistoryColumns::of(&done);
+    // The final history rows are inserted from the UPDATE's RETURNING, in
+    // the same statement.
     let new: Vec<(Uuid, String)> = sqlx::query!(
-        r#"UPDATE jobs SET status = v.status, attempt = v.attempt, claimed_by = $7,
-                status_reason = v.reason, exit_code = v.exit_code, success = v.success,
-                started_at = now(), completed_at = now(), claim_expiry = NULL, retry_at = NULL
-         FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::int4[], $6::bool[])
-              AS v(id, attempt, status, reason, exit_code, success)
-         WHERE jobs.job_id = v.id
-         RETURNING jobs.job_id, to_jsonb(jobs.*)::text AS "new!""#,
+        r#"WITH upd AS (
+             UPDATE jobs SET status = v.status, attempt = v.attempt, claimed_by = $7,
+                    status_reason = v.reason, exit_code = v.exit_code, success = v.success,
+                    started_at = now(), completed_at = now(), claim_expiry = NULL, retry_at = NULL
+             FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::int4[], $6::bool[])
+                  AS v(id, attempt, status, reason, exit_code, success)
+             WHERE jobs.job_id = v.id
+             RETURNING jobs.job_id, jobs.attempt, to_jsonb(jobs.*)::text AS new_row
+         ), hist AS (
+             INSERT INTO task_history (task_id, job_id, node_id, attempt, start_time, end_time, duration_ms,
+                                       state, is_final, exit_code, output, error, output_truncated, triggered_by)
+             SELECT h.t, h.j, $7, h.a, h.s, now(), h.d, h.st, true, h.e, h.o, h.er, h.tr, h.tb
+             FROM UNNEST($8::uuid[], $9::uuid[], $10::int4[], $11::timestamptz[], $12::int8[], $13::text[],
+                         $14::int4[], $15::bytea[], $16::bytea[], $17::bool[], $18::text[])
+                     WITH ORDINALITY AS h(t, j, a, s, d, st, e, o, er, tr, tb, ord)
+             JOIN upd ON upd.job_id = h.j AND upd.attempt = h.a
+             ORDER BY h.ord
+         )
+         SELECT job_id AS "job_id!", new_row AS "new!" FROM upd"#,
         &ids,
         &attempts,
         &statuses as &[JobStatus],
@@ -619,17 +635,22 @@ pub(super) async fn run_inline(
         &codes as &[Option<i32>],
         &successes,
         c.node_id,
+        &h.tasks as &[Option<Uuid>],
+        &h.jobs,
+        &h.attempts,
+        &h.starts,
+        &h.millis,
+        &h.states as &[&str],
+        &h.codes as &[Option<i32>],
+        &h.outputs as &[&[u8]],
+        &h.errors as &[&[u8]],
+        &h.truncated,
+        &h.triggers as &[&str],
     )
     .map(|r| (r.job_id, r.new))
     .fetch_all(&mut *tx)
     .await?;
     let new: HashMap<Uuid, String> = new.into_iter().collect();
-    super::finish::insert_final_history(
-        &mut *tx,
-        c.node_id,
-        &ran.iter().map(|(c, f)| (c, f)).collect::<Vec<_>>(),
-    )
-    .await?;
     let reasons: Vec<String> = ran
         .iter()
         .map(|(_, f)| format!("ran inline: {}", f.status))

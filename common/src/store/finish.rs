@@ -274,6 +274,13 @@ async fn finish_final(
         .iter()
         .map(|i| pick(i).fin.status == JobStatus::Succeeded)
         .collect();
+    let done_pairs: Vec<(&Claimed, &Finish)> = which
+        .iter()
+        .map(|i| (&pick(i).claimed, &pick(i).fin))
+        .collect();
+    let h = HistoryColumns::of(&done_pairs);
+    // The final history rows are inserted from the UPDATE's RETURNING, so
+    // a fenced attempt gets none.
     let changed: Vec<(Uuid, i32, String, String)> = sqlx::query!(
         r#"WITH v AS (
              SELECT * FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::int4[], $6::bool[])
@@ -287,18 +294,41 @@ async fn finish_final(
              WHERE j.status || '' = 'running'
              ORDER BY j.job_id
              FOR UPDATE OF j
+         ), upd AS (
+             UPDATE jobs SET status = v.status, status_reason = v.reason, exit_code = v.exit_code,
+                    success = v.success, completed_at = now(), claim_expiry = NULL, retry_at = NULL
+             FROM old JOIN v ON v.id = old.job_id AND v.attempt = old.attempt
+             WHERE jobs.job_id = old.job_id
+             RETURNING jobs.job_id, jobs.attempt, old.row AS old_row, to_jsonb(jobs.*)::text AS new_row
+         ), hist AS (
+             INSERT INTO task_history (task_id, job_id, node_id, attempt, start_time, end_time, duration_ms,
+                                       state, is_final, exit_code, output, error, output_truncated, triggered_by)
+             SELECT h.t, h.j, $7, h.a, h.s, now(), h.d, h.st, true, h.e, h.o, h.er, h.tr, h.tb
+             FROM UNNEST($8::uuid[], $9::uuid[], $10::int4[], $11::timestamptz[], $12::int8[], $13::text[],
+                         $14::int4[], $15::bytea[], $16::bytea[], $17::bool[], $18::text[])
+                     WITH ORDINALITY AS h(t, j, a, s, d, st, e, o, er, tr, tb, ord)
+             JOIN upd ON upd.job_id = h.j AND upd.attempt = h.a
+             ORDER BY h.ord
          )
-         UPDATE jobs SET status = v.status, status_reason = v.reason, exit_code = v.exit_code,
-                success = v.success, completed_at = now(), claim_expiry = NULL, retry_at = NULL
-         FROM old JOIN v ON v.id = old.job_id AND v.attempt = old.attempt
-         WHERE jobs.job_id = old.job_id
-         RETURNING jobs.job_id, jobs.attempt, old.row AS "old!", to_jsonb(jobs.*)::text AS "new!""#,
+         SELECT job_id AS "job_id!", attempt AS "attempt!", old_row AS "old!", new_row AS "new!" FROM upd"#,
         &ids,
         &attempts,
         &statuses as &[&str],
         &reasons as &[Option<&str>],
         &codes as &[Option<i32>],
         &successes,
+        node_id,
+        &h.tasks as &[Option<Uuid>],
+        &h.jobs,
+        &h.attempts,
+        &h.starts,
+        &h.millis,
+        &h.states as &[&str],
+        &h.codes as &[Option<i32>],
+        &h.outputs as &[&[u8]],
+        &h.errors as &[&[u8]],
+        &h.truncated,
+        &h.triggers as &[&str],
     )
     .map(|r| (r.job_id, r.attempt, r.old, r.new))
     .fetch_all(&mut *tx)
@@ -317,15 +347,6 @@ async fn finish_final(
         .map(pick)
         .filter(|r| written.contains_key(&key(r)))
         .collect();
-    insert_final_history(
-        &mut *tx,
-        node_id,
-        &done
-            .iter()
-            .map(|r| (&r.claimed, &r.fin))
-            .collect::<Vec<_>>(),
-    )
-    .await?;
     let changes: Vec<Change<'_>> = done
         .iter()
         .map(|r| {
@@ -379,50 +400,54 @@ async fn finish_final(
     Ok(done.iter().map(|r| key(r)).collect())
 }
 
-/// Inserts the final history rows of attempts that ended, with one
-/// statement.
-pub(super) async fn insert_final_history(
-    tx: &mut PgConnection,
-    node_id: Uuid,
-    done: &[(&Claimed, &Finish)],
-) -> Result<(), sqlx::Error> {
-    let h_task: Vec<Option<Uuid>> = done.iter().map(|(c, _)| c.task_id).collect();
-    let h_job: Vec<Uuid> = done.iter().map(|(c, _)| c.job_id).collect();
-    let h_attempt: Vec<i32> = done.iter().map(|(c, _)| c.attempt).collect();
-    let h_start: Vec<DateTime<Utc>> = done.iter().map(|(_, f)| f.started_at).collect();
-    let h_ms: Vec<i64> = done
-        .iter()
-        .map(|(_, f)| f.duration.as_millis() as i64)
-        .collect();
-    let h_state: Vec<&str> = done.iter().map(|(_, f)| f.status.as_str()).collect();
-    let h_code: Vec<Option<i32>> = done.iter().map(|(_, f)| f.exit_code).collect();
-    let h_out: Vec<&[u8]> = done.iter().map(|(_, f)| f.output.as_slice()).collect();
-    let h_err: Vec<&[u8]> = done.iter().map(|(_, f)| f.error.as_slice()).collect();
-    let h_trunc: Vec<bool> = done.iter().map(|(_, f)| f.truncated).collect();
-    let h_by: Vec<&str> = done.iter().map(|(c, _)| c.triggered_by.as_str()).collect();
-    sqlx::query!(
-        "INSERT INTO task_history (task_id, job_id, node_id, attempt, start_time, end_time, duration_ms,
-                                   state, is_final, exit_code, output, error, output_truncated, triggered_by)
-         SELECT t, j, $3, a, s, now(), d, st, true, e, o, er, tr, tb
-         FROM UNNEST($1::uuid[], $2::uuid[], $4::int4[], $5::timestamptz[], $6::int8[], $7::text[],
-                     $8::int4[], $9::bytea[], $10::bytea[], $11::bool[], $12::text[])
-             AS x(t, j, a, s, d, st, e, o, er, tr, tb)",
-        &h_task as &[Option<Uuid>],
-        &h_job,
-        node_id,
-        &h_attempt,
-        &h_start,
-        &h_ms,
-        &h_state as &[&str],
-        &h_code as &[Option<i32>],
-        &h_out as &[&[u8]],
-        &h_err as &[&[u8]],
-        &h_trunc,
-        &h_by as &[&str],
-    )
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
+/// The final history rows of attempts that ended, as arrays for the
+/// statement that records their ends (parameters `task_history` takes in
+/// [`finish_final`] and `claim::run_inline`).
+pub(super) struct HistoryColumns<'a> {
+    /// The tasks they ran for.
+    pub(super) tasks: Vec<Option<Uuid>>,
+    /// The jobs.
+    pub(super) jobs: Vec<Uuid>,
+    /// The attempts.
+    pub(super) attempts: Vec<i32>,
+    /// When each run started.
+    pub(super) starts: Vec<DateTime<Utc>>,
+    /// How long each ran, in milliseconds.
+    pub(super) millis: Vec<i64>,
+    /// How each ended.
+    pub(super) states: Vec<&'static str>,
+    /// Exit codes.
+    pub(super) codes: Vec<Option<i32>>,
+    /// Stdout, gzip-compressed.
+    pub(super) outputs: Vec<&'a [u8]>,
+    /// Stderr, gzip-compressed.
+    pub(super) errors: Vec<&'a [u8]>,
+    /// Whether output was cut at the cap.
+    pub(super) truncated: Vec<bool>,
+    /// What caused each job.
+    pub(super) triggers: Vec<&'static str>,
+}
+
+impl<'a> HistoryColumns<'a> {
+    /// The columns of `done`, in order.
+    pub(super) fn of(done: &[(&'a Claimed, &'a Finish)]) -> Self {
+        Self {
+            tasks: done.iter().map(|(c, _)| c.task_id).collect(),
+            jobs: done.iter().map(|(c, _)| c.job_id).collect(),
+            attempts: done.iter().map(|(c, _)| c.attempt).collect(),
+            starts: done.iter().map(|(_, f)| f.started_at).collect(),
+            millis: done
+                .iter()
+                .map(|(_, f)| f.duration.as_millis() as i64)
+                .collect(),
+            states: done.iter().map(|(_, f)| f.status.as_str()).collect(),
+            codes: done.iter().map(|(_, f)| f.exit_code).collect(),
+            outputs: done.iter().map(|(_, f)| f.output.as_slice()).collect(),
+            errors: done.iter().map(|(_, f)| f.error.as_slice()).collect(),
+            truncated: done.iter().map(|(_, f)| f.truncated).collect(),
+            triggers: done.iter().map(|(c, _)| c.triggered_by.as_str()).collect(),
+        }
+    }
 }
 
 /// Gives a claimed job back (the worker is shutting down before it ended):
