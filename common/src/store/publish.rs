@@ -23,15 +23,13 @@ pub async fn mark_queued(
         return Ok(Vec::new());
     }
     let ids: Vec<i64> = rows.iter().map(|r| r.outbox_id).collect();
-    sqlx::query!(
-        "UPDATE outbox SET published_at = now(), attempts = attempts + 1 WHERE outbox_id = ANY($1)",
-        &ids,
-    )
-    .execute(&mut *conn)
-    .await?;
     let job_ids: Vec<Uuid> = rows.iter().filter_map(|r| r.job_id).collect();
+    // One statement marks the outbox rows published and their jobs queued.
     let changed: Vec<(Uuid, i32, String, String)> = sqlx::query!(
-        r#"WITH old AS (
+        r#"WITH published AS (
+             UPDATE outbox SET published_at = now(), attempts = attempts + 1
+             WHERE outbox_id = ANY($2)
+         ), old AS (
              SELECT job_id, to_jsonb(j.*)::text AS row FROM jobs j
              WHERE job_id = ANY($1) AND status = 'pending'
              -- A locked row is being claimed by a worker, which moves it
@@ -43,6 +41,7 @@ pub async fn mark_queued(
          WHERE jobs.job_id = old.job_id
          RETURNING jobs.job_id, jobs.attempt, old.row AS "old!", to_jsonb(jobs.*)::text AS "new!""#,
         &job_ids,
+        &ids,
     )
     .map(|r| (r.job_id, r.attempt, r.old, r.new))
     .fetch_all(&mut *conn)
