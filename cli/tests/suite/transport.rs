@@ -756,7 +756,11 @@ async fn the_api_logs_no_authorization_header_even_at_trace() {
     let key = env.key("alice", &[Role::TaskManager]).await;
     let (status, body) = submit(&api, &key, &json!({"jobName": "logged", "command": "true"})).await;
     assert_eq!(status, 202, "{body}");
-    let wrong = format!("{}0", &key[..key.len() - 1]);
+    // The key with its last character changed (to one it is not: a key
+    // that ends in '0' would otherwise stay itself).
+    let last = if key.ends_with('0') { '1' } else { '0' };
+    let wrong = format!("{}{last}", &key[..key.len() - 1]);
+    assert_ne!(wrong, key);
     let (status, _) = get(&api, &wrong, "/jobs/results").await;
     assert_eq!(status, 401);
     let (status, _) = get(&api, "not-a-key-at-all", "/jobs/results").await;
