@@ -607,7 +607,8 @@ pub(super) async fn run_inline(
     let done: Vec<(&Claimed, &super::Finish)> = ran.iter().map(|(c, f)| (c, f)).collect();
     let h = super::finish::HistoryColumns::of(&done);
     // The final history rows are inserted from the UPDATE's RETURNING, in
-    // the same statement.
+    // the same statement; its `hist` part is finish_final's (a `query!`
+    // takes one literal, so the text is repeated; HistoryColumns is shared).
     let new: Vec<(Uuid, String)> = sqlx::query!(
         r#"WITH upd AS (
              UPDATE jobs SET status = v.status, attempt = v.attempt, claimed_by = $7,
