@@ -282,16 +282,7 @@ pub async fn accept_in(tx: &mut PgConnection, new: &NewJob<'_>) -> Result<Accept
                 Some(id) => format!("node.{id}"),
                 None => new.spec.target.routing_key(),
             };
-            let run = JobRun {
-                job_id,
-                attempt: 0,
-                command: new.spec.command.clone(),
-                execution_mode: new.spec.execution_mode,
-                timeout_seconds: new.spec.timeout_seconds,
-                env: new.spec.env.clone(),
-                priority: new.spec.priority,
-                submitted_at,
-            };
+            let run = first_run(job_id, new.spec, submitted_at);
             outbox.push(insert_outbox(tx, &routing_key, &run).await?);
         }
         job_ids.push(job_id);
@@ -301,6 +292,22 @@ pub async fn accept_in(tx: &mut PgConnection, new: &NewJob<'_>) -> Result<Accept
         outbox,
         status,
     })
+}
+
+/// The work message of a job's first attempt (attempt 0), as the outbox
+/// carries it. Shared by [`accept`], [`accept_batch`] and
+/// [`super::fire::fire_batch`].
+pub(super) fn first_run(job_id: Uuid, spec: &JobSpec, submitted_at: DateTime<Utc>) -> JobRun {
+    JobRun {
+        job_id,
+        attempt: 0,
+        command: spec.command.clone(),
+        execution_mode: spec.execution_mode,
+        timeout_seconds: spec.timeout_seconds,
+        env: spec.env.clone(),
+        priority: spec.priority,
+        submitted_at,
+    }
 }
 
 /// The columns a job takes from its [`JobSpec`], as arrays for one
@@ -410,16 +417,7 @@ pub async fn accept_batch(pool: &PgPool, jobs: &[PlainJob]) -> Result<Vec<Accept
     let payloads: Vec<Value> = unique
         .iter()
         .map(|j| {
-            let run = JobRun {
-                job_id: j.job_id,
-                attempt: 0,
-                command: j.spec.command.clone(),
-                execution_mode: j.spec.execution_mode,
-                timeout_seconds: j.spec.timeout_seconds,
-                env: j.spec.env.clone(),
-                priority: j.spec.priority,
-                submitted_at: DateTime::<Utc>::UNIX_EPOCH,
-            };
+            let run = first_run(j.job_id, &j.spec, DateTime::<Utc>::UNIX_EPOCH);
             serde_json::to_value(run).unwrap_or(Value::Null)
         })
         .collect();

@@ -17,9 +17,9 @@ use uuid::Uuid;
 
 use crate::changelog::{self, Action, Change};
 use crate::jobs::{OutboxMessage, TaskRun};
-use crate::messages::{JOB_RUN_V1, JobRun};
+use crate::messages::JOB_RUN_V1;
 use crate::model::{Fanout, JobSpec};
-use crate::store::accept::SpecColumns;
+use crate::store::accept::{SpecColumns, first_run};
 
 /// One fire time of a task, to become one job routed by the task's target.
 /// Only single-target tasks (`fanout` one) take this path; a fan-out to
@@ -124,16 +124,7 @@ pub async fn fire_batch(
     let payloads: Vec<Value> = fresh
         .iter()
         .map(|f| {
-            let run = JobRun {
-                job_id: f.job_id,
-                attempt: 0,
-                command: f.spec.command.clone(),
-                execution_mode: f.spec.execution_mode,
-                timeout_seconds: f.spec.timeout_seconds,
-                env: f.spec.env.clone(),
-                priority: f.spec.priority,
-                submitted_at: inserted[by_id[&f.job_id]].2,
-            };
+            let run = first_run(f.job_id, f.spec, inserted[by_id[&f.job_id]].2);
             serde_json::to_value(&run).unwrap_or(Value::Null)
         })
         .collect();
