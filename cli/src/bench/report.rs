@@ -64,6 +64,14 @@ impl Report {
         });
     }
 
+    /// A figure's value by key, if it was added and measured.
+    pub(crate) fn value(&self, key: &str) -> Option<f64> {
+        self.figures
+            .iter()
+            .find(|f| f.key == key)
+            .and_then(|f| f.value)
+    }
+
     /// A probed limit by key, if probed.
     pub(crate) fn limit(&self, key: &str) -> Option<f64> {
         self.limits.iter().find(|l| l.key == key).map(|l| l.value)

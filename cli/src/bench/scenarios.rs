@@ -64,6 +64,11 @@ struct Run<'a> {
     key: String,
     /// CPU use of the scenario's measured phase, with the jobs it ran.
     cpu: Option<(CpuUse, usize)>,
+    /// The machine's busy share over the window the scenario's rate is
+    /// measured in, where that is shorter than the CPU's phase (`http
+    /// --no-workers`: its rate is the submit phase's, while its CPU phase
+    /// runs on until the last job is marked queued).
+    rate_busy: Option<f64>,
 }
 
 /// Runs the probes, then the scenario; returns the report.
@@ -150,6 +155,7 @@ pub(super) async fn run(env: &mut TestEnv, args: &BenchArgs) -> anyhow::Result<R
         report,
         key,
         cpu: None,
+        rate_busy: None,
     };
     let meter = Meter::start(&run.env.db_name, &run.env.names()).await?;
     let jobs = match args.scenario {
@@ -327,6 +333,9 @@ impl Run<'_> {
         }
         let cpu = CpuSnap::take();
         let sub = submit_closed(&api, &self.key, self.args, n, "http").await?;
+        if self.args.no_workers {
+            self.rate_busy = Some(cpu.until(&CpuSnap::take()).busy_share);
+        }
         let (sql, what) = if self.args.no_workers {
             (QUEUED, "queued")
         } else {
@@ -710,6 +719,10 @@ impl Run<'_> {
         );
     }
 
+    /// Busy share of the machine's CPU (%) from which a run counts as held
+    /// by the CPU rather than by waiting.
+    const CPU_BOUND_PCT: f64 = 85.0;
+
     /// Where the CPU went in the measured phase, per job, and the rate the
     /// machine's cores would allow at that cost: when the machine was near
     /// fully busy, the CPU is the ceiling and these say who spends it.
@@ -766,6 +779,25 @@ impl Run<'_> {
             "jobs/s",
             format!("{total_ms:.3} ms CPU/job in all"),
             "",
+        );
+        // The scenario's own rate against that ceiling, and whether the CPU
+        // is what held it there (a machine with idle cores was held by
+        // something else: batches waiting on round trips, too few slots).
+        let rate = r
+            .value("jobs_per_sec")
+            .or_else(|| r.value("accepted_per_sec"));
+        let busy = self.rate_busy.unwrap_or(u.busy_share) * 100.0;
+        r.add_full(
+            "cpu_ceiling_share_pct",
+            "reached (rate ÷ CPU ceiling)",
+            rate.zip(ceiling).map(|(rate, c)| rate / c * 100.0),
+            "%",
+            if busy >= Self::CPU_BOUND_PCT {
+                format!("the CPU sets the ceiling ({busy:.0} % busy)")
+            } else {
+                format!("not CPU-bound ({busy:.0} % busy)")
+            },
+            "≥ 70 % where a target is out of reach",
         );
         r.notes.push(
             "CPU figures cover the measured phase (burn: workers start → last \

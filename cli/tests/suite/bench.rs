@@ -34,6 +34,16 @@ fn burn_runs_every_job() {
     assert!(figure(&v, "pg_xacts_per_job") > 0.0, "{v}");
     assert!(figure(&v, "work_msgs_per_job") >= 1.0, "{v}");
     assert!(v["targets"]["jobs_per_sec"].is_string(), "{v}");
+    // The run's rate beside the CPU ceiling its costs allow, and whether
+    // the CPU was what held it.
+    let ceiling = figure(&v, "cpu_ceiling_jobs_per_sec");
+    let share = figure(&v, "cpu_ceiling_share_pct");
+    let rate = figure(&v, "jobs_per_sec");
+    assert!((share - rate / ceiling * 100.0).abs() < 1e-6, "{v}");
+    let held = v["limit_notes"]["cpu_ceiling_share_pct"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(held.ends_with("% busy)"), "{v}");
 }
 
 #[test]
