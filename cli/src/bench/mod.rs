@@ -9,6 +9,7 @@ mod meter;
 mod probes;
 mod report;
 mod scenarios;
+mod suite;
 
 use std::panic::AssertUnwindSafe;
 use std::process::ExitCode;
@@ -33,6 +34,10 @@ pub(crate) enum Scenario {
     Latency,
     /// K every-second cron tasks; fire lateness, missed and doubled fires.
     Schedule,
+    /// Every scenario of the README's Performance list, one after another,
+    /// as one Markdown table beside the targets (`--readme FILE` writes it
+    /// into FILE).
+    Suite,
 }
 
 impl Scenario {
@@ -43,6 +48,7 @@ impl Scenario {
             Scenario::Queue => "queue",
             Scenario::Latency => "latency",
             Scenario::Schedule => "schedule",
+            Scenario::Suite => "suite",
         }
     }
 }
@@ -120,6 +126,14 @@ pub(crate) struct BenchArgs {
     /// schedule: scheduler instances.
     #[arg(long, default_value_t = 2)]
     pub(crate) schedulers: usize,
+    /// suite: write the table into this file, between its
+    /// `<!-- bench suite: begin … -->` and `<!-- bench suite: end -->` lines.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) readme: Option<std::path::PathBuf>,
+    /// suite: small sizes (100 jobs, 3 s runs, 10 tasks for 5 s), to check that
+    /// every run works, not to measure.
+    #[arg(long)]
+    pub(crate) quick: bool,
 }
 
 impl BenchArgs {
@@ -141,7 +155,7 @@ impl BenchArgs {
     }
 }
 
-/// Runs the bench and always cleans up its database and broker objects.
+/// Runs the bench (or, for `suite`, every scenario of the README's list).
 pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     telemetry::init(&LogSettings {
         format: LogFormat::Human,
@@ -149,6 +163,27 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         // warns about the slow DROP DATABASE; RUST_LOG shows them again.
         level: std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,lapin=off,sqlx=error".into()),
     });
+    if args.scenario == Scenario::Suite {
+        suite::run(&args).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.readme.is_some() || args.quick {
+        return Err(anyhow!(
+            "--readme and --quick belong to `taskhost bench suite`"
+        ));
+    }
+    let report = run_one(&args).await?;
+    if args.json {
+        outln!("{}", report.to_json());
+    } else {
+        report.print_table();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs one scenario on its own database and prefix, and always cleans
+/// them up.
+async fn run_one(args: &BenchArgs) -> anyhow::Result<report::Report> {
     // TestEnv::new panics when Postgres is unreachable; keep that an error.
     let mut env = match tokio::spawn(TestEnv::new()).await {
         Ok(env) => env,
@@ -159,7 +194,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         env.db_name, env.prefix
     );
     let outcome = {
-        let fut = AssertUnwindSafe(scenarios::run(&mut env, &args)).catch_unwind();
+        let fut = AssertUnwindSafe(scenarios::run(&mut env, args)).catch_unwind();
         tokio::select! {
             r = fut => match r {
                 Ok(r) => r,
@@ -173,13 +208,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         env.db_name, env.prefix
     );
     env.cleanup().await;
-    let report = outcome?;
-    if args.json {
-        outln!("{}", report.to_json());
-    } else {
-        report.print_table();
-    }
-    Ok(ExitCode::SUCCESS)
+    outcome
 }
 
 fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {

@@ -72,6 +72,14 @@ impl Report {
             .and_then(|f| f.value)
     }
 
+    /// A figure's limit text by key, if it was added with one.
+    pub(crate) fn limit_note(&self, key: &str) -> Option<&str> {
+        self.figures
+            .iter()
+            .find(|f| f.key == key && !f.limit.is_empty())
+            .map(|f| f.limit.as_str())
+    }
+
     /// A probed limit by key, if probed.
     pub(crate) fn limit(&self, key: &str) -> Option<f64> {
         self.limits.iter().find(|l| l.key == key).map(|l| l.value)

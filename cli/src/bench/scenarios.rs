@@ -164,6 +164,7 @@ pub(super) async fn run(env: &mut TestEnv, args: &BenchArgs) -> anyhow::Result<R
         Scenario::Queue => run.queue().await?,
         Scenario::Latency => run.latency().await?,
         Scenario::Schedule => run.schedule().await?,
+        Scenario::Suite => anyhow::bail!("the suite runs the other scenarios; it is not one"),
     };
     // Stop every service and close the bench's pool so all statistics are
     // flushed, then read the costs.

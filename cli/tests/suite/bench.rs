@@ -68,3 +68,101 @@ fn schedule_fires_tasks() {
     assert_eq!(figure(&v, "doubled"), 0.0, "{v}");
     figure(&v, "lateness_p99_ms");
 }
+
+#[test]
+fn suite_runs_every_scenario_and_writes_its_table_into_the_readme() {
+    let dir = std::env::temp_dir().join(format!("taskhost-suite-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let readme = dir.join("README.md");
+    let begin = "<!-- bench suite: begin (written by `taskhost bench suite --readme`) -->";
+    let end = "<!-- bench suite: end -->";
+    std::fs::write(
+        &readme,
+        format!("# Notes\nkept above\n{begin}\nan old table\n{end}\nkept below\n"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_taskhost"))
+        .args(["bench", "suite", "--quick", "--skip-probes", "--readme"])
+        .arg(&readme)
+        .output()
+        .expect("run taskhost bench suite");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench suite failed:\n{stderr}");
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    let written = std::fs::read_to_string(&readme).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    // What it printed is what it wrote, between the markers; the rest of
+    // the file is as it was.
+    assert!(
+        written.starts_with(&format!("# Notes\nkept above\n{begin}\n")),
+        "{written}"
+    );
+    assert!(
+        written.ends_with(&format!("\n{end}\nkept below\n")),
+        "{written}"
+    );
+    assert!(!written.contains("an old table"), "{written}");
+    assert!(
+        written.contains(table.trim_end()),
+        "{written}\n---\n{table}"
+    );
+
+    // One run per command of the README's list, each with its figures.
+    let row = |cmd: &str| -> Vec<String> {
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{cmd}` |")))
+            .unwrap_or_else(|| panic!("no row for `{cmd}`:\n{table}"));
+        line.trim()
+            .trim_matches('|')
+            .split('|')
+            .map(|c| c.trim().to_owned())
+            .collect()
+    };
+    for cmd in [
+        "burn",
+        "burn --prefetch 1000 --jobs 10000",
+        "burn --mode pool --command 'echo job-{n}'",
+        "burn --mode pool --slots 256 --prefetch 1000 --command 'echo job-{n}'",
+        "http --no-workers",
+        "http --prefetch 256",
+        "queue --prefetch 256",
+        "latency --prefetch 256",
+        "schedule --tasks 1000",
+    ] {
+        let cells = row(cmd);
+        // measured, then the CPU ceiling and the share of it reached.
+        let measured: f64 = cells[2]
+            .split(' ')
+            .next()
+            .unwrap()
+            .replace(',', "")
+            .parse()
+            .unwrap_or_else(|e| panic!("`{cmd}` measured {:?}: {e}\n{table}", cells[2]));
+        assert!(measured >= 0.0, "{table}");
+        assert_eq!(cells.len(), 11, "`{cmd}`: {cells:?}");
+        if cmd.starts_with("schedule") {
+            // The schedule run has no jobs of its own to divide the CPU by.
+            assert_eq!(cells[7], "–", "{table}");
+        } else {
+            assert!(
+                cells[7].ends_with("jobs/s"),
+                "`{cmd}` ceiling {:?}\n{table}",
+                cells[7]
+            );
+            assert!(
+                cells[8].ends_with('%'),
+                "`{cmd}` reached {:?}\n{table}",
+                cells[8]
+            );
+        }
+    }
+    assert_eq!(row("burn")[3], "≥ 8,000");
+    // A fire time firing twice is a bug on any machine.
+    let twice = table
+        .lines()
+        .find(|l| l.contains("| fired twice |"))
+        .unwrap_or_else(|| panic!("no fired-twice row:\n{table}"));
+    assert!(twice.contains("| 0 | ≤ 0 | yes |"), "{twice}");
+}

@@ -1,0 +1,492 @@
+//! `taskhost bench suite`: every scenario of the README's Performance
+//! section, one after another on this machine, rendered as one Markdown
+//! table of each run's figures beside the issue's targets and, where a
+//! target is not met, what held the run (the CPU ceiling and the share of
+//! it reached). `--readme FILE` writes that table into FILE between
+//! [`BEGIN`] and [`END`], so the README's table is the bench's own output.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+
+use super::report::Report;
+use super::{BenchArgs, Mode, Scenario, probes};
+
+/// The line that opens the generated part of a README.
+pub(crate) const BEGIN: &str =
+    "<!-- bench suite: begin (written by `taskhost bench suite --readme`) -->";
+/// The line that closes it.
+pub(crate) const END: &str = "<!-- bench suite: end -->";
+
+/// Which way a target bounds its figure.
+#[derive(Debug, Clone, Copy)]
+enum Bound {
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+impl Bound {
+    fn met(self, v: f64) -> bool {
+        match self {
+            Bound::AtLeast(t) => v >= t,
+            Bound::AtMost(t) => v <= t,
+        }
+    }
+
+    fn text(self, unit: &str) -> String {
+        let (op, t) = match self {
+            Bound::AtLeast(t) => ("≥", t),
+            Bound::AtMost(t) => ("≤", t),
+        };
+        let unit = if unit.is_empty() {
+            String::new()
+        } else {
+            format!(" {unit}")
+        };
+        format!("{op} {}{unit}", thousands(t))
+    }
+}
+
+/// A figure of a run shown in the table, with its target if it has one.
+struct Shown {
+    key: &'static str,
+    label: &'static str,
+    unit: &'static str,
+    target: Option<Bound>,
+}
+
+const fn shown(
+    key: &'static str,
+    label: &'static str,
+    unit: &'static str,
+    target: Option<Bound>,
+) -> Shown {
+    Shown {
+        key,
+        label,
+        unit,
+        target,
+    }
+}
+
+/// One run of the suite: the command a reader would type, the arguments it
+/// stands for, and the figures shown.
+struct Entry {
+    command: &'static str,
+    args: fn(&mut BenchArgs),
+    shown: &'static [Shown],
+}
+
+const SHELL: &str = "echo job-{n}";
+
+/// The README's list, in its order.
+const ENTRIES: &[Entry] = &[
+    Entry {
+        command: "burn",
+        args: |_| {},
+        shown: &[shown(
+            "jobs_per_sec",
+            "jobs/s",
+            "",
+            Some(Bound::AtLeast(8000.0)),
+        )],
+    },
+    Entry {
+        command: "burn --prefetch 1000 --jobs 10000",
+        args: |a| {
+            a.prefetch = 1000;
+            a.jobs = 10_000;
+        },
+        shown: &[shown(
+            "jobs_per_sec",
+            "jobs/s",
+            "",
+            Some(Bound::AtLeast(8000.0)),
+        )],
+    },
+    Entry {
+        command: "burn --mode pool --command 'echo job-{n}'",
+        args: |a| {
+            a.mode = Mode::Pool;
+            a.command = Some(SHELL.into());
+        },
+        shown: &[shown(
+            "jobs_per_sec",
+            "jobs/s",
+            "",
+            Some(Bound::AtLeast(1800.0)),
+        )],
+    },
+    Entry {
+        command: "burn --mode pool --slots 256 --prefetch 1000 --command 'echo job-{n}'",
+        args: |a| {
+            a.mode = Mode::Pool;
+            a.command = Some(SHELL.into());
+            a.slots = 256;
+            a.prefetch = 1000;
+        },
+        shown: &[shown(
+            "jobs_per_sec",
+            "jobs/s",
+            "",
+            Some(Bound::AtLeast(1800.0)),
+        )],
+    },
+    Entry {
+        command: "http --no-workers",
+        args: |a| {
+            a.scenario = Scenario::Http;
+            a.no_workers = true;
+        },
+        shown: &[shown(
+            "accepted_per_sec",
+            "accepted/s",
+            "",
+            Some(Bound::AtLeast(10_000.0)),
+        )],
+    },
+    Entry {
+        command: "http --prefetch 256",
+        args: |a| {
+            a.scenario = Scenario::Http;
+            a.prefetch = 256;
+        },
+        shown: &[
+            shown(
+                "jobs_per_sec",
+                "jobs/s end to end",
+                "",
+                Some(Bound::AtLeast(5000.0)),
+            ),
+            shown("accepted_per_sec", "accepted/s", "", None),
+        ],
+    },
+    Entry {
+        command: "queue --prefetch 256",
+        args: |a| {
+            a.scenario = Scenario::Queue;
+            a.prefetch = 256;
+        },
+        shown: &[shown("jobs_per_sec", "jobs/s end to end", "", None)],
+    },
+    Entry {
+        command: "latency --prefetch 256",
+        args: |a| {
+            a.scenario = Scenario::Latency;
+            a.prefetch = 256;
+        },
+        shown: &[
+            shown(
+                "submit_to_start_p50_ms",
+                "submit→start p50",
+                "ms",
+                Some(Bound::AtMost(2.0)),
+            ),
+            shown(
+                "submit_to_start_p99_ms",
+                "submit→start p99",
+                "ms",
+                Some(Bound::AtMost(10.0)),
+            ),
+            shown("jobs_per_sec", "jobs/s done", "", None),
+        ],
+    },
+    Entry {
+        command: "schedule --tasks 1000",
+        args: |a| {
+            a.scenario = Scenario::Schedule;
+            a.tasks = 1000;
+        },
+        shown: &[
+            shown(
+                "lateness_p99_ms",
+                "fire lateness p99",
+                "ms",
+                Some(Bound::AtMost(20.0)),
+            ),
+            shown("missed", "fire times missed", "", Some(Bound::AtMost(0.0))),
+            shown("doubled", "fired twice", "", Some(Bound::AtMost(0.0))),
+        ],
+    },
+];
+
+/// The arguments of entry `e`: the suite's own (`--workers`, `--db-connections`
+/// and the like pass through), the entry's overrides, and with `--quick`
+/// sizes small enough for a test (schedule needs 5 s: its window drops 2 s at each end).
+fn entry_args(base: &BenchArgs, e: &Entry, probe: bool) -> BenchArgs {
+    let mut a = base.clone();
+    a.scenario = Scenario::Burn;
+    a.json = true;
+    a.readme = None;
+    a.skip_probes = !probe;
+    (e.args)(&mut a);
+    if base.quick {
+        a.jobs = 100;
+        a.rate = 100.0;
+        a.seconds = Some(if a.scenario == Scenario::Schedule {
+            5
+        } else {
+            3
+        });
+        a.tasks = 10;
+    }
+    a
+}
+
+/// Runs every entry (the machine is probed with the first), prints the
+/// table (or, with `--json`, every report), and writes it into `--readme`.
+pub(crate) async fn run(base: &BenchArgs) -> anyhow::Result<()> {
+    if let Some(path) = &base.readme {
+        // Fail before minutes of runs, not after.
+        splice(
+            &std::fs::read_to_string(path).with_context(|| path.display().to_string())?,
+            "",
+        )
+        .with_context(|| path.display().to_string())?;
+    }
+    let mut reports = Vec::new();
+    for (i, e) in ENTRIES.iter().enumerate() {
+        eprintln!(
+            "suite: {}/{}: taskhost bench {}",
+            i + 1,
+            ENTRIES.len(),
+            e.command
+        );
+        let args = entry_args(base, e, i == 0 && !base.skip_probes);
+        reports.push(super::run_one(&args).await?);
+    }
+    let today = chrono::Utc::now().date_naive();
+    let table = render(&reports, &today.to_string(), base.quick);
+    if base.json {
+        let all: Vec<_> = reports.iter().map(Report::to_json).collect();
+        outln!("{}", serde_json::Value::Array(all));
+    } else {
+        outln!("{table}");
+    }
+    if let Some(path) = &base.readme {
+        write_into(path, &table)?;
+        eprintln!("suite: the table is written into {}", path.display());
+    }
+    Ok(())
+}
+
+fn write_into(path: &Path, table: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    let out = splice(&text, table).with_context(|| path.display().to_string())?;
+    std::fs::write(path, out).with_context(|| path.display().to_string())
+}
+
+/// `text` with what lies between its [`BEGIN`] and [`END`] lines replaced
+/// by `table`; everything outside them stays as it was.
+fn splice(text: &str, table: &str) -> anyhow::Result<String> {
+    let (Some(b), Some(e)) = (text.find(BEGIN), text.find(END)) else {
+        bail!("no generated section: add the line\n{BEGIN}\nand below it the line\n{END}");
+    };
+    if e < b {
+        bail!("its end marker comes before its begin marker");
+    }
+    let body_start = b + BEGIN.len();
+    let mut out = String::with_capacity(text.len() + table.len());
+    out.push_str(&text[..body_start]);
+    out.push('\n');
+    out.push_str(table.trim_end());
+    out.push('\n');
+    out.push_str(&text[e..]);
+    Ok(out)
+}
+
+/// 12345.6 → "12,346"; values under 100 keep up to two decimals.
+fn thousands(v: f64) -> String {
+    if v.abs() < 100.0 && v.fract() != 0.0 {
+        return format!("{v:.2}")
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_owned();
+    }
+    let digits = format!("{:.0}", v.abs());
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if v < 0.0 { format!("-{out}") } else { out }
+}
+
+fn value(r: &Report, key: &str) -> Option<f64> {
+    r.value(key)
+}
+
+fn cell(v: Option<f64>, unit: &str) -> String {
+    match (v, unit.is_empty()) {
+        (None, _) => "–".into(),
+        (Some(v), true) => thousands(v),
+        (Some(v), false) => format!("{} {unit}", thousands(v)),
+    }
+}
+
+/// The Markdown: the machine's probed limits, then one row per figure
+/// shown, with the run's CPU picture on its first row.
+fn render(reports: &[Report], day: &str, quick: bool) -> String {
+    let mut s = String::new();
+    let lim = |k: &str| {
+        reports
+            .iter()
+            .find_map(|r| r.limit(k))
+            .map_or_else(|| "–".into(), thousands)
+    };
+    let probed = reports.iter().any(|r| r.limit(probes::CPUS).is_some());
+    let machine = if probed {
+        format!(
+            "This machine: {} cores; `sh -c true` {}/s alone, {}/s with two spawners, \
+             {}/s with two spawners through the launcher (as `nobody`); Postgres {} \
+             single-row commits/s, {} batched rows/s; RabbitMQ {} confirmed publishes/s, \
+             {} publish+consume+ack/s.",
+            lim(probes::CPUS),
+            lim(probes::SPAWN_SEQ),
+            lim(probes::SPAWN_PAR),
+            lim(probes::SPAWN_SWITCHED),
+            lim(probes::PG_COMMITS),
+            lim(probes::PG_BATCH_ROWS),
+            lim(probes::AMQP_CONFIRMS),
+            lim(probes::AMQP_ROUNDTRIP),
+        )
+    } else {
+        "This machine's limits were not probed (`--skip-probes`).".to_owned()
+    };
+    let _ = writeln!(
+        s,
+        "Written by `taskhost bench suite --readme README.md` on {day}{}. {machine}",
+        if quick {
+            " (`--quick`: small sizes)"
+        } else {
+            ""
+        },
+    );
+    s.push('\n');
+    s.push_str(
+        "| `taskhost bench …` | figure | measured | target | met | machine busy | \
+         CPU/job: taskhost / jobs / Postgres / RabbitMQ | CPU ceiling | reached | \
+         pg transactions/job | broker messages/job |\n",
+    );
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for (e, r) in ENTRIES.iter().zip(reports) {
+        for (i, f) in e.shown.iter().enumerate() {
+            let v = value(r, f.key);
+            let (target, met) = match f.target {
+                Some(t) => (
+                    t.text(f.unit),
+                    match v {
+                        Some(v) if t.met(v) => "yes".to_owned(),
+                        Some(_) => not_met(r),
+                        None => "–".to_owned(),
+                    },
+                ),
+                None => (String::new(), String::new()),
+            };
+            let cmd = if i == 0 {
+                format!("`{}`", e.command.replace('|', "\\|"))
+            } else {
+                String::new()
+            };
+            let cpu = if i == 0 {
+                cpu_cells(r)
+            } else {
+                "| | | | | | |".into()
+            };
+            let _ = writeln!(
+                s,
+                "| {cmd} | {} | {} | {target} | {met} {cpu}",
+                f.label,
+                cell(v, f.unit),
+            );
+        }
+    }
+    s.push('\n');
+    s.push_str(
+        "\"reached\" is the run's rate ÷ its CPU ceiling (the cores ÷ the CPU all \
+         processes spent per job, over the run's measured phase); the CPU sets the \
+         ceiling where the machine was at least 85 % busy, and a run less busy was \
+         held by waiting. docs/benchmark.md explains every figure.\n",
+    );
+    s
+}
+
+/// Why a target was not met: the run against its CPU ceiling, and whether
+/// the CPU was what held it.
+fn not_met(r: &Report) -> String {
+    match (
+        value(r, "cpu_ceiling_share_pct"),
+        r.limit_note("cpu_ceiling_share_pct"),
+    ) {
+        (Some(share), Some(held)) if held.starts_with("the CPU") => {
+            format!("no: the CPU sets the ceiling, {share:.0} % of it reached")
+        }
+        (Some(_), Some(_)) => "no: not CPU-bound".to_owned(),
+        _ => "no".to_owned(),
+    }
+}
+
+/// The CPU cells of a run's first row, each column closed by `|`.
+fn cpu_cells(r: &Report) -> String {
+    let ms = |k: &str| value(r, k).map_or_else(|| "–".into(), |v| format!("{v:.2}"));
+    let pct = |k: &str| value(r, k).map_or_else(|| "–".into(), |v| format!("{v:.0} %"));
+    let busy = pct("cpu_busy_pct");
+    let split = match value(r, "cpu_ms_per_job_taskhost") {
+        Some(_) => {
+            let jobs = match value(r, "cpu_ms_per_job_children") {
+                Some(v) if v >= 0.005 => format!("{v:.2}"),
+                _ => "–".into(),
+            };
+            format!(
+                "{} / {jobs} / {} / {} ms",
+                ms("cpu_ms_per_job_taskhost"),
+                ms("cpu_ms_per_job_postgres"),
+                ms("cpu_ms_per_job_broker")
+            )
+        }
+        None => "–".into(),
+    };
+    format!(
+        "| {busy} | {split} | {} | {} | {} | {} |",
+        cell(value(r, "cpu_ceiling_jobs_per_sec"), "jobs/s"),
+        pct("cpu_ceiling_share_pct"),
+        value(r, "pg_xacts_per_job").map_or_else(|| "–".into(), |v| format!("{v:.2}")),
+        value(r, "broker_msgs_per_job").map_or_else(|| "–".into(), |v| format!("{v:.2}")),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splice_replaces_only_the_generated_part() {
+        let text = format!("# Title\nbefore\n{BEGIN}\nold table\n{END}\nafter\n");
+        let out = splice(&text, "| new |\n").unwrap();
+        assert_eq!(
+            out,
+            format!("# Title\nbefore\n{BEGIN}\n| new |\n{END}\nafter\n")
+        );
+        // Written twice, the same.
+        assert_eq!(splice(&out, "| new |").unwrap(), out);
+        assert!(splice("no markers", "x").is_err());
+        assert!(splice(&format!("{END}\n{BEGIN}\n"), "x").is_err());
+    }
+
+    #[test]
+    fn numbers_read_as_in_the_readme() {
+        assert_eq!(thousands(8343.4), "8,343");
+        assert_eq!(thousands(10_000.0), "10,000");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(thousands(2.0), "2");
+        assert_eq!(thousands(7.126), "7.13");
+        assert_eq!(thousands(0.0), "0");
+        assert_eq!(Bound::AtLeast(1800.0).text(""), "≥ 1,800");
+        assert_eq!(Bound::AtMost(2.0).text("ms"), "≤ 2 ms");
+        assert!(Bound::AtMost(0.0).met(0.0));
+        assert!(!Bound::AtLeast(8000.0).met(7999.0));
+    }
+}
