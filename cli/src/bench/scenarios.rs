@@ -524,6 +524,10 @@ impl Run<'_> {
         for _ in 0..self.args.schedulers {
             schedulers.push(self.scheduler().await);
         }
+        // The CPU of the firing phase, per job fired in it (and run by the
+        // worker meanwhile).
+        let cpu = CpuSnap::take();
+        let mut fired_in_phase = 0;
         while t.elapsed() < Duration::from_secs(secs) {
             let left = Duration::from_secs(secs).saturating_sub(t.elapsed());
             tokio::time::sleep(left.min(Duration::from_secs(1))).await;
@@ -536,8 +540,10 @@ impl Run<'_> {
                 "schedule: {:.0}/{secs} s, {fired} jobs fired",
                 t.elapsed().as_secs_f64()
             );
+            fired_in_phase = usize::try_from(fired).unwrap_or(0);
         }
         let end = Utc::now();
+        self.cpu = Some((cpu.until(&CpuSnap::take()), fired_in_phase));
         // Fires near the window's end may still be due; give the schedulers
         // a grace so that "missed" means more than 7 s late or never.
         eprintln!("schedule: {SCHEDULE_GRACE:?} grace for late fires");
@@ -786,7 +792,8 @@ impl Run<'_> {
         // something else: batches waiting on round trips, too few slots).
         let rate = r
             .value("jobs_per_sec")
-            .or_else(|| r.value("accepted_per_sec"));
+            .or_else(|| r.value("accepted_per_sec"))
+            .or_else(|| r.value("fires_per_sec"));
         let busy = self.rate_busy.unwrap_or(u.busy_share) * 100.0;
         r.add_full(
             "cpu_ceiling_share_pct",
@@ -802,7 +809,8 @@ impl Run<'_> {
         );
         r.notes.push(
             "CPU figures cover the measured phase (burn: workers start → last \
-             done; http, queue, latency: first submission → last done), read \
+             done; http, queue, latency: first submission → last done; \
+             schedule: schedulers start → end of the run, per job fired), read \
              from /proc; \"taskhost process\" is the in-process api, scheduler \
              and workers together with the bench's own HTTP client"
                 .into(),

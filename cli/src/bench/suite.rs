@@ -76,6 +76,9 @@ struct Entry {
     command: &'static str,
     args: fn(&mut BenchArgs),
     shown: &'static [Shown],
+    /// A shell run: its rate is also set beside the machine's own spawn
+    /// rate (the issue asks for 70 % of it).
+    shell: bool,
 }
 
 const SHELL: &str = "echo job-{n}";
@@ -91,6 +94,7 @@ const ENTRIES: &[Entry] = &[
             "",
             Some(Bound::AtLeast(8000.0)),
         )],
+        shell: false,
     },
     Entry {
         command: "burn --prefetch 1000 --jobs 10000",
@@ -104,6 +108,7 @@ const ENTRIES: &[Entry] = &[
             "",
             Some(Bound::AtLeast(8000.0)),
         )],
+        shell: false,
     },
     Entry {
         command: "burn --mode pool --command 'echo job-{n}'",
@@ -117,6 +122,7 @@ const ENTRIES: &[Entry] = &[
             "",
             Some(Bound::AtLeast(1800.0)),
         )],
+        shell: true,
     },
     Entry {
         command: "burn --mode pool --slots 256 --prefetch 1000 --command 'echo job-{n}'",
@@ -132,6 +138,7 @@ const ENTRIES: &[Entry] = &[
             "",
             Some(Bound::AtLeast(1800.0)),
         )],
+        shell: true,
     },
     Entry {
         command: "http --no-workers",
@@ -145,6 +152,7 @@ const ENTRIES: &[Entry] = &[
             "",
             Some(Bound::AtLeast(10_000.0)),
         )],
+        shell: false,
     },
     Entry {
         command: "http --prefetch 256",
@@ -161,6 +169,7 @@ const ENTRIES: &[Entry] = &[
             ),
             shown("accepted_per_sec", "accepted/s", "", None),
         ],
+        shell: false,
     },
     Entry {
         command: "queue --prefetch 256",
@@ -169,6 +178,7 @@ const ENTRIES: &[Entry] = &[
             a.prefetch = 256;
         },
         shown: &[shown("jobs_per_sec", "jobs/s end to end", "", None)],
+        shell: false,
     },
     Entry {
         command: "latency --prefetch 256",
@@ -191,6 +201,7 @@ const ENTRIES: &[Entry] = &[
             ),
             shown("jobs_per_sec", "jobs/s done", "", None),
         ],
+        shell: false,
     },
     Entry {
         command: "schedule --tasks 1000",
@@ -208,6 +219,7 @@ const ENTRIES: &[Entry] = &[
             shown("missed", "fire times missed", "", Some(Bound::AtMost(0.0))),
             shown("doubled", "fired twice", "", Some(Bound::AtMost(0.0))),
         ],
+        shell: false,
     },
 ];
 
@@ -380,7 +392,7 @@ fn render(reports: &[Report], day: &str, quick: bool) -> String {
                     t.text(f.unit),
                     match v {
                         Some(v) if t.met(v) => "yes".to_owned(),
-                        Some(_) => not_met(r),
+                        Some(v) => not_met(r, e.shell.then(|| spawn_share(reports, v)).flatten()),
                         None => "–".to_owned(),
                     },
                 ),
@@ -409,15 +421,20 @@ fn render(reports: &[Report], day: &str, quick: bool) -> String {
         "\"reached\" is the run's rate ÷ its CPU ceiling (the cores ÷ the CPU all \
          processes spent per job, over the run's measured phase); the CPU sets the \
          ceiling where the machine was at least 85 % busy, and a run less busy was \
-         held by waiting. docs/benchmark.md explains every figure.\n",
+         held by waiting. A shell run's rate is also given as a share of the \
+         machine's own two-spawner `sh -c true` rate (through the launcher, as a root \
+         worker starts every job); the issue asks for 70 % of it. \
+         docs/benchmark.md explains every figure.\n",
     );
     s
 }
 
 /// Why a target was not met: the run against its CPU ceiling, and whether
 /// the CPU was what held it.
-fn not_met(r: &Report) -> String {
-    match (
+/// For a shell run, also its rate as a share of the machine's own spawn
+/// rate.
+fn not_met(r: &Report, spawn: Option<(f64, &str)>) -> String {
+    let mut s = match (
         value(r, "cpu_ceiling_share_pct"),
         r.limit_note("cpu_ceiling_share_pct"),
     ) {
@@ -426,7 +443,21 @@ fn not_met(r: &Report) -> String {
         }
         (Some(_), Some(_)) => "no: not CPU-bound".to_owned(),
         _ => "no".to_owned(),
+    };
+    if let Some((share, probe)) = spawn {
+        let _ = write!(s, "; {share:.0} % of {probe}");
     }
+    s
+}
+
+/// `rate` as a share (%) of the probed two-spawner `sh -c true` rate
+/// through the launcher, as a root worker starts every job (else plain),
+/// with which probe it was.
+fn spawn_share(reports: &[Report], rate: f64) -> Option<(f64, &'static str)> {
+    let probe = |k: &str| reports.iter().find_map(|r| r.limit(k)).filter(|v| *v > 0.0);
+    probe(probes::SPAWN_SWITCHED)
+        .map(|p| (rate / p * 100.0, "the spawn probe through the launcher"))
+        .or_else(|| probe(probes::SPAWN_PAR).map(|p| (rate / p * 100.0, "the spawn probe")))
 }
 
 /// The CPU cells of a run's first row, each column closed by `|`.

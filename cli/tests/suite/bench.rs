@@ -67,6 +67,9 @@ fn schedule_fires_tasks() {
     figure(&v, "missed");
     assert_eq!(figure(&v, "doubled"), 0.0, "{v}");
     figure(&v, "lateness_p99_ms");
+    // What the firing cost, per job fired, and how near the CPU's ceiling.
+    assert!(figure(&v, "cpu_ceiling_jobs_per_sec") > 0.0, "{v}");
+    figure(&v, "cpu_ceiling_share_pct");
 }
 
 #[test]
@@ -142,21 +145,16 @@ fn suite_runs_every_scenario_and_writes_its_table_into_the_readme() {
             .unwrap_or_else(|e| panic!("`{cmd}` measured {:?}: {e}\n{table}", cells[2]));
         assert!(measured >= 0.0, "{table}");
         assert_eq!(cells.len(), 11, "`{cmd}`: {cells:?}");
-        if cmd.starts_with("schedule") {
-            // The schedule run has no jobs of its own to divide the CPU by.
-            assert_eq!(cells[7], "–", "{table}");
-        } else {
-            assert!(
-                cells[7].ends_with("jobs/s"),
-                "`{cmd}` ceiling {:?}\n{table}",
-                cells[7]
-            );
-            assert!(
-                cells[8].ends_with('%'),
-                "`{cmd}` reached {:?}\n{table}",
-                cells[8]
-            );
-        }
+        assert!(
+            cells[7].ends_with("jobs/s"),
+            "`{cmd}` ceiling {:?}\n{table}",
+            cells[7]
+        );
+        assert!(
+            cells[8].ends_with('%'),
+            "`{cmd}` reached {:?}\n{table}",
+            cells[8]
+        );
     }
     assert_eq!(row("burn")[3], "≥ 8,000");
     // A fire time firing twice is a bug on any machine.
